@@ -1,0 +1,1 @@
+"""The client side: preference memory, local training, ONNX runtime, Flower ClientApp."""

@@ -1,0 +1,1 @@
+"""Shared pieces of fedpal: base models, adapters, privacy math, configuration."""

@@ -1,0 +1,42 @@
+"""Plain PyTorch generation with the base model's chat template.
+
+The fast path is the ONNX runtime in ``fedpal.client``; this one is the reference it is
+checked against and the fallback for health checks.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from fedpal.common.models import BaseModel
+
+
+def chat_input_ids(tokenizer, prompt: str, system: str | None = None) -> list[int]:
+    """Token ids of ``prompt`` as a user turn, ready for the assistant's reply."""
+    messages = [{"role": "system", "content": system}] if system else []
+    messages.append({"role": "user", "content": prompt})
+    encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    ids = encoded["input_ids"] if hasattr(encoded, "keys") else encoded
+    return list(ids)
+
+
+def generate_reply(
+    base: "BaseModel", prompt: str, max_new_tokens: int = 64, system: str | None = None, model=None
+) -> tuple[str, int]:
+    """Greedy reply to ``prompt``; ``model`` overrides ``base.model`` (e.g. a peft wrapper)."""
+    import torch
+
+    net = model if model is not None else base.model
+    ids = torch.tensor([chat_input_ids(base.tokenizer, prompt, system)], device=base.device)
+    with torch.no_grad():
+        out = net.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=base.tokenizer.pad_token_id,
+            eos_token_id=base.tokenizer.eos_token_id,
+        )
+    new = out[0, ids.shape[1]:]
+    return base.tokenizer.decode(new, skip_special_tokens=True).strip(), int(new.shape[0])

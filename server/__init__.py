@@ -1,0 +1,1 @@
+"""The coordinator: Flower ServerApp, strategy wiring with privacy protection, checkpoints."""

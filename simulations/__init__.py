@@ -1,0 +1,1 @@
+"""Simulated users, the experiment runner, privacy attacks, reports and benchmarks."""
