@@ -40,3 +40,7 @@ def main() -> None:
     except FedpalError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
