@@ -1,0 +1,545 @@
+"""Local adapter training on the user's own device: DPO on preference pairs, SFT on examples.
+
+Both adapters live in one peft model (``fedpal.common.adapters``). Training one of them
+uses as DPO reference "the model without that adapter": the base, plus the received
+shared adapter when the personal one is trained. The reference is reached by switching
+adapters off, not by a second copy of the model, and its log-probabilities are computed
+once per pair before the first step and cached: after that a DPO step costs one forward
+and one backward, where a trainer that re-runs the reference each step pays an extra
+forward. TRL's ``DPOTrainer`` does not fit this: it knows one adapter, and its
+reference with peft is "all adapters off", which is wrong for the personal adapter.
+
+A checkpoint (adapter tensors, optimizer, step, RNG) lets a killed run resume and end
+with the weights an uninterrupted run would have. A non-finite loss, gradient or weight
+stops training and puts back the last good weights instead of returning a broken adapter.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from fedpal.client.dpo import IGNORE, dpo_loss, encode_reply, sequence_logprobs, token_logprobs
+from fedpal.common.adapters import activate
+from fedpal.common.errors import FedpalError
+from fedpal.common.generation import chat_input_ids
+from fedpal.common.types import PreferencePair, SFTExample
+
+if TYPE_CHECKING:
+    import torch
+    from peft import PeftModel
+
+    from fedpal.common.models import BaseModel
+
+OBJECTIVES = ("dpo", "sft", "both")
+CHECKPOINT_VERSION = 1
+NO_PAIRS = (
+    "no preference pairs to train on: add some to the memory first "
+    "(rate or correct replies in chat, or PreferenceMemory.add_pair(prompt, chosen, rejected))"
+)
+NO_EXAMPLES = (
+    "nothing to train on: SFT needs examples or preference pairs in the memory "
+    "(PreferenceMemory.add_pair(prompt, chosen, rejected) gives both)"
+)
+
+Encoded = tuple[list[int], list[int]]
+
+
+@dataclass
+class TrainConfig:
+    """How one local training run goes.
+
+    ``batch_size``/``max_length`` left at ``None`` come from the device profile.
+    ``proximal_mu`` > 0 adds FedProx's ``mu/2 * ||w - w_received||^2`` over the trained
+    adapter, which keeps a client's shared update near the global one on skewed data.
+    ``sft_weight`` scales the SFT term of the "both" objective. ``checkpoint_every`` = 0
+    writes no checkpoints even with a checkpoint folder.
+    """
+
+    objective: str = "dpo"
+    steps: int = 30
+    learning_rate: float = 5e-4
+    beta: float = 0.1
+    batch_size: int | None = None
+    max_length: int | None = None
+    seed: int = 0
+    proximal_mu: float = 0.0
+    time_budget_s: float | None = None
+    sft_weight: float = 1.0
+    checkpoint_every: int = 10
+    max_grad_norm: float = 1.0
+    threads: int | None = None
+
+    def validate(self) -> None:
+        """Raise a one-line ``FedpalError`` naming the first bad setting."""
+        if self.objective not in OBJECTIVES:
+            raise FedpalError(f"objective must be one of {', '.join(OBJECTIVES)}, not '{self.objective}'")
+        checks = [
+            ("steps", self.steps >= 1, "at least 1"),
+            ("learning_rate", self.learning_rate > 0 and math.isfinite(self.learning_rate), "a positive number"),
+            ("beta", self.beta > 0 and math.isfinite(self.beta), "a positive number"),
+            ("batch_size", self.batch_size is None or self.batch_size >= 1, "at least 1"),
+            ("max_length", self.max_length is None or self.max_length >= 8, "at least 8"),
+            ("proximal_mu", self.proximal_mu >= 0, "0 (off) or positive"),
+            ("time_budget_s", self.time_budget_s is None or self.time_budget_s > 0, "positive"),
+            ("sft_weight", self.sft_weight >= 0, "0 or positive"),
+            ("checkpoint_every", self.checkpoint_every >= 0, "0 (off) or positive"),
+            ("max_grad_norm", self.max_grad_norm > 0, "positive"),
+            ("threads", self.threads is None or self.threads >= 1, "at least 1"),
+        ]
+        for name, ok, want in checks:
+            if not ok:
+                raise FedpalError(f"train setting {name}={getattr(self, name)!r} must be {want}")
+
+
+@dataclass
+class TrainResult:
+    """Summary of one run. ``stopped``: "steps" (budget reached), "time" (time budget),
+    "nan" (non-finite loss, last good weights kept). Reward margins are the mean implicit
+    reward margin of the first and the last step's batch (0 for pure SFT)."""
+
+    adapter: str
+    objective: str
+    pairs: int
+    examples: int
+    steps: int
+    loss_first: float
+    loss_last: float
+    seconds: float
+    device: str
+    stopped: str
+    reward_margin_first: float
+    reward_margin_last: float
+    resumed_from: int = 0
+    batch_size: int = 0
+    max_length: int = 0
+    note: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class LocalTrainer:
+    """Trains one adapter of a dual-adapter peft model in place (saving is the caller's)."""
+
+    def __init__(
+        self,
+        base: "BaseModel",
+        peft_model: "PeftModel",
+        config: TrainConfig,
+        checkpoint_dir: Path | None = None,
+    ) -> None:
+        import torch
+
+        from fedpal.client.device_profile import profile_device
+
+        config.validate()
+        self.base = base
+        self.model = peft_model
+        self.config = config
+        self.tokenizer = base.tokenizer
+        self.device = next(peft_model.parameters()).device
+        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+        if config.batch_size is None or config.max_length is None:
+            profile = profile_device(
+                peft_model, self.device, sequences_per_example=1 if config.objective == "sft" else 2,
+                max_length=config.max_length, batch_size=config.batch_size,
+            )
+            self.batch_size, self.max_length = profile.batch_size, profile.max_length
+        else:
+            self.batch_size, self.max_length = config.batch_size, config.max_length
+        self.autocast_dtype = None
+        if self.device.type == "cuda":
+            self.autocast_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        if self.device.type == "cpu" and config.threads:
+            torch.set_num_threads(config.threads)
+
+    # ------------------------------------------------------------------ data
+    def _encode_pairs(self, pairs: Sequence[PreferencePair]) -> list[tuple[Encoded, Encoded]]:
+        encoded = []
+        for pair in pairs:
+            prompt = chat_input_ids(self.tokenizer, pair.prompt)
+            encoded.append((
+                encode_reply(self.tokenizer, prompt, pair.chosen, self.max_length),
+                encode_reply(self.tokenizer, prompt, pair.rejected, self.max_length),
+            ))
+        return encoded
+
+    def _encode_examples(self, examples: Sequence[SFTExample]) -> list[Encoded]:
+        return [
+            encode_reply(self.tokenizer, chat_input_ids(self.tokenizer, ex.prompt), ex.response, self.max_length)
+            for ex in examples
+        ]
+
+    def _collate(self, rows: Sequence[Encoded]) -> tuple["torch.Tensor", "torch.Tensor", "torch.Tensor"]:
+        """Right-padded ids, attention mask and labels (``IGNORE`` on padding)."""
+        import torch
+
+        width = max(len(ids) for ids, _ in rows)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, (row_ids, row_labels) in enumerate(rows):
+            ids[i, : len(row_ids)] = torch.tensor(row_ids)
+            labels[i, : len(row_labels)] = torch.tensor(row_labels)
+            mask[i, : len(row_ids)] = 1
+        return ids.to(self.device), mask.to(self.device), labels.to(self.device)
+
+    def _logits(self, rows: Sequence[Encoded]) -> tuple["torch.Tensor", "torch.Tensor"]:
+        import torch
+
+        ids, mask, labels = self._collate(rows)
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+            logits = self.model(input_ids=ids, attention_mask=mask).logits
+        return logits, labels
+
+    # ------------------------------------------------------------- reference
+    def _pair_logprobs(self, encoded: Sequence[tuple[Encoded, Encoded]]) -> tuple["torch.Tensor", "torch.Tensor"]:
+        """Summed reply log-probs of chosen and rejected under the current activation, no grad."""
+        import torch
+
+        chosen, rejected = [], []
+        with torch.no_grad():
+            for start in range(0, len(encoded), self.batch_size):
+                chunk = encoded[start: start + self.batch_size]
+                logits, labels = self._logits([c for c, _ in chunk] + [r for _, r in chunk])
+                logps = sequence_logprobs(logits, labels)
+                chosen.append(logps[: len(chunk)])
+                rejected.append(logps[len(chunk):])
+        return torch.cat(chosen), torch.cat(rejected)
+
+    def _reference_logprobs(
+        self, encoded: Sequence[tuple[Encoded, Encoded]], reference_adapters: Sequence[str]
+    ) -> tuple["torch.Tensor", "torch.Tensor"]:
+        """Log-probs under the model without the trained adapter: base (+ reference adapters)."""
+        self.model.eval()
+        if reference_adapters:
+            activate(self.model, active=list(reference_adapters), trainable=None)
+            return self._pair_logprobs(encoded)
+        with self.model.disable_adapter():
+            return self._pair_logprobs(encoded)
+
+    def reward_margins(
+        self, adapter: str, pairs: Sequence[PreferencePair], reference_adapters: Sequence[str] = ()
+    ) -> list[float]:
+        """Implicit reward margin ``beta * ((pc - rc) - (pr - rr))`` of each pair, now.
+
+        Positive means the adapter moved the model towards the chosen reply relative to
+        the reference; used to check generalisation on pairs the trainer never saw.
+        """
+        reference_adapters = _check_adapters(self.model, adapter, reference_adapters)
+        encoded = self._encode_pairs(pairs)
+        ref_c, ref_r = self._reference_logprobs(encoded, reference_adapters)
+        activate(self.model, active=[*reference_adapters, adapter], trainable=None)
+        pol_c, pol_r = self._pair_logprobs(encoded)
+        return dpo_loss(pol_c, pol_r, ref_c, ref_r, self.config.beta).margins.tolist()
+
+    # ----------------------------------------------------------------- train
+    def train(
+        self,
+        adapter: str,
+        pairs: list[PreferencePair],
+        examples: list[SFTExample] = (),
+        reference_adapters: Sequence[str] = (),
+        progress: bool = True,
+        callback: Callable[[int, float], None] | None = None,
+    ) -> TrainResult:
+        """Train ``adapter`` in place for ``config.steps`` steps (or until a budget/NaN stop).
+
+        The forward pass uses ``reference_adapters`` + ``adapter``; only ``adapter``
+        learns. ``callback(step, loss)`` runs after every finished step. With a
+        checkpoint folder, a run of the same data, settings and starting weights
+        resumes from the last checkpoint; a finished run removes its checkpoint.
+        """
+        import torch
+
+        cfg = self.config
+        start = time.perf_counter()
+        reference_adapters = _check_adapters(self.model, adapter, reference_adapters)
+        pairs, examples = list(pairs), list(examples)
+        if cfg.objective in ("dpo", "both") and not pairs:
+            raise FedpalError(NO_PAIRS)
+        sft_rows = _dedupe([*examples, *(SFTExample(p.prompt, p.chosen, p.source_id) for p in pairs)])
+        if cfg.objective == "sft" and not sft_rows:
+            raise FedpalError(NO_EXAMPLES)
+
+        activate(self.model, active=[*reference_adapters, adapter], trainable=adapter)
+        params = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        if not params:
+            raise FedpalError(f"adapter '{adapter}' has no trainable weights")
+        fingerprint = self._fingerprint(adapter, reference_adapters, pairs, examples)
+
+        encoded_pairs = self._encode_pairs(pairs) if cfg.objective != "sft" else []
+        encoded_sft = self._encode_examples(examples if cfg.objective == "both" else sft_rows)
+        if encoded_pairs:
+            ref_chosen, ref_rejected = self._reference_logprobs(encoded_pairs, reference_adapters)
+            activate(self.model, active=[*reference_adapters, adapter], trainable=adapter)
+
+        anchors = [p.detach().clone() for _, p in params] if cfg.proximal_mu > 0 else []
+        last_good = [p.detach().clone() for _, p in params]
+        optimizer = torch.optim.AdamW([p for _, p in params], lr=cfg.learning_rate, weight_decay=0.0)
+        scaler = torch.amp.GradScaler("cuda", enabled=self.autocast_dtype == torch.float16)
+
+        state = {"step": 0, "loss_first": math.nan, "margin_first": 0.0}
+        resumed = self._load_checkpoint(adapter, fingerprint, params, optimizer)
+        if resumed is not None:
+            state.update(resumed)
+            for good, (_, p) in zip(last_good, params):
+                good.copy_(p.detach())
+        resumed_from = state["step"]
+        loss_last, margin_last, stopped, note = state.get("loss_last", math.nan), state.get("margin_last", 0.0), "steps", ""
+
+        rng_devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=rng_devices), _progress_bar(progress) as bar:
+            if resumed is None:
+                torch.manual_seed(cfg.seed)
+            else:
+                _set_rng(resumed["rng"], self.device)
+            task = bar.add_task(f"train {adapter} ({cfg.objective})", total=cfg.steps, completed=state["step"], loss="")
+            self.model.train()
+            while state["step"] < cfg.steps:
+                step = state["step"]
+                loss, margin = self._loss(step, encoded_pairs, encoded_sft, params, anchors,
+                                          ref_chosen if encoded_pairs else None,
+                                          ref_rejected if encoded_pairs else None)
+                if not torch.isfinite(loss):
+                    stopped, note = "nan", f"loss became non-finite at step {step + 1}; kept the weights of step {step}"
+                    break
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.unscale_(optimizer)
+                grad_norm = torch.nn.utils.clip_grad_norm_([p for _, p in params], cfg.max_grad_norm)
+                if not torch.isfinite(grad_norm) and scaler.is_enabled():
+                    scaler.update()  # fp16 overflow: the scaler skips this step and lowers its scale
+                    continue
+                if not torch.isfinite(grad_norm):
+                    stopped, note = "nan", f"gradient became non-finite at step {step + 1}; kept the weights of step {step}"
+                    break
+                scaler.step(optimizer)
+                scaler.update()
+                if not all(torch.isfinite(p).all() for _, p in params):
+                    stopped, note = "nan", f"weights became non-finite at step {step + 1}; kept the weights of step {step}"
+                    break
+                for good, (_, p) in zip(last_good, params):
+                    good.copy_(p.detach())
+                state["step"] = step + 1
+                loss_last, margin_last = float(loss.detach()), margin
+                if step == 0:
+                    state["loss_first"], state["margin_first"] = loss_last, margin
+                state["loss_last"], state["margin_last"] = loss_last, margin_last
+                bar.update(task, completed=state["step"], loss=f"loss {loss_last:.4f}")
+                if self._due_for_checkpoint(state["step"]):
+                    self._save_checkpoint(adapter, fingerprint, params, optimizer, state)
+                if callback is not None:
+                    callback(state["step"], loss_last)
+                if cfg.time_budget_s is not None and time.perf_counter() - start >= cfg.time_budget_s and state["step"] < cfg.steps:
+                    stopped, note = "time", f"time budget of {cfg.time_budget_s:g}s reached after {state['step']} steps"
+                    break
+        self.model.eval()
+        if stopped == "nan":
+            with torch.no_grad():
+                for good, (_, p) in zip(last_good, params):
+                    p.copy_(good)
+        activate(self.model, active=[*reference_adapters, adapter], trainable=None)
+        self._clear_checkpoint(adapter)
+        if resumed_from:
+            note = (note + "; " if note else "") + f"resumed from the checkpoint of step {resumed_from}"
+        return TrainResult(
+            adapter=adapter,
+            objective=cfg.objective,
+            pairs=len(pairs),
+            examples=len(examples),
+            steps=state["step"],
+            loss_first=state["loss_first"],
+            loss_last=loss_last,
+            seconds=round(time.perf_counter() - start, 3),
+            device=str(self.device),
+            stopped=stopped,
+            reward_margin_first=state["margin_first"],
+            reward_margin_last=margin_last,
+            resumed_from=resumed_from,
+            batch_size=self.batch_size,
+            max_length=self.max_length,
+            note=note,
+        )
+
+    def _loss(self, step, encoded_pairs, encoded_sft, params, anchors, ref_chosen, ref_rejected):
+        """Loss of one step's batch and its mean reward margin (0 without DPO)."""
+        import torch
+
+        cfg = self.config
+        pair_idx = _batch_indices(len(encoded_pairs), self.batch_size, cfg.seed, step)
+        sft_idx = _batch_indices(len(encoded_sft), self.batch_size, cfg.seed + 1, step)
+        chosen = [encoded_pairs[i][0] for i in pair_idx]
+        rejected = [encoded_pairs[i][1] for i in pair_idx]
+        extra = [encoded_sft[i] for i in sft_idx]
+        logits, labels = self._logits(chosen + rejected + extra)
+        b = len(pair_idx)
+        loss = torch.zeros((), device=self.device)
+        margin = 0.0
+        if b:
+            logps = sequence_logprobs(logits[: 2 * b], labels[: 2 * b])
+            out = dpo_loss(logps[:b], logps[b:], ref_chosen[pair_idx], ref_rejected[pair_idx], cfg.beta)
+            loss = out.losses.mean()
+            margin = float(out.margins.mean())
+        if cfg.objective != "dpo":
+            rows = list(range(b)) + list(range(2 * b, 2 * b + len(extra)))
+            picked, mask = token_logprobs(logits[rows], labels[rows])
+            nll = -picked.sum() / mask.sum().clamp(min=1)
+            loss = loss + (cfg.sft_weight * nll if cfg.objective == "both" else nll)
+        if anchors:
+            prox = sum(((p - a) ** 2).sum() for (_, p), a in zip(params, anchors))
+            loss = loss + 0.5 * cfg.proximal_mu * prox
+        return loss, margin
+
+    # ------------------------------------------------------------ checkpoint
+    def _fingerprint(self, adapter, reference_adapters, pairs, examples) -> str:
+        """What must match for a checkpoint to be resumed: data, settings and starting weights."""
+        settings = {f.name: getattr(self.config, f.name) for f in fields(self.config)
+                    if f.name not in ("steps", "time_budget_s", "checkpoint_every", "threads")}
+        digest = hashlib.sha256()
+        digest.update(json.dumps({
+            "version": CHECKPOINT_VERSION, "adapter": adapter, "reference": list(reference_adapters),
+            "settings": settings, "batch_size": self.batch_size, "max_length": self.max_length,
+            "pairs": [[p.prompt, p.chosen, p.rejected] for p in pairs],
+            "examples": [[e.prompt, e.response] for e in examples],
+        }, sort_keys=True).encode())
+        involved = {adapter, *reference_adapters}
+        for name, param in sorted(self.model.named_parameters(), key=lambda item: item[0]):
+            if "lora_" in name and set(name.split(".")) & involved:
+                digest.update(name.encode())
+                digest.update(param.detach().float().cpu().numpy().tobytes())
+        return digest.hexdigest()
+
+    def _checkpoint_path(self, adapter: str) -> Path | None:
+        return self.checkpoint_dir / f"{adapter}.ckpt.pt" if self.checkpoint_dir is not None else None
+
+    def _due_for_checkpoint(self, step: int) -> bool:
+        every = self.config.checkpoint_every
+        return self.checkpoint_dir is not None and every > 0 and step % every == 0 and step < self.config.steps
+
+    def _save_checkpoint(self, adapter, fingerprint, params, optimizer, state) -> None:
+        import torch
+
+        path = self._checkpoint_path(adapter)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        payload = {
+            "fingerprint": fingerprint,
+            "adapter_state": {n: p.detach().cpu().clone() for n, p in params},
+            "optimizer": optimizer.state_dict(),
+            "rng": _get_rng(self.device),
+            **{k: v for k, v in state.items()},
+        }
+        tmp = path.with_suffix(".tmp")
+        torch.save(payload, tmp)
+        tmp.replace(path)
+
+    def _load_checkpoint(self, adapter, fingerprint, params, optimizer) -> dict | None:
+        import torch
+
+        path = self._checkpoint_path(adapter)
+        if path is None or not path.is_file():
+            return None
+        try:
+            payload = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception:  # a checkpoint cut off by the kill it was meant to survive
+            return None
+        if payload.get("fingerprint") != fingerprint:
+            return None
+        with torch.no_grad():
+            for name, param in params:
+                param.copy_(payload["adapter_state"][name].to(param.device))
+        optimizer.load_state_dict(payload["optimizer"])
+        return {k: payload[k] for k in ("step", "loss_first", "margin_first", "loss_last", "margin_last", "rng")}
+
+    def _clear_checkpoint(self, adapter: str) -> None:
+        path = self._checkpoint_path(adapter)
+        if path is not None and path.is_file():
+            path.unlink()
+
+
+def _check_adapters(model, adapter: str, reference_adapters: Sequence[str]) -> list[str]:
+    known = sorted(model.peft_config)
+    for name in [adapter, *reference_adapters]:
+        if name not in model.peft_config:
+            raise FedpalError(f"unknown adapter '{name}'; the model has {known}")
+    if adapter in reference_adapters:
+        raise FedpalError(f"adapter '{adapter}' cannot be its own DPO reference")
+    return list(reference_adapters)
+
+
+def _dedupe(examples: Sequence[SFTExample]) -> list[SFTExample]:
+    seen, out = set(), []
+    for ex in examples:
+        if (ex.prompt, ex.response) not in seen:
+            seen.add((ex.prompt, ex.response))
+            out.append(ex)
+    return out
+
+
+def _batch_indices(n: int, batch_size: int, seed: int, step: int) -> list[int]:
+    """Items of ``step``'s batch: consecutive slices of per-epoch shuffles.
+
+    A pure function of (seed, step), so a resumed run sees the batches the killed one
+    would have seen without saving a data-loader state.
+    """
+    import torch
+
+    if n == 0:
+        return []
+    size = min(batch_size, n)
+    per_epoch = n // size
+    epoch, slot = divmod(step, per_epoch)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()
+    return order[slot * size: (slot + 1) * size]
+
+
+def _get_rng(device) -> dict:
+    import torch
+
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng(state: dict, device) -> None:
+    import torch
+
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+class _NoBar:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+    def add_task(self, *args, **kwargs) -> int:
+        return 0
+
+    def update(self, *args, **kwargs) -> None:
+        return None
+
+
+def _progress_bar(enabled: bool):
+    """A rich bar on stderr (stdout stays clean for ``--json``), or a silent stand-in."""
+    if not enabled:
+        return _NoBar()
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    return Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        TimeRemainingColumn(), TextColumn("{task.fields[loss]}"), console=Console(stderr=True),
+    )
