@@ -266,7 +266,7 @@ class LocalTrainer:
         pairs, examples = list(pairs), list(examples)
         if cfg.objective in ("dpo", "both") and not pairs:
             raise FedpalError(NO_PAIRS)
-        sft_rows = _dedupe([*examples, *(SFTExample(p.prompt, p.chosen, p.source_id) for p in pairs)])
+        sft_rows = _sft_rows(cfg.objective, pairs, examples)
         if cfg.objective == "sft" and not sft_rows:
             raise FedpalError(NO_EXAMPLES)
 
@@ -277,7 +277,7 @@ class LocalTrainer:
         fingerprint = self._fingerprint(adapter, reference_adapters, pairs, examples)
 
         encoded_pairs = self._encode_pairs(pairs) if cfg.objective != "sft" else []
-        encoded_sft = self._encode_examples(examples if cfg.objective == "both" else sft_rows)
+        encoded_sft = self._encode_examples(sft_rows)
         if encoded_pairs:
             ref_chosen, ref_rejected = self._reference_logprobs(encoded_pairs, reference_adapters)
             activate(self.model, active=[*reference_adapters, adapter], trainable=adapter)
@@ -473,6 +473,18 @@ def _check_adapters(model, adapter: str, reference_adapters: Sequence[str]) -> l
     if adapter in reference_adapters:
         raise FedpalError(f"adapter '{adapter}' cannot be its own DPO reference")
     return list(reference_adapters)
+
+
+def _sft_rows(objective: str, pairs: Sequence[PreferencePair], examples: Sequence[SFTExample]) -> list[SFTExample]:
+    """The SFT data of an objective: "sft" learns examples and chosen replies; "both"
+    already scores the chosen replies in each DPO batch, so only the other examples."""
+    if objective == "dpo":
+        return []
+    chosen = [SFTExample(p.prompt, p.chosen, p.source_id) for p in pairs]
+    if objective == "sft":
+        return _dedupe([*examples, *chosen])
+    taken = {(c.prompt, c.response) for c in chosen}
+    return [ex for ex in _dedupe(examples) if (ex.prompt, ex.response) not in taken]
 
 
 def _dedupe(examples: Sequence[SFTExample]) -> list[SFTExample]:
