@@ -1,0 +1,332 @@
+"""Export a base model once to ONNX Runtime GenAI, with LoRA weights as run-time inputs.
+
+Every user's adapters ride on one exported base model, so the export must not contain any
+particular adapter. ``onnxruntime_genai.models.builder`` can only bake one peft adapter in
+(``adapter_path``: extra ``lora_A``/``lora_B`` MatMuls whose weights are initializers).
+We export with a throw-away template adapter of the right targets and then rewrite the
+graph so each LoRA weight is a graph input with a symbolic rank: no adapter file is ever
+baked in and any adapter of the same targets (rank up to ``max_rank``) can be attached at
+run time through ``onnxruntime_genai.Adapters``. The inputs keep a zero-rank default
+initializer, so a session with no adapter active runs the base model (a rank-0 LoRA branch
+adds exactly zero) without feeding anything.
+
+Exports are cached under ``fedpal_home()/"exports"/<key>``; the key names the base model
+folder, targets, precision, execution provider and maximum rank, and a manifest written
+last records it together with a fingerprint of the base weights, so a half-written,
+mismatched or stale export is detected instead of silently used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from fedpal.common.adapters import AdapterConfig
+from fedpal.common.config import fedpal_home
+from fedpal.common.errors import FedpalError
+from fedpal.common.models import resolve_model_path
+
+EXPORT_FORMAT = 1
+MANIFEST = "fedpal_export.json"
+PRECISIONS = ("int4", "fp32")
+PROVIDERS = ("cpu", "cuda")
+DEFAULT_MAX_RANK = 64
+RANK_DIM = "lora_rank"
+TEMPLATE_RANK = 8
+# Builder names: "model.layers.<i>.<attn|mlp>.<module>.lora_<A|B>.MatMul.weight".
+_LORA_INIT = re.compile(r"^model\.layers\.(\d+)\.(?:attn|mlp)\.(\w+)\.lora_([AB])\.MatMul\.weight$")
+_ATTN = {"q_proj", "k_proj", "v_proj", "o_proj"}
+
+
+@dataclass(frozen=True)
+class LoraInput:
+    """One LoRA weight the exported graph takes as input: ``A`` is [in, r], ``B`` is [r, out]."""
+
+    name: str
+    layer: int
+    module: str
+    part: str
+    rows: int
+    cols: int
+
+
+@dataclass(frozen=True)
+class ExportInfo:
+    """The manifest of one export: what it was built from and which LoRA inputs it takes."""
+
+    path: Path
+    key: str
+    base_model: str
+    base_fingerprint: str
+    precision: str
+    execution_provider: str
+    target_modules: tuple[str, ...]
+    max_rank: int
+    num_layers: int
+    context_length: int
+    lora_dtype: str
+    lora_inputs: tuple[LoraInput, ...] = field(default=())
+    format: int = EXPORT_FORMAT
+
+    def lora_input(self, layer: int, module: str, part: str) -> LoraInput | None:
+        """The graph input for one (layer, module, A/B), or None if the export has no such LoRA."""
+        return self._by_slot().get((layer, module, part))
+
+    def _by_slot(self) -> dict[tuple[int, str, str], LoraInput]:
+        return {(i.layer, i.module, i.part): i for i in self.lora_inputs}
+
+    def to_json(self) -> str:
+        data = asdict(self)
+        data["path"] = str(self.path)
+        data["target_modules"] = list(self.target_modules)
+        return json.dumps(data, indent=2)
+
+    @classmethod
+    def read(cls, folder: Path) -> "ExportInfo":
+        """Read the manifest in ``folder``; a missing or unreadable one is a ``FedpalError``."""
+        manifest = Path(folder) / MANIFEST
+        if not manifest.is_file():
+            raise FedpalError(f"no complete export at {folder} (no {MANIFEST}); run: fedpal export")
+        try:
+            data = json.loads(manifest.read_text())
+            data["path"] = Path(folder)
+            data["target_modules"] = tuple(data["target_modules"])
+            data["lora_inputs"] = tuple(LoraInput(**i) for i in data["lora_inputs"])
+            return cls(**data)
+        except (ValueError, KeyError, TypeError) as err:
+            raise FedpalError(f"corrupt export manifest {manifest}: {err}") from None
+
+
+def export_key(
+    model_path: Path, target_modules: Sequence[str], precision: str, max_rank: int, execution_provider: str
+) -> str:
+    """A short stable name for one export configuration (the cache folder's name)."""
+    spec = {
+        "model": str(Path(model_path).resolve()),
+        "targets": sorted(target_modules),
+        "precision": precision,
+        "provider": execution_provider,
+        "max_rank": int(max_rank),
+        "format": EXPORT_FORMAT,
+    }
+    digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+    return f"{Path(model_path).name}-{precision}-{execution_provider}-r{max_rank}-{digest}"
+
+
+def base_fingerprint(model_path: Path) -> str:
+    """Changes when the base model's config or weight files change (size and mtime, not content: fast)."""
+    model_path = Path(model_path)
+    hasher = hashlib.sha256((model_path / "config.json").read_bytes())
+    for weights in sorted(model_path.glob("*.safetensors")) + sorted(model_path.glob("*.bin")):
+        stat = weights.stat()
+        hasher.update(f"{weights.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    return hasher.hexdigest()[:16]
+
+
+def _check_options(precision: str, execution_provider: str, max_rank: int, target_modules: Sequence[str]) -> None:
+    if precision not in PRECISIONS:
+        raise FedpalError(f"precision must be one of {', '.join(PRECISIONS)}, not '{precision}'")
+    if execution_provider not in PROVIDERS:
+        raise FedpalError(f"execution provider must be one of {', '.join(PROVIDERS)}, not '{execution_provider}'")
+    if max_rank < 1:
+        raise FedpalError(f"max rank must be at least 1, not {max_rank}")
+    if not target_modules:
+        raise FedpalError("an export needs at least one LoRA target module")
+
+
+def export_dir(
+    model: str = "default",
+    precision: str = "int4",
+    target_modules: Sequence[str] | None = None,
+    max_rank: int = DEFAULT_MAX_RANK,
+    execution_provider: str = "cpu",
+) -> Path:
+    """Where the export for these settings lives (whether or not it exists yet)."""
+    targets = tuple(target_modules or AdapterConfig().target_modules)
+    _check_options(precision, execution_provider, max_rank, targets)
+    path = resolve_model_path(model)
+    return fedpal_home() / "exports" / export_key(path, targets, precision, max_rank, execution_provider)
+
+
+def find_export(
+    model: str = "default",
+    precision: str = "int4",
+    target_modules: Sequence[str] | None = None,
+    max_rank: int = DEFAULT_MAX_RANK,
+    execution_provider: str = "cpu",
+) -> ExportInfo:
+    """The cached export for these settings; missing or stale is a one-line ``FedpalError``."""
+    folder = export_dir(model, precision, target_modules, max_rank, execution_provider)
+    if not folder.exists():
+        raise FedpalError(
+            f"no {precision} export of model '{model}' for these adapters yet; run: fedpal export --model {model} --precision {precision}"
+        )
+    return check_export(ExportInfo.read(folder))
+
+
+def check_export(info: ExportInfo) -> ExportInfo:
+    """Refuse an export whose manifest does not match its folder or whose base model changed."""
+    model_path = Path(info.base_model)
+    expected = export_key(model_path, info.target_modules, info.precision, info.max_rank, info.execution_provider)
+    if info.format != EXPORT_FORMAT or info.key != expected or info.path.name != info.key:
+        raise FedpalError(f"export at {info.path} does not match its manifest (format or key); re-run: fedpal export")
+    if not (model_path / "config.json").is_file():
+        raise FedpalError(f"export at {info.path} was made from {model_path}, which no longer exists; re-run: fedpal export")
+    if base_fingerprint(model_path) != info.base_fingerprint:
+        raise FedpalError(f"export at {info.path} is stale: base model {model_path} changed since; re-run: fedpal export")
+    if not (info.path / "genai_config.json").is_file() or not (info.path / "model.onnx").is_file():
+        raise FedpalError(f"export at {info.path} is incomplete (model.onnx or genai_config.json missing); re-run: fedpal export")
+    return info
+
+
+def export_model(
+    model: str = "default",
+    precision: str = "int4",
+    target_modules: Sequence[str] | None = None,
+    max_rank: int = DEFAULT_MAX_RANK,
+    execution_provider: str = "cpu",
+    force: bool = False,
+) -> ExportInfo:
+    """Export ``model`` once for these settings (cached); a stale or broken cache entry is rebuilt."""
+    targets = tuple(sorted(target_modules or AdapterConfig().target_modules))
+    folder = export_dir(model, precision, targets, max_rank, execution_provider)
+    if folder.exists() and not force:
+        try:
+            return check_export(ExportInfo.read(folder))
+        except FedpalError:
+            pass  # stale or half-written: rebuilt below
+    model_path = resolve_model_path(model)
+    work = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    try:
+        template = _template_adapter(model_path, targets, work / "template")
+        raw = work / "raw"
+        _run_builder(model_path, raw, template, precision, execution_provider, targets, work / "cache")
+        final = work / "final"
+        lora_inputs, lora_dtype, layers = _lift_lora_to_inputs(raw, final)
+        missing = sorted(set(targets) - {i.module for i in lora_inputs})
+        if missing:
+            raise FedpalError(f"the ONNX builder put no LoRA on {missing[0]} for this model; choose other target modules")
+        for extra in raw.iterdir():
+            if extra.is_file() and not extra.name.startswith("model.onnx"):
+                shutil.copy2(extra, final / extra.name)
+        context = json.loads((final / "genai_config.json").read_text())["model"]["context_length"]
+        info = ExportInfo(
+            path=folder,
+            key=folder.name,
+            base_model=str(model_path),
+            base_fingerprint=base_fingerprint(model_path),
+            precision=precision,
+            execution_provider=execution_provider,
+            target_modules=targets,
+            max_rank=int(max_rank),
+            num_layers=layers,
+            context_length=int(context),
+            lora_dtype=lora_dtype,
+            lora_inputs=tuple(lora_inputs),
+        )
+        # The manifest is written last: a folder without one is never mistaken for an export.
+        (final / MANIFEST).write_text(info.to_json())
+        shutil.rmtree(folder, ignore_errors=True)
+        final.rename(folder)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return info
+
+
+def _template_adapter(model_path: Path, targets: tuple[str, ...], out: Path) -> Path:
+    """A peft adapter with the right targets, only so the builder emits the LoRA subgraphs."""
+    import torch
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    config = AdapterConfig(rank=TEMPLATE_RANK, alpha=float(TEMPLATE_RANK), target_modules=targets)
+    try:
+        base = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+        peft_model = get_peft_model(base, config.lora_config())
+    except ValueError as err:
+        raise FedpalError(f"cannot put LoRA on {list(targets)} of {model_path}: {str(err).splitlines()[0]}") from None
+    peft_model.save_pretrained(str(out))
+    return out
+
+
+def _run_builder(
+    model_path: Path, out: Path, adapter: Path, precision: str, provider: str, targets: tuple[str, ...], cache: Path
+) -> None:
+    """Run the GenAI model builder in a child process (it holds a full torch copy of the model)."""
+    options = [f"adapter_path={adapter}"]
+    if precision == "int4":
+        # LoRA MatMuls stay float over the int4 base: their weights become run-time inputs.
+        options.append("nodes_to_exclude=" + ",".join(_lora_node_names(model_path, targets)))
+    command = [
+        sys.executable, "-m", "onnxruntime_genai.models.builder",
+        "-i", str(model_path), "-o", str(out), "-p", precision, "-e", provider, "-c", str(cache),
+        "--extra_options", *options,
+    ]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0 or not (out / "model.onnx").is_file():
+        lines = [line for line in (done.stderr or done.stdout).strip().splitlines() if line.strip()]
+        raise FedpalError(f"ONNX export of {model_path} failed: {lines[-1] if lines else 'no output'}")
+
+
+def _lora_node_names(model_path: Path, targets: tuple[str, ...]) -> list[str]:
+    layers = json.loads((model_path / "config.json").read_text()).get("num_hidden_layers", 0)
+    names = []
+    for layer in range(int(layers)):
+        for module in targets:
+            group = "attn" if module in _ATTN else "mlp"
+            names += [f"/model/layers.{layer}/{group}/{module}/lora_{part}/MatMul" for part in "AB"]
+    return names
+
+
+def _lift_lora_to_inputs(raw: Path, out: Path) -> tuple[list[LoraInput], str, int]:
+    """Turn the baked template LoRA initializers into graph inputs with a symbolic rank.
+
+    Hand-written because neither the builder nor ONNX Runtime offers it: the builder only
+    bakes an adapter in. Each input keeps a zero-rank default initializer so the graph still
+    runs, as the base model, when no adapter is active.
+    """
+    import onnx_ir as ir
+
+    model = ir.load(raw / "model.onnx")
+    graph = model.graph
+    lifted: list[LoraInput] = []
+    dtypes = set()
+    for name, value in list(graph.initializers.items()):
+        match = _LORA_INIT.match(name)
+        if not match:
+            continue
+        layer, module, part = int(match[1]), match[2], match[3]
+        rows, cols = (int(d) for d in value.shape)
+        consumers = [use.node.op_type for use in value.uses()]
+        if consumers != ["MatMul"]:
+            raise FedpalError(f"LoRA weight {name} was not left as a float MatMul ({consumers}); cannot lift it")
+        dtypes.add(value.dtype)
+        if part == "A":
+            shape, empty = ir.Shape([rows, RANK_DIM]), (rows, 0)
+        else:
+            shape, empty = ir.Shape([RANK_DIM, cols]), (0, cols)
+        np_dtype = value.const_value.numpy().dtype
+        value.const_value = ir.tensor(np.zeros(empty, dtype=np_dtype), name=name)
+        value.shape = shape
+        graph.inputs.append(value)
+        lifted.append(LoraInput(name, layer, module, part, rows if part == "A" else 0, cols if part == "B" else 0))
+    if not lifted:
+        raise FedpalError(f"the ONNX builder emitted no LoRA weights in {raw}; cannot make adapters hot-swappable")
+    if len(dtypes) != 1:
+        raise FedpalError(f"LoRA weights in {raw} have mixed dtypes {sorted(map(str, dtypes))}")
+    out.mkdir(parents=True, exist_ok=True)
+    ir.save(model, out / "model.onnx", external_data="model.onnx.data")
+    lifted.sort(key=lambda i: (i.layer, i.module, i.part))
+    dtype = np.dtype(dtypes.pop().numpy()).name
+    return lifted, dtype, 1 + max(i.layer for i in lifted)

@@ -1,0 +1,262 @@
+"""``fedpal export``, ``fedpal generate`` and ``fedpal chat``: personalized replies on this machine.
+
+``export`` builds the ONNX base model once (cached) and records in the client's home which
+export it uses; ``generate`` and ``chat`` then load that export and the user's adapters.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import typer
+
+from fedpal.common.errors import FedpalError
+
+if TYPE_CHECKING:
+    from fedpal.client.generator import DecodeOptions, PersonalizedGenerator
+    from fedpal.client.home import ClientHome
+    from fedpal.client.onnx_export import ExportInfo
+
+EXPORT_RECORD = "export.json"
+HOME = typer.Option(..., "--home", help="The client's home folder (adapters, memory, runtime files).")
+MODEL = typer.Option(None, "--model", help="'default', 'tiny', a local folder or a hub id (default: the home's export).")
+PRECISION = typer.Option(None, "--precision", help="int4 or fp32 (default: the home's export, else int4).")
+PASSPHRASE = typer.Option(None, "--passphrase", envvar="FEDPAL_PASSPHRASE", help="Memory passphrase (for --retrieval and ratings).")
+MODE = typer.Option("merge", "--mode", help="base, merge (shared + personal in one adapter) or fusion (per-token mix).")
+W_SHARED = typer.Option(1.0, "--w-shared", help="Weight of the shared adapter (merge and fusion).")
+W_PERSONAL = typer.Option(1.0, "--w-personal", help="Weight of the personal adapter (merge and fusion).")
+W_BASE = typer.Option(0.0, "--w-base", help="Weight of the base model's log-probabilities (fusion only).")
+RETRIEVAL = typer.Option(False, "--retrieval", help="Put the user's most relevant stated preferences in the system prompt.")
+MAX_NEW = typer.Option(128, "--max-new-tokens", min=1, help="Stop after this many new tokens.")
+SAMPLE = typer.Option(False, "--sample", help="Sample instead of greedy decoding.")
+TEMPERATURE = typer.Option(0.8, "--temperature", help="Sampling temperature (with --sample).")
+TOP_P = typer.Option(0.95, "--top-p", help="Nucleus sampling mass (with --sample).")
+SEED = typer.Option(None, "--seed", help="Sampling seed: same seed, same reply.")
+
+
+def export(
+    home: Path = HOME,
+    model: str = typer.Option("default", "--model", help="'default', 'tiny', a local folder or a hub id."),
+    precision: str = typer.Option("int4", "--precision", help="int4 (fast, LoRA stays float) or fp32."),
+    max_rank: int = typer.Option(64, "--max-rank", min=1, help="Largest adapter rank (merges add ranks) the export accepts."),
+    provider: str = typer.Option("cpu", "--provider", help="Execution provider: cpu or cuda."),
+    force: bool = typer.Option(False, "--force", help="Rebuild even if a matching export is cached."),
+) -> None:
+    """Export the base model to ONNX Runtime once, with LoRA weights as run-time inputs (cached)."""
+    from fedpal.client.home import ClientHome
+    from fedpal.client.onnx_export import export_model
+
+    client = ClientHome.at(home)
+    info = export_model(model, precision, _home_targets(client), max_rank, provider, force=force)
+    client.runtime.mkdir(parents=True, exist_ok=True)
+    record = {"model": model, "precision": precision, "max_rank": max_rank, "provider": provider, "key": info.key}
+    (client.runtime / EXPORT_RECORD).write_text(json.dumps(record, indent=2))
+    typer.echo(f"export {info.key} ({info.precision}, {len(info.lora_inputs)} LoRA inputs, max rank {info.max_rank}) at {info.path}")
+
+
+def generate(
+    home: Path = HOME,
+    prompt: str = typer.Option(..., "--prompt", help="What the user asks."),
+    model: str = MODEL,
+    precision: str = PRECISION,
+    mode: str = MODE,
+    retrieval: bool = RETRIEVAL,
+    max_new_tokens: int = MAX_NEW,
+    w_shared: float = W_SHARED,
+    w_personal: float = W_PERSONAL,
+    w_base: float = W_BASE,
+    sample: bool = SAMPLE,
+    temperature: float = TEMPERATURE,
+    top_p: float = TOP_P,
+    seed: int = SEED,
+    passphrase: str = PASSPHRASE,
+    as_json: bool = typer.Option(False, "--json", help='Print one JSON line {"text", "tokens", "seconds", "mode"}.'),
+) -> None:
+    """Reply to one prompt as this user would want, streaming the tokens (or one JSON line)."""
+    from fedpal.client.home import ClientHome
+
+    client = ClientHome.at(home)
+    generator = _open_generator(client, model, precision)
+    options = _options(max_new_tokens, sample, temperature, top_p, seed)
+    on_token = None if as_json else (lambda piece: (sys.stdout.write(piece), sys.stdout.flush()))
+    reply = generator.generate_for(
+        client, prompt, mode=mode, w_shared=w_shared, w_personal=w_personal, w_base=w_base,
+        retrieval=retrieval, passphrase=passphrase, options=options, on_token=on_token,
+    )
+    if as_json:
+        typer.echo(reply.to_json())
+    else:
+        typer.echo("")
+        typer.echo(f"[{reply.mode}: {reply.tokens} tokens in {reply.seconds:.2f} s]", err=True)
+
+
+def chat(
+    home: Path = HOME,
+    model: str = MODEL,
+    precision: str = PRECISION,
+    mode: str = typer.Option(None, "--mode", help="base, merge or fusion (default: merge if the user has adapters)."),
+    retrieval: bool = RETRIEVAL,
+    max_new_tokens: int = MAX_NEW,
+    passphrase: str = PASSPHRASE,
+) -> None:
+    """Chat as this user; rate a reply (/rate 1-5) or pick the better of two (/pick) to teach the adapters.
+
+    Ratings and picks go into the user's encrypted memory; `fedpal train` learns from them.
+    """
+    from fedpal.client.generator import MODES
+    from fedpal.client.home import ClientHome
+
+    client = ClientHome.at(home)
+    generator = _open_generator(client, model, precision)
+    if mode is None:
+        mode = "merge" if _has_adapters(client) else "base"
+    if mode not in MODES:
+        raise FedpalError(f"mode must be one of {', '.join(MODES)}, not '{mode}'")
+    session = _ChatSession(generator, client, mode, retrieval, max_new_tokens, passphrase)
+    typer.echo(f"fedpal chat ({mode}{' + retrieval' if retrieval else ''}). /rate N (1-5), /pick, /mode M, /quit")
+    while True:
+        try:
+            line = input("you> ").strip()
+        except EOFError:
+            break
+        if not line:
+            continue
+        if line in ("/quit", "/exit"):
+            break
+        try:
+            session.handle(line)
+        except FedpalError as err:
+            typer.echo(f"error: {err}", err=True)
+
+
+class _ChatSession:
+    """The state of one interactive chat: the last exchange, which ratings and picks refer to."""
+
+    def __init__(
+        self, generator: "PersonalizedGenerator", client: "ClientHome", mode: str, retrieval: bool,
+        max_new_tokens: int, passphrase: str | None,
+    ) -> None:
+        self.generator, self.client, self.mode, self.retrieval = generator, client, mode, retrieval
+        self.max_new_tokens, self.passphrase = max_new_tokens, passphrase
+        self.last: tuple[str, str] | None = None
+
+    def handle(self, line: str) -> None:
+        command, _, argument = line.partition(" ")
+        if command == "/rate":
+            self.rate(argument.strip())
+        elif command == "/pick":
+            self.pick()
+        elif command == "/mode":
+            self.switch(argument.strip())
+        elif command.startswith("/"):
+            raise FedpalError(f"unknown command {command}; use /rate N, /pick, /mode M or /quit")
+        else:
+            typer.echo("bot> ", nl=False)
+            reply = self.reply(line, _options(self.max_new_tokens, False, 1.0, 1.0, None), stream=True)
+            typer.echo("")
+            self.last = (line, reply)
+
+    def reply(self, prompt: str, options: "DecodeOptions", stream: bool = False) -> str:
+        on_token = (lambda piece: (sys.stdout.write(piece), sys.stdout.flush())) if stream else None
+        return self.generator.generate_for(
+            self.client, prompt, mode=self.mode, retrieval=self.retrieval, passphrase=self.passphrase,
+            options=options, on_token=on_token,
+        ).text
+
+    def rate(self, argument: str) -> None:
+        if self.last is None:
+            raise FedpalError("nothing to rate yet: ask something first")
+        if argument not in {"1", "2", "3", "4", "5"}:
+            raise FedpalError(f"a rating is a whole number from 1 to 5, not '{argument}'")
+        with self._memory() as memory:
+            memory.add_rating(self.last[0], self.last[1], int(argument))
+        typer.echo(f"rated {argument}/5, saved in your memory")
+
+    def pick(self) -> None:
+        if self.last is None:
+            raise FedpalError("nothing to compare yet: ask something first")
+        prompt, first = self.last
+        options = _options(self.max_new_tokens, True, 0.9, 0.95, random.randrange(2**31))
+        second = self.reply(prompt, options)
+        typer.echo(f"[1] {first}\n[2] {second}")
+        choice = input("which is better? 1/2 (enter to skip)> ").strip()
+        if choice not in ("1", "2"):
+            typer.echo("skipped")
+            return
+        chosen, rejected = (first, second) if choice == "1" else (second, first)
+        if chosen == rejected:
+            raise FedpalError("the two replies are identical; nothing to learn from this pick")
+        with self._memory() as memory:
+            memory.add_pair(prompt, chosen, rejected)
+        self.last = (prompt, chosen)
+        typer.echo("preference saved in your memory")
+
+    def switch(self, mode: str) -> None:
+        from fedpal.client.generator import MODES
+
+        if mode not in MODES:
+            raise FedpalError(f"mode must be one of {', '.join(MODES)}, not '{mode}'")
+        self.mode = mode
+        typer.echo(f"mode: {mode}")
+
+    def _memory(self):
+        from fedpal.client.memory import PreferenceMemory
+
+        return PreferenceMemory.open(self.client.root, passphrase=self.passphrase)
+
+
+def _options(max_new_tokens: int, sample: bool, temperature: float, top_p: float, seed: int | None) -> "DecodeOptions":
+    from fedpal.client.generator import DecodeOptions
+
+    options = DecodeOptions(max_new_tokens=max_new_tokens, do_sample=sample, temperature=temperature, top_p=top_p, seed=seed)
+    options.check()
+    return options
+
+
+def _has_adapters(client: "ClientHome") -> bool:
+    return any((client.adapter_dir(name) / "adapter_config.json").is_file() for name in ("shared", "personal"))
+
+
+def _home_targets(client: "ClientHome") -> tuple[str, ...] | None:
+    """The LoRA targets of the user's saved adapters (None: fedpal's default targets)."""
+    targets: set[str] = set()
+    for name in ("shared", "personal"):
+        config = client.adapter_dir(name) / "adapter_config.json"
+        if config.is_file():
+            try:
+                targets.update(json.loads(config.read_text()).get("target_modules") or [])
+            except ValueError:
+                raise FedpalError(f"corrupt adapter config {config}") from None
+    return tuple(sorted(targets)) or None
+
+
+def _find_export(client: "ClientHome", model: str | None, precision: str | None) -> "ExportInfo":
+    """The export named by the options, else the one ``fedpal export`` recorded in the home."""
+    from fedpal.client.onnx_export import DEFAULT_MAX_RANK, find_export
+
+    record_file = client.runtime / EXPORT_RECORD
+    record = {}
+    if record_file.is_file():
+        try:
+            record = json.loads(record_file.read_text())
+        except ValueError:
+            raise FedpalError(f"corrupt {record_file}; run: fedpal export --home {client.root}") from None
+    elif model is None and precision is None:
+        raise FedpalError(f"no export for {client.root} yet; run: fedpal export --home {client.root}")
+    return find_export(
+        model or record.get("model", "default"),
+        precision or record.get("precision", "int4"),
+        _home_targets(client),
+        int(record.get("max_rank", DEFAULT_MAX_RANK)),
+        record.get("provider", "cpu"),
+    )
+
+
+def _open_generator(client: "ClientHome", model: str | None, precision: str | None) -> "PersonalizedGenerator":
+    from fedpal.client.generator import PersonalizedGenerator
+
+    return PersonalizedGenerator(_find_export(client, model, precision))

@@ -1,0 +1,300 @@
+"""Personalized decoding through the exported ONNX runtime, checked against PyTorch + peft.
+
+All on the tiny model with real ONNX Runtime GenAI sessions; the slow test repeats the
+parity check on the real default model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from fedpal.client.generator import DecodeOptions, PersonalizedGenerator, with_preferences
+from fedpal.client.home import ClientHome
+from fedpal.client.onnx_adapters import convert_adapters, merged_parameters
+from fedpal.client.onnx_export import ExportInfo, check_export, export_model, find_export
+from fedpal.common.adapters import PERSONAL, SHARED, AdapterConfig, activate, attach_adapters, save_adapter
+from fedpal.common.errors import FedpalError
+from fedpal.common.generation import chat_input_ids
+from fedpal.common.models import load_base_model
+
+PROMPT = "Tell me about the weather in the mountains."
+CONFIG = AdapterConfig(rank=8, alpha=16.0)
+
+
+def _random_adapters(model, seed: int):
+    """Give both adapters non-zero random weights (a fresh LoRA has B = 0 and changes nothing)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
+
+
+@pytest.fixture(scope="module")
+def export() -> ExportInfo:
+    return export_model("tiny", precision="fp32")
+
+
+@pytest.fixture(scope="module")
+def generator(export) -> PersonalizedGenerator:
+    return PersonalizedGenerator(export)
+
+
+@pytest.fixture(scope="module")
+def users(tmp_path_factory):
+    """Two users, each with their own random shared and personal adapters, and their PyTorch models."""
+    made = {}
+    for user, seed in (("ana", 1), ("ben", 2)):
+        base = load_base_model("tiny", device="cpu")
+        model = attach_adapters(base.model, CONFIG)
+        _random_adapters(model, seed)
+        home = ClientHome.at(tmp_path_factory.mktemp(user))
+        save_adapter(model, SHARED, home.adapter_dir(SHARED))
+        save_adapter(model, PERSONAL, home.adapter_dir(PERSONAL))
+        made[user] = (home, model, base.tokenizer)
+    return made
+
+
+def _torch_greedy(model, ids, n):
+    eos = model.config.eos_token_id
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            max_new_tokens=n, do_sample=False, pad_token_id=eos, eos_token_id=eos,
+        )
+    tokens = out[0, len(ids):].tolist()
+    return tokens[: tokens.index(eos)] if eos in tokens else tokens
+
+
+def _torch_logits(model, ids):
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0, -1].numpy()
+
+
+def test_fp32_matches_peft_tokens_and_logits(generator, users):
+    home, model, tokenizer = users["ana"]
+    adapter = generator.user_adapter(home, w_shared=0.0, w_personal=1.0)
+    activate(model, [PERSONAL])
+    ids = chat_input_ids(tokenizer, PROMPT)
+    assert generator.prompt_ids(PROMPT) == ids
+    ours = generator.next_logits(ids, adapter)
+    reference = _torch_logits(model, ids)
+    assert np.abs(ours - reference).max() < 1e-4
+    with model.disable_adapter():
+        base_reference = _torch_logits(model, ids)
+    assert np.abs(ours - base_reference).max() > 1e-2  # the adapter really changes the output
+    reply = generator.generate(PROMPT, adapter, DecodeOptions(max_new_tokens=24))
+    assert list(reply.token_ids) == _torch_greedy(model, ids, 24)
+    assert reply.tokens > 0 and reply.prompt_tokens == len(ids)
+
+
+def test_hot_swap_alternating_users_each_get_their_own_adapter(generator, users):
+    expected = {}
+    for user, (home, model, tokenizer) in users.items():
+        activate(model, [SHARED, PERSONAL])
+        expected[user] = _torch_greedy(model, chat_input_ids(tokenizer, PROMPT), 12)
+    assert expected["ana"] != expected["ben"]
+    session = generator.model
+    for user in ["ana", "ben", "ana", "ben", "ana"]:
+        home = users[user][0]
+        reply = generator.generate_for(home, PROMPT, mode="merge", options=DecodeOptions(max_new_tokens=12))
+        assert list(reply.token_ids) == expected[user], user
+    assert generator.model is session  # swapped adapters, never reloaded the model
+
+
+def test_merge_is_the_exact_weighted_sum(generator, export, users):
+    home, model, tokenizer = users["ben"]
+    w_shared, w_personal = 0.7, 1.3
+    params = merged_parameters(export, [(home.adapter_dir(SHARED), w_shared), (home.adapter_dir(PERSONAL), w_personal)])
+    scale = CONFIG.alpha / CONFIG.rank
+    layer = model.base_model.model.model.layers[1].self_attn.v_proj
+    want = sum(
+        w * scale * (layer.lora_B[name].weight @ layer.lora_A[name].weight).detach().numpy().T
+        for name, w in ((SHARED, w_shared), (PERSONAL, w_personal))
+    )
+    a = params["model.layers.1.attn.v_proj.lora_A.MatMul.weight"]
+    b = params["model.layers.1.attn.v_proj.lora_B.MatMul.weight"]
+    assert a.shape == (64, 16) and b.shape[0] == 16  # rank-concatenated: 8 + 8
+    np.testing.assert_allclose(a @ b, want, atol=1e-6)
+
+    # The same merge in PyTorch: scale each B by its weight and run both adapters together.
+    with torch.no_grad():
+        for name, w in ((SHARED, w_shared), (PERSONAL, w_personal)):
+            for module_name, param in model.named_parameters():
+                if f".lora_B.{name}." in module_name:
+                    param.mul_(w)
+        activate(model, [SHARED, PERSONAL])
+        ids = chat_input_ids(tokenizer, PROMPT)
+        reference = _torch_logits(model, ids)
+        for name, w in ((SHARED, w_shared), (PERSONAL, w_personal)):
+            for module_name, param in model.named_parameters():
+                if f".lora_B.{name}." in module_name:
+                    param.div_(w)
+    adapter = generator.user_adapter(home, w_shared, w_personal)
+    assert np.abs(generator.next_logits(ids, adapter) - reference).max() < 1e-4
+
+
+def test_conversion_is_skipped_until_the_adapter_changes(generator, export, users, tmp_path):
+    home, model, _ = users["ana"]
+    out = tmp_path / "p.onnx_adapter"
+    convert_adapters(export, [(home.adapter_dir(PERSONAL), 1.0)], out)
+    first = out.stat().st_mtime_ns
+    convert_adapters(export, [(home.adapter_dir(PERSONAL), 1.0)], out)
+    assert out.stat().st_mtime_ns == first
+    changed = home.root / "changed"
+    save_adapter(model, SHARED, changed)
+    convert_adapters(export, [(changed, 1.0)], out)
+    assert out.stat().st_mtime_ns != first
+
+
+def test_fusion_equals_base_when_only_base_is_weighted(generator, users):
+    home = users["ana"][0]
+    options = DecodeOptions(max_new_tokens=10)
+    base = generator.generate_for(home, PROMPT, mode="base", options=options)
+    fused = generator.generate_for(home, PROMPT, mode="fusion", w_base=1.0, w_shared=0.0, w_personal=0.0, options=options)
+    assert fused.token_ids == base.token_ids and fused.mode == "fusion"
+    personal = generator.generate_for(home, PROMPT, mode="merge", w_shared=0.0, w_personal=1.0, options=options)
+    only_personal = generator.generate_for(home, PROMPT, mode="fusion", w_shared=0.0, w_personal=1.0, options=options)
+    assert only_personal.token_ids == personal.token_ids
+    assert personal.token_ids != base.token_ids
+    mixed = generator.generate_for(home, PROMPT, mode="fusion", w_base=0.2, w_shared=0.3, w_personal=0.5, options=options)
+    assert mixed.tokens > 0
+
+
+def test_sampling_is_seeded_and_streams(generator, users):
+    home = users["ben"][0]
+    options = DecodeOptions(max_new_tokens=16, do_sample=True, temperature=1.5, top_p=0.9, seed=7)
+    pieces: list[str] = []
+    one = generator.generate_for(home, PROMPT, options=options, on_token=pieces.append)
+    two = generator.generate_for(home, PROMPT, options=options)
+    assert one.token_ids == two.token_ids
+    assert len(pieces) == one.tokens
+    others = {generator.generate_for(home, PROMPT, options=dataclasses.replace(options, seed=s)).token_ids for s in range(4)}
+    assert len(others) > 1
+    assert generator.generate(PROMPT, options=DecodeOptions(max_new_tokens=3)).tokens <= 3
+
+
+def test_retrieval_puts_stated_preferences_in_the_system_prompt(generator, users, monkeypatch):
+    from fedpal.client.memory import PreferenceMemory
+
+    monkeypatch.setenv("FEDPAL_PASSPHRASE", "correct horse battery")
+    home = users["ana"][0]
+    with PreferenceMemory.open(home.root) as memory:
+        memory.add_stated("I like answers about mountains to mention hiking trails.")
+        memory.add_stated("Never use emoji.")
+    prompts = []
+    original = generator.prompt_ids
+    monkeypatch.setattr(generator, "prompt_ids", lambda p, s=None: prompts.append(s) or original(p, s))
+    reply = generator.generate_for(home, PROMPT, mode="base", retrieval=True, options=DecodeOptions(max_new_tokens=4))
+    assert reply.mode == "base+retrieval"
+    assert "hiking trails" in prompts[-1]
+    assert with_preferences(None, []) is None
+
+
+def test_bad_input_is_one_line_error(generator, export, users, tmp_path, tiny_path):
+    home, model, _ = users["ana"]
+    cases = []
+    with pytest.raises(FedpalError) as err:
+        generator.generate("   ")
+    cases.append(err)
+    with pytest.raises(FedpalError) as err:
+        generator.generate("word " * 600)
+    assert "context" in str(err.value)
+    cases.append(err)
+    with pytest.raises(FedpalError) as err:
+        find_export(str(tiny_path), precision="fp32", max_rank=7)
+    assert "fedpal export" in str(err.value)
+    cases.append(err)
+    with pytest.raises(FedpalError) as err:
+        check_export(dataclasses.replace(export, base_fingerprint="0" * 16))
+    assert "stale" in str(err.value)
+    cases.append(err)
+
+    # An adapter for another base: the right names, the wrong hidden size.
+    foreign = tmp_path / "foreign"
+    _write_adapter(foreign, rank=8, hidden=32)
+    with pytest.raises(FedpalError) as err:
+        convert_adapters(export, [(foreign, 1.0)], tmp_path / "f.onnx_adapter")
+    assert "another base" in str(err.value)
+    cases.append(err)
+    # Rank larger than the export allows, alone and as a merge.
+    big = tmp_path / "big"
+    _write_adapter(big, rank=export.max_rank + 1, hidden=64)
+    with pytest.raises(FedpalError) as err:
+        convert_adapters(export, [(big, 1.0)], tmp_path / "b.onnx_adapter")
+    assert "larger than this export allows" in str(err.value)
+    cases.append(err)
+    half = tmp_path / "half"
+    _write_adapter(half, rank=export.max_rank // 2 + 1, hidden=64)
+    with pytest.raises(FedpalError) as err:
+        convert_adapters(export, [(half, 1.0), (half, 1.0)], tmp_path / "h.onnx_adapter")
+    cases.append(err)
+    with pytest.raises(FedpalError) as err:
+        generator.generate_for(ClientHome.at(tmp_path / "nobody"), PROMPT, mode="merge")
+    cases.append(err)
+    with pytest.raises(FedpalError) as err:
+        generator.generate_for(home, PROMPT, mode="blend")
+    cases.append(err)
+    for case in cases:
+        assert "\n" not in str(case.value) and str(case.value)
+
+
+def _write_adapter(folder, rank: int, hidden: int) -> None:
+    """A peft-format adapter folder with the tiny model's tensor names and chosen shapes."""
+    from safetensors.numpy import save_file
+
+    folder.mkdir(parents=True)
+    outs = {"q_proj": hidden, "k_proj": hidden // 2, "v_proj": hidden // 2, "o_proj": hidden}
+    tensors = {}
+    for layer in range(2):
+        for module, out in outs.items():
+            key = f"base_model.model.model.layers.{layer}.self_attn.{module}"
+            tensors[f"{key}.lora_A.weight"] = np.full((rank, hidden), 0.01, np.float32)
+            tensors[f"{key}.lora_B.weight"] = np.full((out, rank), 0.01, np.float32)
+    save_file(tensors, str(folder / "adapter_model.safetensors"))
+    config = {"peft_type": "LORA", "r": rank, "lora_alpha": rank, "target_modules": sorted(outs)}
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+
+
+def test_cli_generate_json_line(export, users):
+    from typer.testing import CliRunner
+
+    from fedpal.common import cli
+
+    cli._register_commands()
+    home = users["ben"][0]
+    runner = CliRunner()
+    result = runner.invoke(
+        cli.app,
+        ["generate", "--home", str(home.root), "--prompt", PROMPT, "--model", "tiny", "--precision", "fp32",
+         "--max-new-tokens", "5", "--json"],
+    )
+    assert result.exit_code == 0, result.output
+    line = json.loads(result.output.strip().splitlines()[-1])
+    assert set(line) == {"text", "tokens", "seconds", "mode"} and line["mode"] == "merge" and 0 < line["tokens"] <= 5
+
+
+@pytest.mark.slow
+def test_default_model_first_32_greedy_tokens_match_pytorch(tmp_path):
+    base = load_base_model("default", device="cpu")
+    model = attach_adapters(base.model, CONFIG)
+    _random_adapters(model, 3)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.mul_(0.05)  # keep the real model fluent: a small but non-zero personal update
+    activate(model, [PERSONAL])
+    info = export_model("default", precision="fp32")
+    generator = PersonalizedGenerator(info)
+    home = ClientHome.at(tmp_path / "user")
+    save_adapter(model, PERSONAL, home.adapter_dir(PERSONAL))
+    adapter = generator.user_adapter(home, w_shared=0.0, w_personal=1.0)
+    prompt = "Give me three tips for writing clear emails."
+    ids = chat_input_ids(base.tokenizer, prompt)
+    reply = generator.generate(prompt, adapter, DecodeOptions(max_new_tokens=32))
+    assert list(reply.token_ids) == _torch_greedy(model, ids, 32)[:32]
