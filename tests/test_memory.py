@@ -402,18 +402,22 @@ WRITER = textwrap.dedent("""
     from pathlib import Path
     from fedpal.client.memory import PreferenceMemory
     home, name, n, mode = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+    def barrier(step):  # both processes reach `step` before either goes on
+        Path(home, f"{name}.{step}").touch()
+        while len(list(Path(home).glob(f"*.{step}"))) < 2:
+            time.sleep(0.002)
+
     Path(home).mkdir(parents=True, exist_ok=True)
-    Path(home, name + ".ready").touch()
-    while len(list(Path(home).glob("*.ready"))) < 2:
-        time.sleep(0.005)
+    barrier("ready")  # race to create the memory
     with PreferenceMemory.open(home, "pw") as mem:
+        barrier("opened")  # then race to write
         if mode == "chat":
             for i in range(n):
                 mem.add_turn("user", f"{name} turn {i}", tags=[name])
         else:
-            for batch in range(0, n, 25):
+            for batch in range(0, n, 10):
                 lines = [json.dumps({"kind": "stated", "text": f"{name} pref {i}", "tags": [name]})
-                         for i in range(batch, min(n, batch + 25))]
+                         for i in range(batch, min(n, batch + 10))]
                 Path(home, name + ".jsonl").write_text("\\n".join(lines))
                 mem.import_jsonl(Path(home, name + ".jsonl"))
 """)
