@@ -1,0 +1,206 @@
+"""The fedpal ClientApp: train on this node's own memory, send back only the shared adapter.
+
+Each round the node receives the global shared adapter, trains it on the preference
+memory in its home folder, then trains its personal adapter on top, and keeps that one
+(and the memory) on disk. The reply carries the shared adapter's tensors in the order
+they came, a fingerprint of their names and shapes, and numbers (examples, losses,
+seconds, bytes): never the personal adapter and never memory text.
+
+The mods are Flower's (``secaggplus_mod``, ``fixedclipping_mod``) behind small guards
+that run them only when the server asked for them, because both raise on rounds
+configured without SecAgg+ or DP; plus ``half_precision_mod``, which casts the clipped
+reply to fp16 (Flower has no such mod).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import Context, Message
+from flwr.client import NumPyClient
+from flwr.clientapp import ClientApp
+
+from fedpal.common.errors import FedpalError
+
+log = logging.getLogger("fedpal.client")
+
+Mod = Callable[[Message, Context, Callable[[Message, Context], Message]], Message]
+
+# One base model per process and model name: Ray reuses its actors across rounds, and
+# reloading the model every round would dominate a small client's round time.
+_MODELS: dict[tuple, Any] = {}
+
+
+def node_home(context: Context, config: dict) -> Path:
+    """This node's home folder: node config ``home``, else ``<home-base>/<partition-id>``."""
+    from fedpal.common.config import fedpal_home
+
+    node_config = dict(context.node_config)
+    if node_config.get("home"):
+        return Path(str(node_config["home"])).expanduser()
+    if "partition-id" in node_config:
+        base = str(config.get("home-base") or "") or str(fedpal_home() / "nodes")
+        return Path(base).expanduser() / str(node_config["partition-id"])
+    raise FedpalError("this node has no home folder: start the SuperNode with --node-config \"home='/path/to/home'\"")
+
+
+def _model(config: dict) -> tuple[Any, Any, dict[str, np.ndarray]]:
+    """The cached base model, its peft wrapper and the personal adapter's initial tensors."""
+    from fedpal.common.adapters import PERSONAL, adapter_to_arrays, attach_adapters
+    from fedpal.common.models import load_base_model
+    from fedpal.server.server_app import adapter_config
+
+    adapters = adapter_config(config)
+    key = (str(config["model"]), adapters)
+    if key not in _MODELS:
+        _MODELS.clear()
+        base = load_base_model(str(config["model"]))
+        peft = attach_adapters(base.model, adapters)
+        _MODELS[key] = (base, peft, adapter_to_arrays(peft, PERSONAL, "AB"))
+    return _MODELS[key]
+
+
+class FedpalClient(NumPyClient):
+    """One user's node for one message: load, train, reply."""
+
+    def __init__(self, context: Context) -> None:
+        self.context = context
+
+    def fit(self, parameters: list[np.ndarray], config: dict) -> tuple[list[np.ndarray], int, dict]:
+        from fedpal.client.home import ClientHome
+        from fedpal.client.memory import PreferenceMemory
+        from fedpal.client.trainer import LocalTrainer, TrainConfig
+        from fedpal.common.adapters import (
+            PERSONAL,
+            SHARED,
+            adapter_to_arrays,
+            arrays_to_adapter,
+            load_adapter,
+            save_adapter,
+        )
+        from fedpal.server.validation import FINGERPRINT_KEY, adapter_fingerprint
+
+        started = time.perf_counter()
+        home = ClientHome.at(node_home(self.context, config))
+        memory = PreferenceMemory.open(home.root)
+        pairs, examples = memory.preference_pairs(), memory.sft_examples()
+        base, peft, fresh_personal = _model(config)
+        parts = "B" if config["ffa-lora"] else "AB"
+        names = list(adapter_to_arrays(peft, SHARED, parts))
+        if len(names) != len(parameters):
+            raise FedpalError(f"the server sent {len(parameters)} tensors; this node's shared adapter has {len(names)}")
+        arrays_to_adapter(peft, SHARED, dict(zip(names, parameters)), parts)
+        personal_dir = home.adapter_dir(PERSONAL)
+        if personal_dir.is_dir():
+            load_adapter(peft, PERSONAL, personal_dir)
+        else:  # this process may have served another node before: start from the fresh init
+            arrays_to_adapter(peft, PERSONAL, fresh_personal, "AB")
+
+        node_seed = int(config["seed"]) * 1_000_003 + int(config["round"]) * 7919 + int(self.context.node_config.get("partition-id", 0))
+
+        def train_config(steps: int, seed: int) -> TrainConfig:
+            return TrainConfig(
+                objective=str(config["objective"]),
+                steps=steps,
+                learning_rate=float(config["learning-rate"]),
+                beta=float(config["dpo-beta"]),
+                batch_size=int(config["batch-size"]),
+                max_length=int(config["max-length"]),
+                seed=seed,
+                proximal_mu=float(config.get("proximal_mu", 0.0)),
+                checkpoint_every=0,
+                threads=int(config["client-threads"]),
+            )
+
+        # The shared adapter trains alone (personal off) so its update depends only on
+        # the global adapter and this node's data, never on personal state.
+        shared = LocalTrainer(base, peft, train_config(int(config["local-steps"]), node_seed)).train(
+            SHARED, pairs, examples, progress=False
+        )
+        update = adapter_to_arrays(peft, SHARED, parts, dtype=np.float32)
+        for name, array in update.items():
+            if not np.all(np.isfinite(array)):
+                raise FedpalError(f"local training produced non-finite values in {name}; not sending this update")
+        save_adapter(peft, SHARED, home.adapter_dir(SHARED))
+        personal_steps = int(config["personal-steps"])
+        if personal_steps > 0:
+            LocalTrainer(base, peft, train_config(personal_steps, node_seed + 1)).train(
+                PERSONAL, pairs, examples, reference_adapters=(SHARED,), progress=False
+            )
+            save_adapter(peft, PERSONAL, personal_dir)
+        out = list(update.values())
+        uniform = bool(config["uniform-weights"])
+        metrics = {
+            "examples": int(shared.pairs + shared.examples),
+            "loss_first": float(shared.loss_first),
+            "loss_last": float(shared.loss_last),
+            "train_seconds": float(shared.seconds),
+            "seconds": float(time.perf_counter() - started),
+            "payload_bytes": int(sum(a.nbytes for a in out)),
+            FINGERPRINT_KEY: adapter_fingerprint(update),
+        }
+        return out, 1 if uniform else max(metrics["examples"], 1), metrics
+
+
+def when_secagg(msg: Message, ctxt: Context, call_next: Callable[[Message, Context], Message]) -> Message:
+    """Flower's ``secaggplus_mod``, on messages of a round the server runs with SecAgg+."""
+    from flwr.client.mod import secaggplus_mod
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+
+    if msg.has_content() and RECORD_KEY_CONFIGS in msg.content.config_records:
+        return secaggplus_mod(msg, ctxt, call_next)
+    return call_next(msg, ctxt)
+
+
+def when_clipping(msg: Message, ctxt: Context, call_next: Callable[[Message, Context], Message]) -> Message:
+    """Flower's ``fixedclipping_mod``, on train messages that carry a clipping norm (DP on)."""
+    from flwr.client.mod import fixedclipping_mod
+    from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
+
+    if KEY_CLIPPING_NORM in _fit_config(msg):
+        return fixedclipping_mod(msg, ctxt, call_next)
+    return call_next(msg, ctxt)
+
+
+def half_precision_mod(msg: Message, ctxt: Context, call_next: Callable[[Message, Context], Message]) -> Message:
+    """Cast the (already clipped) update to fp16 when the server asked for fp16 updates.
+
+    Rounding to fp16 changes each value by at most 2^-11 of itself, so a clipped update
+    may exceed C by that fraction; the server's norm check allows 1%.
+    """
+    from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
+    from flwr.compat.common import recorddict_compat as compat
+
+    wants_fp16 = bool(_fit_config(msg).get("fp16-updates", False))
+    out = call_next(msg, ctxt)
+    if not wants_fp16 or out.has_error():
+        return out
+    fit_res = compat.recorddict_to_fitres(out.content, keep_input=True)
+    fit_res.parameters = ndarrays_to_parameters([a.astype(np.float16) for a in parameters_to_ndarrays(fit_res.parameters)])
+    out.content = compat.fitres_to_recorddict(fit_res, keep_input=True)
+    return out
+
+
+def _fit_config(msg: Message) -> dict:
+    """The FitIns config of a train message ({} for other messages and SecAgg+ key exchange)."""
+    if msg.metadata.message_type != "train" or not msg.has_content():
+        return {}
+    record = msg.content.config_records.get("fitins.config")
+    return dict(record) if record is not None else {}
+
+
+def make_client_app(extra_mods: Sequence[Mod] = ()) -> ClientApp:
+    """The fedpal ClientApp; ``extra_mods`` run outermost (e.g. to watch what leaves the node)."""
+
+    def client_fn(context: Context) -> Any:
+        return FedpalClient(context).to_client()
+
+    return ClientApp(client_fn=client_fn, mods=[*extra_mods, when_secagg, half_precision_mod, when_clipping])
+
+
+app = make_client_app()

@@ -1,0 +1,352 @@
+"""The fedpal ServerApp: rounds of private aggregation of the shared LoRA adapter.
+
+The round loop is written here instead of using Flower's ``DefaultWorkflow`` because
+that one always starts at round 1 and cannot stop on a privacy budget; each round still
+runs Flower's own fit workflow (plain or ``SecAggPlusWorkflow``) on Flower's
+``LegacyContext``. Every round ends with a JSON line in ``metrics.jsonl`` and a
+checkpoint; with ``resume = true`` a restarted server continues after the last
+checkpointed round, privacy ledger included.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from collections import defaultdict
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import Context, Message
+from flwr.serverapp import Grid, ServerApp
+
+from fedpal.common.config import fedpal_home
+from fedpal.common.errors import FedpalError
+from fedpal.server.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from fedpal.server.strategy import (
+    FedpalStrategy,
+    FederationSettings,
+    restore_strategy_state,
+    sample_size,
+    settings_summary,
+    strategy_state,
+)
+from fedpal.server.validation import UpdateSpec
+
+log = logging.getLogger("fedpal.server")
+
+METRICS_FILE = "metrics.jsonl"
+CHECKPOINT_DIR = "checkpoint"
+GLOBAL_ADAPTER_DIR = "global_adapter"
+
+
+class CountingGrid(Grid):
+    """A Grid that counts payload bytes per node and round as messages go out and come back.
+
+    Counting at the Grid sees every SecAgg+ stage too, which a count inside the
+    ClientApp's reply could not report about itself.
+    """
+
+    def __init__(self, inner: Grid) -> None:
+        self._inner = inner
+        self.down: dict[str, dict[int, int]] = defaultdict(lambda: defaultdict(int))
+        self.up: dict[str, dict[int, int]] = defaultdict(lambda: defaultdict(int))
+
+    def set_run(self, run: Any) -> None:
+        self._inner.set_run(run)
+
+    @property
+    def run(self) -> Any:
+        return self._inner.run
+
+    def create_message(self, content: Any, message_type: str, dst_node_id: int, group_id: str, ttl: float | None = None) -> Message:
+        return self._inner.create_message(content, message_type, dst_node_id, group_id, ttl)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return self._inner.get_node_ids()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        messages = list(messages)
+        for msg in messages:
+            self.down[msg.metadata.group_id][msg.metadata.dst_node_id] += _payload_bytes(msg)
+        return self._inner.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        replies = list(self._inner.pull_messages(message_ids))
+        for msg in replies:
+            self.up[msg.metadata.group_id][msg.metadata.src_node_id] += _payload_bytes(msg)
+        return replies
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        messages = list(messages)
+        for msg in messages:
+            self.down[msg.metadata.group_id][msg.metadata.dst_node_id] += _payload_bytes(msg)
+        replies = list(self._inner.send_and_receive(messages, timeout=timeout))
+        for msg in replies:
+            self.up[msg.metadata.group_id][msg.metadata.src_node_id] += _payload_bytes(msg)
+        return replies
+
+
+def _payload_bytes(msg: Message) -> int:
+    """Serialized size of the message content (what goes on the wire, minus metadata).
+
+    Measured on the protobuf rather than with ``Record.count_bytes()``, which in Flower
+    1.41 raises on an empty list value (SecAgg+ sends those).
+    """
+    from flwr.common.serde import recorddict_to_proto
+
+    return recorddict_to_proto(msg.content).ByteSize() if msg.has_content() else 0
+
+
+def initial_adapter(settings: FederationSettings) -> dict[str, np.ndarray]:
+    """The shared adapter every client starts from: the same seeded A, zero B."""
+    from fedpal.common.adapters import SHARED, AdapterConfig, adapter_to_arrays, attach_adapters
+    from fedpal.common.models import load_base_model
+
+    base = load_base_model(settings["model"], device="cpu")
+    peft = attach_adapters(base.model, adapter_config(settings.train_config(0)))
+    return adapter_to_arrays(peft, SHARED, parts="B" if settings["ffa-lora"] else "AB", dtype=np.float32)
+
+
+def adapter_config(config: dict) -> Any:
+    """The adapter settings the server sends, as an ``AdapterConfig`` (server and clients agree)."""
+    from fedpal.common.adapters import AdapterConfig
+
+    return AdapterConfig(
+        rank=int(config["lora-rank"]),
+        alpha=float(config["lora-alpha"]),
+        target_modules=tuple(t.strip() for t in str(config["lora-targets"]).split(",") if t.strip()),
+        freeze_a=bool(config["ffa-lora"]),
+        init_seed=int(config["seed"]),
+    )
+
+
+def run_dir(settings: FederationSettings) -> Path:
+    return Path(settings["run-dir"]).expanduser() if settings["run-dir"] else fedpal_home() / "runs" / "default"
+
+
+def run_federation(grid: Grid, context: Context, settings: FederationSettings) -> Path:
+    """Run (or resume) the federation described by ``settings``; returns the run folder."""
+    from flwr.common import ndarrays_to_parameters
+    from flwr.compat.common import recorddict_compat as compat
+    from flwr.server import LegacyContext, ServerConfig
+    from flwr.server.client_manager import SimpleClientManager
+    from flwr.server.compat.app_utils import start_update_client_manager_thread
+    from flwr.server.workflow import SecAggPlusWorkflow
+    from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key
+    from flwr.server.workflow.default_workflows import default_fit_workflow
+    from flwr.app import ConfigRecord
+
+    from fedpal.common.privacy import Accountant, PrivacyBudget
+
+    folder = run_dir(settings)
+    folder.mkdir(parents=True, exist_ok=True)
+    checkpoint = load_checkpoint(folder / CHECKPOINT_DIR) if settings["resume"] else None
+    if settings["resume"] and checkpoint is None:
+        log.warning("resume asked for but %s has no checkpoint: starting at round 1", folder / CHECKPOINT_DIR)
+    if checkpoint is None and (folder / METRICS_FILE).exists():
+        (folder / METRICS_FILE).unlink()
+    if checkpoint is not None:
+        changed = {k: (checkpoint.run_settings.get(k), v) for k, v in settings.locked().items() if checkpoint.run_settings.get(k) != v}
+        if changed:
+            key, (old, new) = next(iter(changed.items()))
+            raise FedpalError(f"cannot resume: {key} was {old!r} in the checkpointed run and is {new!r} now")
+
+    named = initial_adapter(settings)
+    max_norm = settings["clipping-norm"] * 1.01 if settings["dp"] else settings["max-update-norm"]
+    spec = UpdateSpec.of(named, max_norm=max_norm)
+    initial = checkpoint.global_arrays if checkpoint is not None else list(named.values())
+    strategy = FedpalStrategy(settings, spec, initial)
+    if checkpoint is not None:
+        restore_strategy_state(strategy.inner, checkpoint.strategy_state)
+
+    counting = CountingGrid(grid)
+    legacy = LegacyContext(
+        context=context,
+        config=ServerConfig(num_rounds=settings["num-server-rounds"]),
+        strategy=strategy,
+        client_manager=SimpleClientManager(),
+    )
+    thread, stop, registered = start_update_client_manager_thread(counting, legacy.client_manager)
+    try:
+        registered.wait()
+        if not legacy.client_manager.wait_for(settings["min-clients"], timeout=600):
+            raise FedpalError(f"fewer than {settings['min-clients']} clients connected within 10 minutes")
+        population = settings["population-size"] or legacy.client_manager.num_available()
+        if checkpoint is not None and checkpoint.accountant_state:
+            population = int(checkpoint.accountant_state["config"]["population_size"])
+        per_round = sample_size(settings, population)
+        accountant = None
+        if settings["dp"]:
+            accountant = Accountant(
+                PrivacyBudget(
+                    noise_multiplier=settings["noise-multiplier"],
+                    clipping_norm=settings["clipping-norm"],
+                    target_delta=settings["delta"],
+                    population_size=population,
+                    sample_size=min(per_round, population),
+                    sampling=settings["sampling"],
+                    max_epsilon=settings["max-epsilon"] or None,
+                )
+            )
+            if checkpoint is not None and checkpoint.accountant_state:
+                accountant.load_state_dict(checkpoint.accountant_state)
+        if settings["secagg"]:
+            timeout = settings["secagg-timeout"] or None
+            fit_workflow: Any = SecAggPlusWorkflow(
+                num_shares=settings["secagg-shares"],
+                reconstruction_threshold=settings["secagg-threshold"],
+                max_weight=1.0 if settings["dp"] else 1000.0,
+                clipping_range=settings["secagg-clipping-range"],
+                timeout=timeout,
+            )
+        else:
+            fit_workflow = default_fit_workflow
+
+        legacy.state.array_records[MAIN_PARAMS_RECORD] = compat.parameters_to_arrayrecord(
+            ndarrays_to_parameters(strategy.global_arrays), keep_input=True
+        )
+        cfg = ConfigRecord()
+        cfg[Key.START_TIME] = time.time()
+        legacy.state.config_records[MAIN_CONFIGS_RECORD] = cfg
+        start = checkpoint.round + 1 if checkpoint is not None else 1
+        skipped = checkpoint.rounds_skipped if checkpoint is not None else 0
+        log.info("fedpal federation: %s; population %d, %d per round; rounds %d..%d",
+                 settings_summary(settings), population, per_round, start, settings["num-server-rounds"])
+        for server_round in range(start, settings["num-server-rounds"] + 1):
+            if accountant is not None and not accountant.next_round_allowed():
+                line = {"round": server_round, "stopped": "privacy budget",
+                        "epsilon": accountant.epsilon(), "epsilon_if_run": accountant.epsilon_after_next(),
+                        "max_epsilon": settings["max-epsilon"]}
+                log.warning("stopping before round %d: it would take epsilon from %.3f to %.3f, over max-epsilon %.3f",
+                            server_round, line["epsilon"], line["epsilon_if_run"], settings["max-epsilon"])
+                _append_metrics(folder, line)
+                break
+            # Seeding per round makes round r draw the same clients, noise and SecAgg+
+            # neighbourhoods whether or not the server restarted before it.
+            random.seed(settings["seed"] * 100_003 + server_round)
+            np.random.seed((settings["seed"] * 100_003 + server_round) % 2**32)
+            cfg[Key.CURRENT_ROUND] = server_round
+            started = time.perf_counter()
+            fit_workflow(counting, legacy)
+            elapsed = time.perf_counter() - started
+            report = strategy.report if strategy.report.round == server_round else None
+            aggregated = report is not None and report.aggregated
+            epsilon = None
+            if accountant is not None and aggregated:
+                epsilon = accountant.record_round()
+            elif accountant is not None:
+                epsilon = accountant.epsilon()
+            if not aggregated:
+                skipped += 1
+                reason = _why_not_aggregated(report, settings)
+                log.error("round %d produced no new global adapter: %s", server_round, reason)
+            line = _metrics_line(server_round, elapsed, report, counting, settings, epsilon, aggregated)
+            if not aggregated:
+                line["error"] = reason
+            _append_metrics(folder, line)
+            save_checkpoint(
+                folder / CHECKPOINT_DIR,
+                Checkpoint(
+                    round=server_round,
+                    global_arrays=strategy.global_arrays,
+                    strategy_state=strategy_state(strategy.inner),
+                    accountant_state=accountant.state_dict() if accountant is not None else None,
+                    run_settings=settings.locked(),
+                    rounds_skipped=skipped,
+                ),
+            )
+            _export_adapter(folder, named, strategy.global_arrays)
+    finally:
+        stop.set()
+        thread.join()
+    return folder
+
+
+def _why_not_aggregated(report: Any, settings: FederationSettings) -> str:
+    if report is None:
+        return "no clients could be sampled"
+    if settings["secagg"] and report.results == 0:
+        return ("SecAgg+ aborted the round: too few clients stayed to reconstruct the masks "
+                f"(reconstruction threshold {settings['secagg-threshold']} of the shares); see the SecAgg+ log above")
+    if report.aggregate_error:
+        return report.aggregate_error
+    if report.rejected and not report.results - len(report.rejected):
+        return f"all {len(report.rejected)} updates were rejected"
+    return f"no usable results ({len(report.failures)} failures)"
+
+
+def _metrics_line(server_round: int, elapsed: float, report: Any, counting: CountingGrid,
+                  settings: FederationSettings, epsilon: float | None, aggregated: bool) -> dict:
+    group = str(server_round)
+    up, down = dict(counting.up.get(group, {})), dict(counting.down.get(group, {}))
+    clients = report.clients if report is not None else {}
+    train_s = [float(m.get("train_seconds", 0.0)) for m in clients.values()]
+    losses = [float(m["loss_first"]) for m in clients.values() if "loss_first" in m]
+    losses_last = [float(m["loss_last"]) for m in clients.values() if "loss_last" in m]
+    return {
+        "round": server_round,
+        "aggregated": aggregated,
+        "seconds": round(elapsed, 3),
+        "slowest_client_train_s": round(max(train_s), 3) if train_s else None,
+        "overhead_s": round(elapsed - max(train_s), 3) if train_s else None,
+        "clients_replied": report.results if report is not None else 0,
+        "clients_summed": report.clients_summed if report is not None else 0,
+        "failures": report.failures if report is not None else [],
+        "rejected": report.rejected if report is not None else [],
+        "loss_before_mean": float(np.mean(losses)) if losses else None,
+        "loss_after_mean": float(np.mean(losses_last)) if losses_last else None,
+        "examples": int(sum(int(m.get("examples", 0)) for m in clients.values())),
+        "global_change_norm": report.global_change_norm if report is not None else 0.0,
+        "noise_stddev_on_mean": report.noise_stddev_on_mean if report is not None else 0.0,
+        "epsilon": epsilon,
+        "delta": settings["delta"] if settings["dp"] else None,
+        "bytes_up": {str(k): v for k, v in up.items()},
+        "bytes_down": {str(k): v for k, v in down.items()},
+        "bytes_up_per_client": float(np.mean(list(up.values()))) if up else 0.0,
+        "bytes_down_per_client": float(np.mean(list(down.values()))) if down else 0.0,
+        "clients": clients,
+        "dp": settings["dp"],
+        "secagg": settings["secagg"],
+        "ffa_lora": settings["ffa-lora"],
+        "fp16_updates": settings["fp16-updates"],
+    }
+
+
+def _append_metrics(folder: Path, line: dict) -> None:
+    with (folder / METRICS_FILE).open("a") as handle:
+        handle.write(json.dumps(line) + "\n")
+
+
+def _export_adapter(folder: Path, named: dict[str, np.ndarray], arrays: list[np.ndarray]) -> None:
+    """The global shared adapter as tensors by name, for clients and tools to load."""
+    tmp = folder / f".{GLOBAL_ADAPTER_DIR}.npz"
+    np.savez(tmp, **dict(zip(named, arrays)))
+    tmp.replace(folder / f"{GLOBAL_ADAPTER_DIR}.npz")
+
+
+def load_global_adapter(folder: Path | str) -> dict[str, np.ndarray]:
+    """The global shared adapter a run folder holds, tensors by name."""
+    path = Path(folder) / f"{GLOBAL_ADAPTER_DIR}.npz"
+    if not path.is_file():
+        raise FedpalError(f"{folder} holds no global adapter yet ({path.name} missing)")
+    with np.load(path) as data:
+        return {k: data[k] for k in data.files}
+
+
+def make_server_app(overrides: dict | None = None) -> ServerApp:
+    """A ServerApp whose run config is ``overrides`` over the run's own (for Python-API runs)."""
+    server_app = ServerApp()
+
+    @server_app.main()
+    def main(grid: Grid, context: Context) -> None:
+        settings = FederationSettings.from_run_config({**dict(context.run_config), **(overrides or {})})
+        run_federation(grid, context, settings)
+
+    return server_app
+
+
+app = make_server_app()
