@@ -141,16 +141,21 @@ def flesch_kincaid_grade(text: str) -> float:
     return 0.39 * len(ws) / sentence_count(text) + 11.8 * syllables / len(ws) - 15.59
 
 
-def _count_phrases(lowered: str, phrases: Sequence[str]) -> int:
-    """Occurrences of whole-word phrases (``$`` and dotted markers matched literally)."""
-    total = 0
-    for phrase in phrases:
-        if phrase[0].isalnum():
-            pattern = r"(?<![\w'])" + re.escape(phrase) + r"(?![\w'])"
-        else:
-            pattern = re.escape(phrase)
-        total += len(re.findall(pattern, lowered))
-    return total
+def _phrase_pattern(phrases: Sequence[str]) -> re.Pattern[str]:
+    """One regex matching any of ``phrases`` as whole words (longest first); symbols such
+    as ``$`` match anywhere."""
+    ordered = sorted(phrases, key=len, reverse=True)
+    words_ = [re.escape(p) for p in ordered if p[0].isalnum()]
+    symbols = [re.escape(p) for p in ordered if not p[0].isalnum()]
+    alternatives = [r"(?<![\w'])(?:" + "|".join(words_) + r")(?![\w'])"] if words_ else []
+    return re.compile("|".join(alternatives + symbols))
+
+
+_FORMAL = _phrase_pattern(_FORMAL_MARKERS)
+_INFORMAL = _phrase_pattern(_INFORMAL_MARKERS)
+_WARM = _phrase_pattern(_WARM_MARKERS)
+_EXAMPLES = _phrase_pattern(_EXAMPLE_MARKERS)
+_TOPICS = {name: _phrase_pattern(lexicon) for name, lexicon in _TOPIC_LEXICONS.items()}
 
 
 def _per_100_words(count: float, n_words: int) -> float:
@@ -167,15 +172,15 @@ def measure(text: str) -> dict[str, float]:
     exclamations = text.count("!")
     emoji = len(_EMOJI.findall(text))
 
-    formal = _count_phrases(lowered, _FORMAL_MARKERS)
+    formal = len(_FORMAL.findall(lowered))
     informal = (
-        _count_phrases(lowered, _INFORMAL_MARKERS)
+        len(_INFORMAL.findall(lowered))
         + len(_CONTRACTION.findall(text))
         + exclamations
         + emoji
     )
-    warm = _count_phrases(lowered, _WARM_MARKERS) + exclamations + emoji
-    examples = _count_phrases(lowered, _EXAMPLE_MARKERS) + len(_CODE_BLOCK.findall(text)) // 2
+    warm = len(_WARM.findall(lowered)) + exclamations + emoji
+    examples = len(_EXAMPLES.findall(lowered)) + len(_CODE_BLOCK.findall(text)) // 2
 
     values = {
         "length": min(1.0, math.log1p(n_words) / math.log1p(LENGTH_SATURATION_WORDS)),
@@ -188,8 +193,8 @@ def measure(text: str) -> dict[str, float]:
         "examples": min(examples, 2) / 2.0,
         "reading_level": min(max(flesch_kincaid_grade(text), 0.0), MAX_GRADE) / MAX_GRADE,
     }
-    for name, lexicon in _TOPIC_LEXICONS.items():
-        values[name] = min(_count_phrases(lowered, lexicon), 3) / 3.0
+    for name, pattern in _TOPICS.items():
+        values[name] = min(len(pattern.findall(lowered)), 3) / 3.0
     return {name: values[name] for name in ATTRIBUTE_NAMES}
 
 
