@@ -17,6 +17,7 @@ stops training and puts back the last good weights instead of returning a broken
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import math
 import time
@@ -154,6 +155,7 @@ class LocalTrainer:
             self.batch_size, self.max_length = profile.batch_size, profile.max_length
         else:
             self.batch_size, self.max_length = config.batch_size, config.max_length
+        self._trims_logits = "logits_to_keep" in inspect.signature(peft_model.get_base_model().forward).parameters
         self.autocast_dtype = None
         if self.device.type == "cuda":
             self.autocast_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -193,11 +195,23 @@ class LocalTrainer:
         return ids.to(self.device), mask.to(self.device), labels.to(self.device)
 
     def _logits(self, rows: Sequence[Encoded]) -> tuple["torch.Tensor", "torch.Tensor"]:
+        """Logits of the positions that predict reply tokens, and the labels aligned with them.
+
+        The LM head (49k-wide on SmolLM2) is applied only from the last prompt token of
+        the shortest prompt on (``logits_to_keep``), not to every prompt position.
+        """
         import torch
 
         ids, mask, labels = self._collate(rows)
+        kwargs = {}
+        if self._trims_logits:
+            labelled = (labels != IGNORE).any(dim=0).nonzero()
+            first = int(labelled[0]) if len(labelled) else 1
+            keep = ids.shape[1] - max(first - 1, 0)
+            kwargs["logits_to_keep"] = keep
+            labels = labels[:, ids.shape[1] - keep:]
         with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
-            logits = self.model(input_ids=ids, attention_mask=mask).logits
+            logits = self.model(input_ids=ids, attention_mask=mask, **kwargs).logits
         return logits, labels
 
     # ------------------------------------------------------------- reference

@@ -97,6 +97,24 @@ def test_encode_reply_labels_only_the_reply_and_respects_max_length(tiny_base):
     assert labels[:16] == [IGNORE] * 16 and IGNORE not in labels[16:]  # half the budget kept for the prompt
 
 
+def test_reply_logprobs_match_a_plain_full_forward():
+    """The trainer scores only reply positions (logits_to_keep); the sums must not change."""
+    from fedpal.common.generation import chat_input_ids
+
+    base, model = fresh()
+    trainer = LocalTrainer(base, model, TrainConfig(batch_size=3, max_length=64))
+    pairs = style_pairs(4, seed=20) + [PreferencePair("hi", "a", "b")]
+    chosen, rejected = trainer._pair_logprobs(trainer._encode_pairs(pairs))
+    for pair, got_c, got_r in zip(pairs, chosen, rejected):
+        for reply, got in ((pair.chosen, got_c), (pair.rejected, got_r)):
+            ids, labels = encode_reply(base.tokenizer, chat_input_ids(base.tokenizer, pair.prompt), reply, 64)
+            with torch.no_grad():
+                logits = model(input_ids=torch.tensor([ids])).logits
+            logp = torch.log_softmax(logits[0, :-1], -1)
+            want = sum(logp[t, labels[t + 1]].item() for t in range(len(ids) - 1) if labels[t + 1] != IGNORE)
+            assert got.item() == pytest.approx(want, abs=1e-3)
+
+
 # ------------------------------------------------------------- device profile
 
 def test_device_profile_fits_memory_and_honours_overrides(tiny_base):
