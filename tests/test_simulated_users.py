@@ -146,7 +146,7 @@ def test_bradley_terry_choice_rate_matches_temperature(temperature):
     expected = 1.0 / (1.0 + math.exp(-delta / temperature))
     assert user.preference_probability(short, long) == pytest.approx(expected)
     rng = np.random.default_rng(0)
-    n = 2000
+    n = 1500
     rate = np.mean([user.prefers(short, long, rng) for _ in range(n)])
     assert abs(rate - expected) < 4 * math.sqrt(expected * (1 - expected) / n) + 1e-3
     assert 0.5 < expected < 1.0
