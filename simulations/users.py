@@ -5,7 +5,7 @@ attributes ``a`` of :mod:`fedpal.simulations.attributes` (weights ``w >= 0``, ta
 ``t`` in ``[0, 1]``), so it lies in ``[0, 1]`` and 1 means a perfect match. Labels are
 noisy the way human labels are: pairwise choices follow Bradley–Terry,
 ``P(a > b) = sigmoid((u(a) - u(b)) / temperature)``, and 1–5 ratings bin the utility plus
-logistic noise of the same temperature (the noise whose differences give Bradley–Terry).
+logistic noise of the same scale, so one temperature sets how noisy both kinds of label are.
 
 A population mixes a shared component (what most users like — federated averaging should
 learn it) with one individual archetype per user: opposed majority archetypes (concise
@@ -156,6 +156,19 @@ class SimulatedUser:
         if self.temperature <= 0:
             raise ValueError("temperature must be positive")
 
+    def to_dict(self) -> dict[str, object]:
+        """JSON-ready profile (weights and targets keyed by attribute) for results files."""
+        return {
+            "user_id": self.user_id,
+            "archetype": self.archetype,
+            "is_minority": self.is_minority,
+            "temperature": self.temperature,
+            "weights": dict(zip(ATTRIBUTE_NAMES, self.weights.tolist())),
+            "targets": dict(zip(ATTRIBUTE_NAMES, self.targets.tolist())),
+            "stated_preference": self.stated_preference,
+            "stated_attributes": list(self.stated_attributes),
+        }
+
     def utility_of_attributes(self, attributes: np.ndarray) -> np.ndarray:
         """Utilities in ``[0, 1]`` for attribute rows of shape ``(n, k)`` (or one ``(k,)``)."""
         gaps = np.abs(np.asarray(attributes, dtype=np.float64) - self.targets)
@@ -213,14 +226,14 @@ def _stated_text(
 ) -> tuple[str | None, tuple[str, ...]]:
     """A partial statement: each preference (individual first, then shared) is said with
     probability ``stated_fraction``; nothing said gives ``None``."""
-    said = []
+    said: dict[str, str] = {}
     for source in (archetype, SHARED_COMPONENT):
         for name in sorted(source.statements, key=lambda n: -source.weights.get(n, 0.0)):
-            if rng.random() < stated_fraction and name not in {n for n, _ in said}:
-                said.append((name, source.statements[name]))
+            if rng.random() < stated_fraction and name not in said:
+                said[name] = source.statements[name]
     if not said:
         return None, ()
-    return " ".join(sentence for _, sentence in said), tuple(name for name, _ in said)
+    return " ".join(said.values()), tuple(said)
 
 
 def make_user(

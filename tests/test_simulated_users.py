@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -168,6 +169,9 @@ def test_population_is_deterministic_from_the_seed():
         np.testing.assert_array_equal(ua.targets, ub.targets)
         assert (ua.archetype, ua.stated_preference) == (ub.archetype, ub.stated_preference)
     assert any(not np.allclose(ua.targets, uc.targets) for ua, uc in zip(a, c))
+    profile = a[0].to_dict()
+    assert json.loads(json.dumps(profile)) == profile
+    assert profile["targets"]["length"] == pytest.approx(a[0].targets[ATTRIBUTE_NAMES.index("length")])
 
 
 def test_population_mixes_archetypes_and_a_minority():
