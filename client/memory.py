@@ -170,10 +170,17 @@ def _resolve_passphrase(passphrase: str | None, path: Path) -> str:
 
 @dataclass
 class _Snapshot:
+    """The decrypted records at one database version, with what retrieval derives from them."""
+
     version: tuple[int, int]
     records: list[Record]
     corrupt: list[str]
     index: RankIndex | None = None
+    positions: dict[str, list[int]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for position, record in enumerate(self.records):
+            self.positions.setdefault(record.kind, []).append(position)
 
 
 class PreferenceMemory:
@@ -196,6 +203,8 @@ class PreferenceMemory:
         self.ranker = ranker
         self._writes = 0
         self._snapshot: _Snapshot | None = None
+        self._opened: dict[tuple, Record] = {}
+        self._opened_key_id: str | None = None
 
     # ------------------------------------------------------------------ opening
 
@@ -425,13 +434,23 @@ class PreferenceMemory:
             return self._snapshot
         records: list[Record] = []
         corrupt: list[str] = []
+        opened: dict[tuple, Record] = {}
         with self._transaction(write=False) as tx:
+            key_id = self._key_id
             rows = tx.execute("SELECT id, kind, created, sealed FROM records ORDER BY created, seq").fetchall()
-            for record_id, kind, created, sealed in rows:
+        known = {} if force or key_id != self._opened_key_id else self._opened
+        for row in rows:
+            # Rows are immutable once written: a row seen before, byte for byte, needs no decryption.
+            record = known.get(row)
+            if record is None:
                 try:
-                    records.append(self._open_row(record_id, kind, created, sealed))
+                    record = self._open_row(*row)
                 except CorruptRecordError:
-                    corrupt.append(record_id)
+                    corrupt.append(row[0])
+                    continue
+            opened[row] = record
+            records.append(record)
+        self._opened, self._opened_key_id = opened, key_id
         self._snapshot = _Snapshot(version, records, corrupt)
         return self._snapshot
 
@@ -474,13 +493,14 @@ class PreferenceMemory:
         if snapshot.index is None:
             snapshot.index = self.ranker.index([r.document for r in snapshot.records])
         records = snapshot.records
-        stated = [i for i, r in enumerate(records) if r.kind == "stated" and "stated" in wanted]
-        others = [i for i, r in enumerate(records) if r.kind != "stated" and r.kind in wanted]
-        matched_stated = [i for i, _ in snapshot.index.search(prompt, stated)]
-        rest = sorted(set(stated) - set(matched_stated), key=lambda i: (-records[i].created, -i))
-        order = matched_stated + rest
+        stated = snapshot.positions.get("stated", []) if "stated" in wanted else []
+        order = [i for i, _ in snapshot.index.search(prompt, stated, k)] if stated else []
         if len(order) < k:
-            order += [i for i, _ in snapshot.index.search(prompt, others)]
+            matched = set(order)
+            order += [i for i in reversed(stated) if i not in matched][: k - len(order)]  # newest first
+        if len(order) < k:
+            others = [i for kind in sorted(wanted - {"stated"}) for i in snapshot.positions.get(kind, [])]
+            order += [i for i, _ in snapshot.index.search(prompt, others, k - len(order))] if others else []
         return [records[i] for i in order[:k]]
 
     def stated_preferences(self, prompt: str | None = None, k: int = 5) -> list[str]:
@@ -706,6 +726,7 @@ class PreferenceMemory:
         self._key = b""
         self._wrapping_key = None
         self._snapshot = None
+        self._opened = {}
 
     def __enter__(self) -> "PreferenceMemory":
         return self

@@ -488,3 +488,45 @@ def test_import_of_arbitrary_bytes_either_succeeds_or_writes_nothing(junk):
                 assert len(mem) == 0
             else:
                 assert len(mem) == added >= 1
+
+
+def test_bm25_scores_match_rank_bm25_and_limit_keeps_the_best():
+    import random
+
+    from rank_bm25 import BM25Plus
+
+    from fedpal.client.retrieval import BM25Ranker, tokenize
+
+    rng = random.Random(7)
+    words = "alpha beta gamma delta epsilon zeta eta theta".split()
+    docs = [" ".join(rng.choice(words) for _ in range(rng.randint(0, 9))) for _ in range(300)]
+    index = BM25Ranker().index(docs)
+    reference = BM25Plus([tokenize(d) for d in docs])
+    for query in ("alpha", "beta beta gamma", "theta unknown"):
+        hits = index.search(query)
+        assert hits and all(set(tokenize(query)) & set(tokenize(docs[i])) for i, _ in hits)
+        expected = reference.get_batch_scores(tokenize(query), [i for i, _ in hits])
+        assert [s for _, s in hits] == pytest.approx(expected)
+        assert [s for _, s in hits] == sorted((s for _, s in hits), reverse=True)
+        for limit in (1, 4, 1000):
+            assert index.search(query, limit=limit) == hits[:limit]
+    assert index.search("omega") == [] and BM25Ranker().index([]).search("alpha") == []
+    assert all(i in (1, 2, 3) for i, _ in index.search("alpha beta", candidates=[1, 2, 3]))
+
+
+def test_another_ranker_can_be_plugged_in(home: Path):
+    class LongestFirst:
+        """Ranks by length, ignoring the query: enough to show retrieval goes through the protocol."""
+
+        def index(self, documents):
+            class Index:
+                def search(self, query, candidates=None, limit=None):
+                    pool = range(len(documents)) if candidates is None else candidates
+                    return sorted(((i, float(len(documents[i]))) for i in pool), key=lambda h: -h[1])[:limit]
+
+            return Index()
+
+    with PreferenceMemory.open(home, PASS, ranker=LongestFirst()) as mem:
+        mem.add_turn("user", "short")
+        mem.add_turn("user", "a much longer turn")
+        assert [r.fields["text"] for r in mem.retrieve("anything", k=2)] == ["a much longer turn", "short"]
