@@ -145,9 +145,9 @@ def _phrase_pattern(phrases: Sequence[str]) -> re.Pattern[str]:
     """One regex matching any of ``phrases`` as whole words (longest first); symbols such
     as ``$`` match anywhere."""
     ordered = sorted(phrases, key=len, reverse=True)
-    words_ = [re.escape(p) for p in ordered if p[0].isalnum()]
+    worded = [re.escape(p) for p in ordered if p[0].isalnum()]
     symbols = [re.escape(p) for p in ordered if not p[0].isalnum()]
-    alternatives = [r"(?<![\w'])(?:" + "|".join(words_) + r")(?![\w'])"] if words_ else []
+    alternatives = [r"(?<![\w'])(?:" + "|".join(worded) + r")(?![\w'])"] if worded else []
     return re.compile("|".join(alternatives + symbols))
 
 

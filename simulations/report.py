@@ -134,9 +134,9 @@ def _privacy_line(results: Mapping[str, Any]) -> str:
     eps = results["epsilon"]
     if eps is None or not math.isfinite(eps):
         return "Privacy: differential privacy **off** (no formal guarantee)."
-    delta = results["delta"]
+    delta = "—" if results["delta"] is None else f"{results['delta']:.0e}"
     return (
-        f"Privacy: user-level (ε = {eps:.2f}, δ = {_fmt(delta) if delta is None else f'{delta:.0e}'}) after "
+        f"Privacy: user-level (ε = {eps:.2f}, δ = {delta}) after "
         f"{results['rounds']} rounds, noise multiplier {results['noise_multiplier']:.2f}."
     )
 
