@@ -238,6 +238,9 @@ class PreferenceMemory:
         except sqlite3.DatabaseError as err:
             conn.close()
             raise FedpalError(f"{path} is not a readable fedpal memory ({err})") from None
+        except (KeyError, TypeError, ValueError) as err:
+            conn.close()
+            raise FedpalError(f"{path} has damaged key metadata ({type(err).__name__}: {err})") from None
         except BaseException:
             conn.close()
             raise
@@ -396,7 +399,7 @@ class PreferenceMemory:
 
     def _add(self, kind: str, fields: dict[str, Any], tags: Iterable[str]) -> str:
         try:
-            kind, fields, clean_tags = _validated(kind, fields, list(tags))
+            kind, fields, clean_tags = _validated(kind, fields, tags if isinstance(tags, str) else list(tags))
         except ValueError as err:
             raise FedpalError(str(err)) from None
         record_id = uuid.uuid4().hex

@@ -251,6 +251,7 @@ def test_invalid_utf8_line_is_reported(memory: PreferenceMemory, tmp_path: Path)
     (lambda m: m.add_turn("robot", "x"), "role"),
     (lambda m: m.add_stated("\udcff"), "lone surrogate"),
     (lambda m: m.add_stated("x", tags=[""]), "empty"),
+    (lambda m: m.add_stated("x", tags="style"), "list of strings"),
     (lambda m: m.add_pair("p", "c", None), "must be a string"),
 ])
 def test_bad_records_are_refused(memory: PreferenceMemory, call, reason: str):
