@@ -289,7 +289,10 @@ def test_forget_by_id_time_range_and_tag(memory: PreferenceMemory, tmp_path: Pat
 
     with pytest.raises(FedpalError, match="say what to forget"):
         memory.forget()
+    gone = _sealed(memory.path.parent, "id100")
+    assert gone in db_bytes(memory.path.parent)
     assert memory.forget(["id100", "missing"]) == 1
+    assert gone[:12] not in db_bytes(memory.path.parent)  # secure_delete zeroed it; the WAL was truncated
     assert memory.forget(since=500) == 2
     assert left() == ["r200", "r300", "r400"]
     assert memory.forget(until=300, tag="odd") == 0
