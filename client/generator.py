@@ -186,7 +186,8 @@ class PersonalizedGenerator:
 
     # -- decoding --------------------------------------------------------------------------
 
-    def _generator(self, prompt_len: int, options: DecodeOptions, adapter: Adapter) -> "og.Generator":
+    def new_generator(self, prompt_len: int, options: DecodeOptions, adapter: Adapter = None) -> "og.Generator":
+        """A fresh ORT GenAI generator with ``adapter`` active: the unit of an adapter swap."""
         import onnxruntime_genai as og
 
         params = og.GeneratorParams(self.model)
@@ -229,7 +230,7 @@ class PersonalizedGenerator:
         if fusion is not None:
             yield from self._stream_fused(ids, options, fusion)
             return
-        generator = self._generator(len(ids), options, adapter)
+        generator = self.new_generator(len(ids), options, adapter)
         generator.append_tokens(np.asarray([ids], dtype=np.int32))
         while not generator.is_done():
             generator.generate_next_token()
@@ -246,7 +247,7 @@ class PersonalizedGenerator:
         active = [(adapter, float(weight)) for adapter, weight in parts if weight != 0]
         if not active:
             raise FedpalError("fusion needs at least one non-zero weight")
-        generators = [(self._generator(len(ids), options, adapter), weight) for adapter, weight in active]
+        generators = [(self.new_generator(len(ids), options, adapter), weight) for adapter, weight in active]
         for generator, _ in generators:
             generator.append_tokens(np.asarray([ids], dtype=np.int32))
         leader = generators[0][0]
@@ -292,7 +293,7 @@ class PersonalizedGenerator:
 
     def next_logits(self, ids: Sequence[int], adapter: Adapter = None) -> np.ndarray:
         """Logits of the token after ``ids`` (a vector over the vocabulary), for checks and scoring."""
-        generator = self._generator(len(ids), DecodeOptions(max_new_tokens=1), adapter)
+        generator = self.new_generator(len(ids), DecodeOptions(max_new_tokens=1), adapter)
         generator.append_tokens(np.asarray([list(ids)], dtype=np.int32))
         return np.array(generator.get_logits()).reshape(-1)
 

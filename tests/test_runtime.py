@@ -298,3 +298,25 @@ def test_default_model_first_32_greedy_tokens_match_pytorch(tmp_path):
     ids = chat_input_ids(base.tokenizer, prompt)
     reply = generator.generate(prompt, adapter, DecodeOptions(max_new_tokens=32))
     assert list(reply.token_ids) == _torch_greedy(model, ids, 32)[:32]
+
+
+def test_cli_chat_stores_a_rating_and_a_pick(export, users, monkeypatch):
+    from typer.testing import CliRunner
+
+    from fedpal.client.memory import PreferenceMemory
+    from fedpal.client.runtime_cli import export as export_command
+    from fedpal.common import cli
+
+    monkeypatch.setenv("FEDPAL_PASSPHRASE", "correct horse battery")
+    cli._register_commands()
+    home = users["ben"][0]
+    export_command(home=home.root, model="tiny", precision="fp32", max_rank=export.max_rank, provider="cpu", force=False)
+    runner = CliRunner()
+    script = "What should I cook tonight?\n/rate 4\n/rate 9\n/pick\n2\n/quit\n"
+    result = runner.invoke(cli.app, ["chat", "--home", str(home.root), "--max-new-tokens", "6"], input=script)
+    assert result.exit_code == 0, result.output
+    assert "rated 4/5" in result.output and "from 1 to 5" in result.output
+    with PreferenceMemory.open(home.root) as memory:
+        ratings, pairs = memory.records("rating"), memory.records("pair")
+    assert [r.fields["score"] for r in ratings] == [4]
+    assert len(pairs) == 1 and pairs[0].fields["prompt"] == "What should I cook tonight?"
