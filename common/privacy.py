@@ -100,6 +100,17 @@ class Accountant:
             population_size=self.budget.population_size,
         )
 
+    def _accountant_after(self, rounds: int) -> Any:
+        # Every round is the same event, so the ledger is one composition with a count:
+        # Flower's accountant replays its ledger on every budget check, and a ledger of
+        # one entry per round would make round r cost O(r) RDP computations.
+        from flwr.serverapp import RdpAccountant
+
+        accountant = RdpAccountant(self._flower.config)
+        if rounds:
+            accountant.compose(self._event(), count=rounds)
+        return accountant
+
     @property
     def rounds(self) -> int:
         return self._flower.num_releases
@@ -110,22 +121,17 @@ class Accountant:
 
     def epsilon_after_next(self) -> float:
         """Epsilon the next round would bring the total to (nothing is committed)."""
-        from flwr.serverapp import RdpAccountant
-
-        probe = RdpAccountant(self._flower.config)
-        probe.load_state_dict(self._flower.state_dict())
-        probe.compose(self._event())
-        return probe.get_epsilon(self.budget.target_delta)
+        return self._accountant_after(self.rounds + 1).get_epsilon(self.budget.target_delta)
 
     def next_round_allowed(self) -> bool:
         """False when one more round would take epsilon past ``max_epsilon``."""
         if self.budget.max_epsilon is None:
             return True
-        return not self._flower.would_exceed(self._event(), self.budget.max_epsilon)
+        return not self._accountant_after(self.rounds).would_exceed(self._event(), self.budget.max_epsilon)
 
     def record_round(self) -> float:
         """Compose one round's Gaussian release and return the new total epsilon."""
-        self._flower.compose(self._event())
+        self._flower = self._accountant_after(self.rounds + 1)
         return self.epsilon()
 
     def state_dict(self) -> dict[str, object]:
