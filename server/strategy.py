@@ -177,6 +177,11 @@ def sample_size(settings: FederationSettings, population: int) -> int:
     return max(int(population * settings["fraction-train"]), settings["min-clients"])
 
 
+def _no_metrics(metrics: list) -> dict:
+    """Client metrics go to fedpal's metrics file per node, not through Flower's aggregation."""
+    return {}
+
+
 def build_server_strategy(settings: FederationSettings, initial: list[np.ndarray]) -> Any:
     """The selected Flower strategy; it samples clients and applies any server optimizer."""
     from flwr.common import ndarrays_to_parameters
@@ -190,6 +195,7 @@ def build_server_strategy(settings: FederationSettings, initial: list[np.ndarray
         "min_evaluate_clients": 0,
         "initial_parameters": ndarrays_to_parameters(initial),
         "accept_failures": True,
+        "fit_metrics_aggregation_fn": _no_metrics,
     }
     name = settings["strategy"]
     if name == "fedavg":
@@ -268,7 +274,7 @@ class FedpalStrategy:
         if self.dp:
             z, c = settings["noise-multiplier"], settings["clipping-norm"]
             self.front: Any = DifferentialPrivacyClientSideFixedClipping(self.inner, z, c, 1)
-            self.noiser: Any = DifferentialPrivacyClientSideFixedClipping(FedAvg(), z, c, 1)
+            self.noiser: Any = DifferentialPrivacyClientSideFixedClipping(FedAvg(fit_metrics_aggregation_fn=_no_metrics), z, c, 1)
         else:
             self.front, self.noiser = self.inner, None
         self.report = RoundReport(round=0)

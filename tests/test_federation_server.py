@@ -1,0 +1,177 @@
+"""Server pieces without a federation: update checks, noise placement, checkpoints, settings.
+
+The strategy gets real Flower ``FitRes`` objects, as the fit workflows hand them over.
+"""
+
+from __future__ import annotations
+
+import logging
+import tomllib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.server.compat.grid_client_proxy import GridClientProxy
+
+from fedpal.common.errors import FedpalError
+from fedpal.server.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from fedpal.server.strategy import (
+    DEFAULTS,
+    FedpalStrategy,
+    FederationSettings,
+    restore_strategy_state,
+    strategy_state,
+)
+from fedpal.server.validation import FINGERPRINT_KEY, UpdateSpec, adapter_fingerprint, check_update
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _named(seed: int = 0, scale: float = 0.0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {
+        "layers.0.q_proj.lora_B.shared.weight": (scale * rng.standard_normal((64, 8))).astype(np.float32),
+        "layers.0.k_proj.lora_B.shared.weight": (scale * rng.standard_normal((32, 8))).astype(np.float32),
+        "layers.0.v_proj.lora_B.shared.weight": (scale * rng.standard_normal((32, 8))).astype(np.float32),
+    }
+
+
+def _result(node_id: int, arrays: list[np.ndarray], fingerprint: str, examples: int = 3):
+    proxy = GridClientProxy(node_id=node_id, grid=None, run_id=0)
+    return proxy, FitRes(Status(Code.OK, ""), ndarrays_to_parameters(arrays), examples, {FINGERPRINT_KEY: fingerprint, "examples": examples})
+
+
+def _settings(**overrides) -> FederationSettings:
+    return FederationSettings.from_run_config({"secagg": False, "min-clients": 2, **overrides})
+
+
+def _step(global_arrays, seed, norm):
+    rng = np.random.default_rng(seed)
+    delta = [rng.standard_normal(a.shape).astype(np.float32) for a in global_arrays]
+    total = np.sqrt(sum(float(np.sum(d.astype(np.float64) ** 2)) for d in delta))
+    return [g + d * (norm / total) for g, d in zip(global_arrays, delta)]
+
+
+def test_bad_updates_are_rejected_by_node_and_the_round_goes_on(caplog):
+    named = _named()
+    initial = list(named.values())
+    spec = UpdateSpec.of(named, max_norm=10.0)
+    strategy = FedpalStrategy(_settings(dp=False), spec, initial)
+    fp = spec.fingerprint
+    good_a, good_b = _step(initial, 1, 1.0), _step(initial, 2, 1.0)
+    nan = _step(initial, 3, 1.0)
+    nan[1][0, 0] = np.nan
+    inf = _step(initial, 4, 1.0)
+    inf[0][3, 3] = np.inf
+    wrong_shape = [initial[0], initial[1][:, :4], initial[2]]
+    huge = _step(initial, 5, 1e6)
+    swapped_fp = adapter_fingerprint({"layers.0.k_proj.x": initial[1], "layers.0.q_proj.x": initial[0], "v": initial[2]})
+    results = [
+        _result(11, good_a, fp),
+        _result(12, nan, fp),
+        _result(13, inf, fp),
+        _result(14, wrong_shape, fp),
+        _result(15, huge, fp),
+        _result(16, good_b, swapped_fp),
+        _result(17, good_b, fp),
+    ]
+    with caplog.at_level(logging.WARNING, logger="fedpal.server"):
+        params, _ = strategy.aggregate_fit(1, results, [RuntimeError("node 18 vanished")])
+    assert params is not None
+    rejected = {r["node"]: r["reason"] for r in strategy.report.rejected}
+    assert set(rejected) == {"12", "13", "14", "15", "16"}
+    assert "NaN or Inf" in rejected["12"] and "NaN or Inf" in rejected["13"]
+    assert "shape" in rejected["14"] and "norm" in rejected["15"] and "fingerprint" in rejected["16"]
+    for node in rejected:
+        assert f"node {node}" in caplog.text
+    expected = [(a + b) / 2 for a, b in zip(good_a, good_b)]
+    for got, want in zip(parameters_to_ndarrays(params), expected):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-7)
+    assert strategy.report.clients_summed == 2 and strategy.report.failures == ["node 18 vanished"]
+
+
+def test_with_dp_an_unclipped_update_is_rejected_and_noise_is_z_c_on_the_sum():
+    named = {"b": np.zeros((400, 250), dtype=np.float32)}
+    initial = list(named.values())
+    z, c = 1.3, 0.5
+    spec = UpdateSpec.of(named, max_norm=c * 1.01)
+    strategy = FedpalStrategy(_settings(dp=True, **{"noise-multiplier": z, "clipping-norm": c}), spec, initial)
+    np.random.seed(0)
+    clipped = [_result(i, _step(initial, i, c), spec.fingerprint, examples=100 * i) for i in range(1, 5)]
+    unclipped = _result(9, _step(initial, 9, 3 * c), spec.fingerprint)
+    params, _ = strategy.aggregate_fit(1, [*clipped, unclipped], [])
+    assert [r["node"] for r in strategy.report.rejected] == ["9"]
+    k = 4
+    # uniform weights under DP (example counts would change the sensitivity)
+    mean = sum(parameters_to_ndarrays(fr.parameters)[0] for _, fr in clipped) / k
+    noise = parameters_to_ndarrays(params)[0] - mean
+    assert np.std(noise) == pytest.approx(z * c / k, rel=0.02)
+    assert abs(float(np.mean(noise))) < 0.01 * z * c / k * 10
+    assert strategy.report.noise_stddev_on_mean == pytest.approx(z * c / k)
+
+
+def test_fedadam_steps_on_the_noisy_mean_and_its_state_round_trips(tmp_path):
+    named = _named()
+    initial = list(named.values())
+    spec = UpdateSpec.of(named, max_norm=1.01)
+    settings = _settings(dp=True, strategy="fedadam", **{"clipping-norm": 1.0})
+    strategy = FedpalStrategy(settings, spec, initial)
+    results = [_result(i, _step(initial, i, 1.0), spec.fingerprint) for i in (1, 2, 3)]
+    params, _ = strategy.aggregate_fit(1, results, [])
+    assert params is not None
+    state = strategy_state(strategy.inner)
+    assert {"current_weights", "m_t", "v_t"} <= set(state)
+    save_checkpoint(tmp_path / "ck", Checkpoint(1, strategy.global_arrays, state, None, settings.locked()))
+    loaded = load_checkpoint(tmp_path / "ck")
+    again = FedpalStrategy(settings, spec, loaded.global_arrays)
+    restore_strategy_state(again.inner, loaded.strategy_state)
+    round_two = [_result(i, _step(strategy.global_arrays, 10 + i, 1.0), spec.fingerprint) for i in (1, 2, 3)]
+    np.random.seed(5)
+    a, _ = strategy.aggregate_fit(2, round_two, [])
+    np.random.seed(5)
+    b, _ = again.aggregate_fit(2, round_two, [])
+    assert a is not None
+    for x, y in zip(parameters_to_ndarrays(a), parameters_to_ndarrays(b)):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_checkpoint_replaces_atomically_and_keeps_the_ledger(tmp_path):
+    folder = tmp_path / "checkpoint"
+    assert load_checkpoint(folder) is None
+    arrays = list(_named(1, 1.0).values())
+    save_checkpoint(folder, Checkpoint(1, arrays, {}, {"ledger": 1}, {"seed": 0}))
+    save_checkpoint(folder, Checkpoint(2, [a * 2 for a in arrays], {}, {"ledger": 2}, {"seed": 0}, rounds_skipped=1))
+    loaded = load_checkpoint(folder)
+    assert loaded.round == 2 and loaded.accountant_state == {"ledger": 2} and loaded.rounds_skipped == 1
+    np.testing.assert_array_equal(loaded.global_arrays[0], arrays[0] * 2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]
+    (folder / "global.npz").write_bytes(b"not a zip")
+    with pytest.raises(FedpalError, match="corrupt checkpoint"):
+        load_checkpoint(folder)
+
+
+def test_check_update_accepts_a_fine_update():
+    named = _named()
+    spec = UpdateSpec.of(named, max_norm=2.0)
+    assert check_update(spec, list(named.values()), _step(list(named.values()), 0, 1.0), spec.fingerprint) is None
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        ({"strategy": "fedsgd"}, "strategy must be one of"),
+        ({"noise-multiplier": "lots"}, "noise-multiplier"),
+        ({"num-server-rounds": 0}, "num-server-rounds"),
+        ({"no-such-key": 1}, "unknown run-config key 'no-such-key'"),
+        ({"secagg": True, "min-clients": 2}, "SecAgg\\+ needs at least 3"),
+    ],
+)
+def test_bad_settings_are_one_clear_error(overrides, message):
+    with pytest.raises(FedpalError, match=message):
+        FederationSettings.from_run_config({"secagg": False, **overrides})
+
+
+def test_pyproject_run_config_lists_exactly_the_defaults():
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    assert config == DEFAULTS
