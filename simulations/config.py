@@ -1,0 +1,168 @@
+"""Settings of one simulation run, and the named presets ``quick``, ``default`` and ``large``.
+
+A run is fully described by a ``SimulationConfig``: the same config and seed give the same
+``results.json`` (up to float noise). ``--config FILE`` (TOML or JSON) overrides any field
+of the chosen preset.
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+from fedpal.common.errors import FedpalError
+
+
+@dataclass(frozen=True)
+class SimulationConfig:
+    """Everything that shapes a simulation. Sizes are per user unless named otherwise.
+
+    ``candidate_source`` is ``model`` (the base model answers each training prompt in each
+    style) or ``synthetic`` (template replies with those styles, for the random tiny model,
+    which cannot follow a style instruction).
+    """
+
+    preset: str = "custom"
+    model: str = "tiny"
+    precision: str = "fp32"
+    users: int = 4
+    rounds: int = 2
+    clients_per_round: int = 4
+    seed: int = 0
+    train_prompts: int = 12
+    heldout_prompts: int = 6
+    curve_prompts: int = 3
+    styles: tuple[str, ...] = ("plain", "one_sentence", "bulleted", "warm_question", "detailed_example")
+    pairs_per_prompt: int = 3
+    candidate_source: str = "synthetic"
+    candidate_tokens: int = 48
+    reply_tokens: int = 48
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_targets: str = "q_proj,k_proj,v_proj,o_proj"
+    ffa_lora: bool = True
+    objective: str = "both"
+    local_steps: int = 4
+    personal_steps: int = 4
+    learning_rate: float = 2e-3
+    dpo_beta: float = 0.1
+    batch_size: int = 4
+    max_length: int = 128
+    strategy: str = "fedavg"
+    dp: bool = True
+    noise_multiplier: float = 0.5
+    clipping_norm: float = 1.0
+    delta: float = 1e-5
+    secagg: bool = True
+    w_shared: float = 1.0
+    w_personal: float = 1.0
+    population_shared_weight: float = 0.3
+    minority_fraction: float = 0.2
+    stated_fraction: float = 0.5
+
+    def check(self) -> None:
+        """One clear line for the first setting that cannot work."""
+        if self.users < 2:
+            raise FedpalError("a simulation needs at least 2 users (the cross-user matrix compares them)")
+        if not 1 <= self.clients_per_round <= self.users:
+            raise FedpalError(f"clients_per_round must be between 1 and users ({self.users}), not {self.clients_per_round}")
+        if self.secagg and self.clients_per_round < 3:
+            raise FedpalError("SecAgg+ needs at least 3 clients per round: raise clients_per_round or set secagg = false")
+        if self.rounds < 1:
+            raise FedpalError("rounds must be at least 1")
+        if self.train_prompts < self.rounds:
+            raise FedpalError(f"train_prompts ({self.train_prompts}) must be at least rounds ({self.rounds}): each round adds new interactions")
+        if self.heldout_prompts < 1 or not 1 <= self.curve_prompts <= self.heldout_prompts:
+            raise FedpalError("heldout_prompts must be at least 1 and curve_prompts between 1 and heldout_prompts")
+        if len(self.styles) < 2:
+            raise FedpalError("at least two styles are needed to make preference pairs")
+        if self.candidate_source not in ("model", "synthetic"):
+            raise FedpalError(f"candidate_source must be 'model' (the base model in each style) or 'synthetic' (templates), not '{self.candidate_source}'")
+        if self.precision not in ("int4", "fp32"):
+            raise FedpalError(f"precision must be int4 or fp32, not '{self.precision}'")
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["styles"] = list(self.styles)
+        return data
+
+
+PRESETS: dict[str, SimulationConfig] = {
+    "quick": SimulationConfig(preset="quick"),
+    "default": SimulationConfig(
+        preset="default",
+        model="default",
+        precision="int4",
+        candidate_source="model",
+        users=8,
+        rounds=3,
+        clients_per_round=8,
+        train_prompts=18,
+        heldout_prompts=16,
+        curve_prompts=6,
+        candidate_tokens=64,
+        reply_tokens=64,
+        local_steps=3,
+        personal_steps=6,
+        learning_rate=1e-3,
+        max_length=160,
+    ),
+    "large": SimulationConfig(
+        preset="large",
+        model="default",
+        precision="int4",
+        candidate_source="model",
+        users=32,
+        rounds=10,
+        clients_per_round=16,
+        train_prompts=60,
+        heldout_prompts=40,
+        curve_prompts=10,
+        candidate_tokens=96,
+        reply_tokens=96,
+        local_steps=10,
+        personal_steps=10,
+        learning_rate=5e-4,
+        max_length=256,
+        styles=("plain", "one_sentence", "bulleted", "warm_question", "detailed_example", "formal", "casual", "budget_simple"),
+    ),
+}
+
+
+def load_config(preset: str = "quick", config_file: Path | str | None = None) -> SimulationConfig:
+    """The preset, with the fields named in ``config_file`` (TOML or JSON) replaced."""
+    if preset not in PRESETS:
+        raise FedpalError(f"unknown preset '{preset}'; choose one of {', '.join(PRESETS)}")
+    config = PRESETS[preset]
+    if config_file is not None:
+        config = replace(config, **_read_overrides(Path(config_file)))
+    config.check()
+    return config
+
+
+def _read_overrides(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise FedpalError(f"config file {path} not found")
+    try:
+        text = path.read_text()
+        data = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
+    except (ValueError, tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise FedpalError(f"config file {path} is not valid {'JSON' if path.suffix == '.json' else 'TOML'}: {err}") from None
+    known = {f.name: f for f in fields(SimulationConfig)}
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise FedpalError(f"config file {path}: unknown setting '{unknown[0]}'; known: {', '.join(known)}")
+    overrides = {}
+    for key, value in data.items():
+        default = getattr(PRESETS["quick"], key)
+        if isinstance(default, tuple):
+            value = tuple(value)
+        elif isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if type(value) is not type(default):
+            raise FedpalError(f"config file {path}: '{key}' must be {type(default).__name__}, not {type(value).__name__}")
+        overrides[key] = value
+    return overrides

@@ -1,0 +1,473 @@
+"""The main job: a federated personalization experiment with simulated users.
+
+One run, start to finish:
+
+1. the base model is exported once to ONNX Runtime GenAI, and candidate replies to the
+   training prompts are generated through it in several styles (shared by all users);
+2. each simulated user gets an encrypted memory holding their stated preference (if
+   any); before every round they "interact": label the candidates of new prompts into
+   pairs and a rating, which go into their memory;
+3. each round is a real Flower round (Simulation Engine) of fedpal's ServerApp and
+   ClientApp, privacy protection as configured; the server resumes from its checkpoint
+   each round, which is what lets the users interact between rounds;
+4. a local-only personal adapter per user (no federation) is trained beside it, with the
+   same number of steps, for the baseline;
+5. replies on held-out prompts, through the ONNX runtime, are scored with each user's
+   exact utility: base, retrieval-only, local-only, shared-only and fedpal
+   (shared + personal + retrieval), plus the cross-user matrix and learning curves.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedpal.client.home import ClientHome
+from fedpal.common.adapters import PERSONAL, SHARED, AdapterConfig
+from fedpal.simulations.config import SimulationConfig
+from fedpal.simulations.evaluation import (
+    cross_user_matrix,
+    diagonal_best_fraction,
+    evaluate_baseline,
+    shared_reply_table,
+    utility_table,
+)
+from fedpal.simulations.prompts import sample_prompts
+from fedpal.simulations.styles import STYLES_BY_NAME, candidate_generation_prompts, synthetic_reply
+from fedpal.simulations.users import SimulatedUser, label_candidates, make_population
+
+log = logging.getLogger("fedpal.simulations")
+
+BASELINES = ("base", "retrieval", "local", "shared", "fedpal")
+BASELINE_LABELS = {
+    "base": "base model",
+    "retrieval": "retrieval only (stated preferences in the prompt)",
+    "local": "local-only personal adapter (no federation)",
+    "shared": "shared adapter only (FedAvg)",
+    "fedpal": "fedpal (shared + personal + retrieval)",
+}
+PASSPHRASE_ENV = "FEDPAL_PASSPHRASE"
+
+Progress = Callable[[str, int], Callable[[], None]]
+
+
+class SimulationRun:
+    """The state of one experiment in ``out``; :meth:`run` does everything and returns results."""
+
+    def __init__(self, config: SimulationConfig, out: Path, progress: Progress | None = None) -> None:
+        config.check()
+        self.config = config
+        self.out = Path(out)
+        self.progress = progress or _no_progress
+        self.users: list[SimulatedUser] = make_population(
+            config.users,
+            config.seed,
+            minority_fraction=config.minority_fraction,
+            shared_weight=config.population_shared_weight,
+            stated_fraction=config.stated_fraction,
+        )
+        self.train_prompts = sample_prompts("train", config.train_prompts, config.seed)
+        self.heldout = sample_prompts("heldout", config.heldout_prompts, config.seed)
+        self.adapter_config = AdapterConfig(
+            rank=config.lora_rank,
+            alpha=config.lora_alpha,
+            target_modules=tuple(t.strip() for t in config.lora_targets.split(",") if t.strip()),
+            freeze_a=config.ffa_lora,
+            init_seed=config.seed,
+        )
+        self.federation_dir = self.out / "federation"
+        self._trainer_model: Any = None
+        self._generator: Any = None
+
+    # -- homes -------------------------------------------------------------------------
+
+    def home(self, index: int) -> ClientHome:
+        """User ``index``'s federated home: the ClientApp finds it by partition id."""
+        return ClientHome.at(self.out / "users" / str(index))
+
+    def local_home(self, index: int) -> ClientHome:
+        """User ``index``'s home for the local-only baseline (never federated)."""
+        return ClientHome.at(self.out / "local" / str(index))
+
+    # -- the run -----------------------------------------------------------------------
+
+    def run(self) -> dict[str, Any]:
+        """Run every phase and return the ``results.json`` dictionary."""
+        started = time.perf_counter()
+        self.out.mkdir(parents=True, exist_ok=True)
+        os.environ[PASSPHRASE_ENV] = f"fedpal-simulation-{self.config.seed}"
+        candidates = self.candidates()
+        self.create_memories()
+        chunks = [list(c) for c in np.array_split(np.array(self.train_prompts, dtype=object), self.config.rounds)]
+        pairs_seen: list[float] = []
+        curve_rounds: dict[str, list[float]] = {name: [] for name in ("fedpal", "shared", "local")}
+        for round_index, chunk in enumerate(chunks, start=1):
+            pairs_seen.append(self.interact(round_index, chunk, candidates))
+            self.federated_round(round_index)
+            self.train_local(round_index)
+            if round_index < self.config.rounds:
+                for name, value in self.curve_point().items():
+                    curve_rounds[name].append(value)
+        replies = self.evaluate()
+        curve_slice = slice(0, self.config.curve_prompts)
+        final = self.utilities_of(replies, curve_slice)
+        for name in curve_rounds:
+            curve_rounds[name].append(final[name])
+        results = self.results(replies, curve_rounds, pairs_seen, time.perf_counter() - started)
+        return results
+
+    def candidates(self) -> dict[str, list[str]]:
+        """Candidate replies per training prompt, one per style, from the base model (cached)."""
+        from fedpal.client.generator import DecodeOptions
+
+        cache = self.out / "candidates.json"
+        key = {"source": self.config.candidate_source, "model": self.config.model, "precision": self.config.precision,
+               "styles": list(self.config.styles), "tokens": self.config.candidate_tokens, "prompts": self.train_prompts,
+               "seed": self.config.seed}
+        if cache.is_file():
+            stored = json.loads(cache.read_text())
+            if stored.get("key") == key:
+                return stored["candidates"]
+        styles = [STYLES_BY_NAME[name] for name in self.config.styles]
+        options = DecodeOptions(max_new_tokens=self.config.candidate_tokens)
+        result: dict[str, list[str]] = {}
+        source = "base model, ONNX" if self.config.candidate_source == "model" else "templates"
+        advance = self.progress(f"candidate replies ({source})", len(self.train_prompts) * len(styles))
+        for number, prompt in enumerate(self.train_prompts):
+            result[prompt] = []
+            if self.config.candidate_source == "synthetic":
+                rng = np.random.default_rng([self.config.seed, number])
+                requests = [synthetic_reply(prompt, style, rng) for style in styles]
+            else:
+                requests = candidate_generation_prompts(prompt, styles)
+            for request in requests:
+                if self.config.candidate_source == "model":
+                    request = self.generator().generate(request, options=options).text
+                result[prompt].append(request)
+                advance()
+        cache.write_text(json.dumps({"key": key, "candidates": result}))
+        return result
+
+    def create_memories(self) -> None:
+        """Fresh encrypted memories holding each user's stated preference (if they state one)."""
+        from fedpal.client.memory import PreferenceMemory
+
+        for index, user in enumerate(self.users):
+            for home in (self.home(index), self.local_home(index)):
+                with PreferenceMemory.open(home.root) as memory:
+                    memory.forget(everything=True)
+                with PreferenceMemory.open(home.root) as memory:
+                    if user.stated_preference:
+                        memory.add_stated(user.stated_preference, tags=("simulated",))
+
+    def interact(self, round_index: int, prompts: Sequence[str], candidates: dict[str, list[str]]) -> float:
+        """Each user labels the candidates of ``prompts``; returns the mean pairs per user so far."""
+        from fedpal.client.memory import PreferenceMemory
+
+        totals = []
+        for index, user in enumerate(self.users):
+            rng = np.random.default_rng([self.config.seed, round_index, index])
+            labelled = [
+                (prompt, label_candidates(user, prompt, candidates[prompt], rng, max_pairs=self.config.pairs_per_prompt))
+                for prompt in prompts
+            ]
+            for home in (self.home(index), self.local_home(index)):
+                with PreferenceMemory.open(home.root) as memory:
+                    for prompt, labels in labelled:
+                        for pair in labels.pairs:
+                            memory.add_pair(pair.prompt, pair.chosen, pair.rejected, tags=("simulated",))
+                        seen = labels.ratings[0]
+                        memory.add_rating(prompt, seen.reply, seen.rating, tags=("simulated",))
+            with PreferenceMemory.open(self.home(index).root) as memory:
+                totals.append(len(memory.records("pair")))
+        return float(np.mean(totals))
+
+    def federation_overrides(self, round_index: int) -> dict[str, Any]:
+        """fedpal's run config for round ``round_index`` (resumed from the checkpoint after round 1)."""
+        c = self.config
+        return {
+            "model": c.model,
+            "num-server-rounds": round_index,
+            "resume": round_index > 1,
+            "run-dir": str(self.federation_dir),
+            "home-base": str(self.out / "users"),
+            "strategy": c.strategy,
+            "fraction-train": c.clients_per_round / c.users,
+            "min-clients": c.clients_per_round,
+            "population-size": c.users,
+            "seed": c.seed,
+            "lora-rank": c.lora_rank,
+            "lora-alpha": c.lora_alpha,
+            "lora-targets": c.lora_targets,
+            "ffa-lora": c.ffa_lora,
+            "objective": c.objective,
+            "local-steps": c.local_steps,
+            "personal-steps": c.personal_steps,
+            "learning-rate": c.learning_rate,
+            "dpo-beta": c.dpo_beta,
+            "batch-size": c.batch_size,
+            "max-length": c.max_length,
+            "dp": c.dp,
+            "noise-multiplier": c.noise_multiplier,
+            "clipping-norm": c.clipping_norm,
+            "delta": c.delta,
+            "secagg": c.secagg,
+        }
+
+    def federated_round(self, round_index: int) -> None:
+        """One real Flower round through the Simulation Engine, resumed from the last checkpoint."""
+        from flwr.simulation import run_simulation
+
+        from fedpal.client.client_app import app as client_app
+        from fedpal.server.server_app import make_server_app
+
+        advance = self.progress(f"federated round {round_index}/{self.config.rounds} (Flower simulation)", 1)
+        with _quiet_flower():
+            run_simulation(
+                server_app=make_server_app(self.federation_overrides(round_index)),
+                client_app=client_app,
+                num_supernodes=self.config.users,
+                backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}},
+            )
+        rounds = self.federation_metrics()
+        if not rounds or rounds[-1]["round"] != round_index:
+            raise RuntimeError(f"the federation did not complete round {round_index}; see {self.federation_dir}")
+        self.install_global_adapter()
+        advance()
+
+    def federation_metrics(self) -> list[dict[str, Any]]:
+        from fedpal.server.server_app import METRICS_FILE
+
+        path = self.federation_dir / METRICS_FILE
+        if not path.is_file():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+    def install_global_adapter(self) -> None:
+        """Put the global shared adapter into every user's home, as a client holds it after a round."""
+        from fedpal.common.adapters import arrays_to_adapter, save_adapter
+        from fedpal.server.server_app import load_global_adapter
+
+        model = self.trainer_model()
+        arrays_to_adapter(model, SHARED, load_global_adapter(self.federation_dir), "B" if self.config.ffa_lora else "AB")
+        save_adapter(model, SHARED, self.out / "global" / SHARED)
+        for index in range(len(self.users)):
+            save_adapter(model, SHARED, self.home(index).adapter_dir(SHARED))
+
+    def trainer_model(self) -> Any:
+        """One in-process copy of the base model with both adapters (global adapter I/O, local-only training)."""
+        if self._trainer_model is None:
+            from fedpal.common.adapters import adapter_to_arrays, attach_adapters
+            from fedpal.common.models import load_base_model
+
+            base = load_base_model(self.config.model)
+            model = attach_adapters(base.model, self.adapter_config)
+            self._trainer_model = (base, model, adapter_to_arrays(model, PERSONAL))
+        return self._trainer_model[1]
+
+    def train_local(self, round_index: int) -> None:
+        """The local-only baseline: a personal adapter per user, no federation, same step budget."""
+        from fedpal.client.memory import PreferenceMemory
+        from fedpal.client.trainer import LocalTrainer, TrainConfig
+        from fedpal.common.adapters import arrays_to_adapter, load_adapter, save_adapter
+
+        model = self.trainer_model()
+        base, _, fresh_personal = self._trainer_model
+        c = self.config
+        advance = self.progress(f"local-only adapters, round {round_index}", len(self.users))
+        for index in range(len(self.users)):
+            home = self.local_home(index)
+            with PreferenceMemory.open(home.root) as memory:
+                pairs, examples = memory.preference_pairs(), memory.sft_examples()
+            if (home.adapter_dir(PERSONAL) / "adapter_config.json").is_file():
+                load_adapter(model, PERSONAL, home.adapter_dir(PERSONAL))
+            else:
+                arrays_to_adapter(model, PERSONAL, fresh_personal)
+            config = TrainConfig(
+                objective=c.objective, steps=c.local_steps + c.personal_steps, learning_rate=c.learning_rate,
+                beta=c.dpo_beta, batch_size=c.batch_size, max_length=c.max_length,
+                seed=c.seed * 1_000_003 + round_index * 7919 + index, checkpoint_every=0,
+            )
+            LocalTrainer(base, model, config).train(PERSONAL, pairs, examples, progress=False)
+            save_adapter(model, PERSONAL, home.adapter_dir(PERSONAL))
+            advance()
+
+    # -- evaluation --------------------------------------------------------------------
+
+    def generator(self) -> Any:
+        """The ONNX Runtime generator (the export is made once and cached under FEDPAL_HOME)."""
+        if self._generator is None:
+            from fedpal.client.generator import PersonalizedGenerator
+            from fedpal.client.onnx_export import DEFAULT_MAX_RANK, export_model
+
+            export = export_model(
+                self.config.model,
+                self.config.precision,
+                self.adapter_config.target_modules,
+                max_rank=max(DEFAULT_MAX_RANK, 2 * self.config.lora_rank),
+            )
+            self._generator = PersonalizedGenerator(export)
+        return self._generator
+
+    def replies(self, prompts: Sequence[str], methods: Sequence[str], label: str) -> dict[str, list[list[str]]]:
+        """Greedy replies per method, per user, per prompt (base and shared are made once for all)."""
+        from fedpal.client.generator import DecodeOptions, with_preferences
+        from fedpal.client.memory import PreferenceMemory
+
+        generator = self.generator()
+        options = DecodeOptions(max_new_tokens=self.config.reply_tokens)
+        n_users = len(self.users)
+        per_user = [m for m in methods if m in ("retrieval", "local", "fedpal")]
+        total = len(prompts) * (sum(m in methods for m in ("base", "shared")) + n_users * len(per_user))
+        advance = self.progress(label, total)
+
+        def run(adapter: Any, systems: Sequence[str | None]) -> list[str]:
+            out = []
+            for prompt, system in zip(prompts, systems):
+                out.append(generator.generate(prompt, adapter=adapter, options=options, system=system).text)
+                advance()
+            return out
+
+        no_system = [None] * len(prompts)
+        result: dict[str, list[list[str]]] = {}
+        if "base" in methods:
+            result["base"] = [run(None, no_system)] * n_users
+        if "shared" in methods:
+            result["shared"] = [run(generator.user_adapter(self.home(0), 1.0, 0.0), no_system)] * n_users
+        for method in per_user:
+            result[method] = []
+        for index in range(n_users):
+            home = self.home(index)
+            with PreferenceMemory.open(home.root) as memory:
+                systems = [with_preferences(None, memory.stated_preferences(p)) for p in prompts]
+            if "retrieval" in per_user:
+                result["retrieval"].append(run(None, systems))
+            if "local" in per_user:
+                result["local"].append(run(generator.user_adapter(self.local_home(index), 0.0, 1.0), no_system))
+            if "fedpal" in per_user:
+                adapter = generator.user_adapter(home, self.config.w_shared, self.config.w_personal)
+                result["fedpal"].append(run(adapter, systems))
+        return result
+
+    def curve_point(self) -> dict[str, float]:
+        """Mean held-out utility of the adapted methods now (on the first ``curve_prompts`` prompts)."""
+        prompts = self.heldout[: self.config.curve_prompts]
+        replies = self.replies(prompts, ("fedpal", "shared", "local"), "learning-curve replies")
+        return self.utilities_of(replies, slice(None))
+
+    def utilities_of(self, replies: dict[str, list[list[str]]], prompts: slice) -> dict[str, float]:
+        return {
+            name: float(utility_table(self.users, [r[prompts] for r in per_user]).mean())
+            for name, per_user in replies.items()
+            if name in ("fedpal", "shared", "local")
+        }
+
+    def evaluate(self) -> dict[str, list[list[str]]]:
+        """Replies of every baseline to every held-out prompt (kept in ``replies.json``)."""
+        replies = self.replies(self.heldout, BASELINES, "held-out replies, all baselines")
+        (self.out / "replies.json").write_text(
+            json.dumps({"prompts": self.heldout, "replies": {m: replies[m] for m in BASELINES}}, indent=1)
+        )
+        return replies
+
+    def results(
+        self, replies: dict[str, list[list[str]]], curve_rounds: dict[str, list[float]], pairs_seen: list[float], seconds: float
+    ) -> dict[str, Any]:
+        """The ``results.json`` dictionary (schema in ``fedpal.simulations.report``)."""
+        c = self.config
+        base_replies = replies["base"][0]
+        baselines = {name: evaluate_baseline(name, self.users, replies[name], base_replies) for name in BASELINES}
+        matrix = cross_user_matrix(self.users, replies["fedpal"])
+        metrics = self.federation_metrics()
+        epsilons = [m.get("epsilon") for m in metrics]
+        uploads = [m["bytes_up_per_client"] for m in metrics if m.get("bytes_up_per_client")]
+        base_table = shared_reply_table(self.users, base_replies)
+        return {
+            "preset": c.preset,
+            "model": c.model,
+            "seed": c.seed,
+            "users": len(self.users),
+            "rounds": c.rounds,
+            "epsilon": epsilons[-1] if epsilons else None,
+            "delta": c.delta if c.dp else None,
+            "noise_multiplier": c.noise_multiplier if c.dp else 0.0,
+            "clients_per_round": c.clients_per_round,
+            "bytes_per_client_round": int(round(float(np.mean(uploads)))) if uploads else 0,
+            "baselines": {name: result.to_dict() for name, result in baselines.items()},
+            "base_baseline": "base",
+            "cross_user_diagonal_best_fraction": diagonal_best_fraction(matrix),
+            "cross_user_matrix": matrix.tolist(),
+            "curves": {
+                "rounds": {"x": list(range(1, c.rounds + 1)), "series": curve_rounds},
+                "pairs": {"x": pairs_seen, "series": {"fedpal": curve_rounds["fedpal"], "local": curve_rounds["local"]}},
+            },
+            "epsilon_per_round": epsilons,
+            "base_utility_per_user": base_table.mean(axis=1).tolist(),
+            "user_ids": [u.user_id for u in self.users],
+            "minority_users": [u.user_id for u in self.users if u.is_minority],
+            "users_detail": [u.to_dict() for u in self.users],
+            "federation": [
+                {k: m.get(k) for k in ("round", "seconds", "overhead_s", "clients_summed", "loss_before_mean",
+                                       "loss_after_mean", "global_change_norm", "epsilon", "bytes_up_per_client",
+                                       "bytes_down_per_client", "rejected", "failures")}
+                for m in metrics
+            ],
+            "config": c.to_dict(),
+            "wall_time_s": round(seconds, 1),
+            "notes": self.notes(baselines, metrics),
+        }
+
+    def notes(self, baselines: dict[str, Any], metrics: list[dict[str, Any]]) -> list[str]:
+        """What limits these numbers, stated from the run itself."""
+        c = self.config
+        notes = [f"{c.users} users, {c.train_prompts} training prompts ({c.pairs_per_prompt} pairs each), "
+                 f"{c.heldout_prompts} held-out prompts, replies of at most {c.reply_tokens} tokens, greedy."]
+        if c.dp:
+            notes.append(
+                f"User-level DP with noise multiplier {c.noise_multiplier} over {c.clients_per_round} clients per round: "
+                f"the noise on the mean update is {c.noise_multiplier / c.clients_per_round:.3f} x the clipping norm; "
+                "with this few clients either epsilon or utility of the shared adapter suffers."
+            )
+        if c.model == "tiny":
+            notes.append("The tiny model is random: its replies carry no real style, so these numbers only check the pipeline.")
+        rejected = sum(len(m.get("rejected") or []) for m in metrics)
+        if rejected:
+            notes.append(f"{rejected} client updates were rejected by the server's checks.")
+        return notes
+
+
+def _no_progress(description: str, total: int) -> Callable[[], None]:
+    return lambda: None
+
+
+@contextlib.contextmanager
+def _quiet_flower() -> Iterator[None]:
+    """Flower logs every message exchange at INFO; a simulation shows its own progress bars."""
+    loggers = [logging.getLogger(name) for name in ("flwr", "ray")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
+def simulate(config: SimulationConfig, out: Path | str, progress: Progress | None = None) -> dict[str, Any]:
+    """Run the experiment, write ``results.json``, ``report.md`` and the plots into ``out``."""
+    from fedpal.simulations.report import write_report
+
+    out = Path(out)
+    results = SimulationRun(config, out, progress).run()
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    write_report(results, out)
+    return results
