@@ -1,0 +1,213 @@
+"""Federations on Flower's simulation engine (Ray), tiny model, real DP and SecAgg+.
+
+One module-scoped run (4 clients, 3 rounds, DP + SecAgg+ on, every outgoing client
+message captured by a client mod) backs several tests; the resume and dropout tests run
+their own federations. Each simulation costs ~30-60 s on 2 cores, mostly Ray start-up.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fedpal.common.privacy import independent_epsilon
+
+PASSPHRASE = "federation-test-passphrase"
+CLIENTS = 4
+ROUNDS = 3
+BACKEND = {"client_resources": {"num_cpus": 1}, "init_args": {"num_cpus": 2, "include_dashboard": False}}
+
+
+def _memory_strings(partition: int) -> dict[str, list[str]]:
+    """Distinctive texts per user, so a leak of any of them is unambiguous."""
+    pairs = [
+        (
+            f"user{partition} asks question {j} about their kumquat-garden-{partition}-{j}",
+            f"zebra-secret-chosen-{partition}-{j}: short friendly answer",
+            f"yak-secret-rejected-{partition}-{j}: a very long and formal answer",
+        )
+        for j in range(4)
+    ]
+    return {"pairs": pairs, "stated": [f"I-prefer-brief-replies-marker-{partition}"]}
+
+
+def _make_homes(base: Path, clients: int) -> Path:
+    from fedpal.client.memory import PreferenceMemory
+
+    nodes = base / "nodes"
+    for i in range(clients):
+        memory = PreferenceMemory.open(nodes / str(i), passphrase=PASSPHRASE)
+        strings = _memory_strings(i)
+        for prompt, chosen, rejected in strings["pairs"]:
+            memory.add_pair(prompt, chosen, rejected)
+        for text in strings["stated"]:
+            memory.add_stated(text)
+    return nodes
+
+
+def _simulate(run_dir: Path, nodes: Path, clients: int, extra_mods=(), **overrides) -> list[dict]:
+    from flwr.simulation import run_simulation
+
+    from fedpal.client.client_app import make_client_app
+    from fedpal.server.server_app import make_server_app
+
+    settings = {
+        "run-dir": str(run_dir),
+        "home-base": str(nodes),
+        "num-server-rounds": ROUNDS,
+        "local-steps": 3,
+        "personal-steps": 2,
+        "min-clients": clients,
+        "noise-multiplier": 0.5,
+        "clipping-norm": 0.05,
+        "learning-rate": 0.01,
+        "secagg-timeout": 120.0,
+        **overrides,
+    }
+    old = os.environ.get("FEDPAL_PASSPHRASE")
+    os.environ["FEDPAL_PASSPHRASE"] = PASSPHRASE
+    try:
+        run_simulation(make_server_app(settings), make_client_app(extra_mods), num_supernodes=clients, backend_config=BACKEND)
+    finally:
+        if old is None:
+            os.environ.pop("FEDPAL_PASSPHRASE", None)
+        else:
+            os.environ["FEDPAL_PASSPHRASE"] = old
+    return _metrics(run_dir)
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def make_capture_mod(folder: Path):
+    """A client mod that writes every message the node sends, serialized, to ``folder``."""
+
+    def capture(msg, ctxt, call_next):
+        from flwr.common.serde import recorddict_to_proto
+
+        out = call_next(msg, ctxt)
+        partition = ctxt.node_config["partition-id"]
+        count = len(list(folder.glob(f"{partition}-*.bin")))
+        payload = recorddict_to_proto(out.content).SerializeToString() if out.has_content() else b""
+        (folder / f"{partition}-{count:03d}-{out.metadata.message_type}.bin").write_bytes(payload)
+        return out
+
+    return capture
+
+
+def make_vanish_mod(plan: dict[int, set[int]]):
+    """A client mod that makes the planned partitions die in a round after the key exchange."""
+
+    def vanish(msg, ctxt, call_next):
+        from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
+
+        configs = msg.content.config_records.get(RECORD_KEY_CONFIGS) if msg.has_content() else None
+        stage = configs.get(Key.STAGE) if configs is not None else None
+        round_ = int(msg.metadata.group_id or 0)
+        if stage == Stage.COLLECT_MASKED_VECTORS and ctxt.node_config["partition-id"] in plan.get(round_, set()):
+            raise RuntimeError(f"partition {ctxt.node_config['partition-id']} vanished in round {round_}")
+        return call_next(msg, ctxt)
+
+    return vanish
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory):
+    base = tmp_path_factory.mktemp("federation")
+    nodes = _make_homes(base, CLIENTS)
+    pristine = base / "pristine-nodes"
+    shutil.copytree(nodes, pristine)
+    captures = base / "captures"
+    captures.mkdir()
+    metrics = _simulate(base / "run", nodes, CLIENTS, extra_mods=[make_capture_mod(captures)])
+    return {"base": base, "nodes": nodes, "pristine": pristine, "captures": captures, "run": base / "run", "metrics": metrics}
+
+
+def test_dp_secagg_federation_completes_and_moves_the_global_adapter(federation):
+    from fedpal.server.server_app import load_global_adapter
+
+    metrics = federation["metrics"]
+    assert [m["round"] for m in metrics] == [1, 2, 3]
+    for line in metrics:
+        assert line["aggregated"] and line["dp"] and line["secagg"] and line["ffa_lora"]
+        assert line["clients_summed"] == CLIENTS and not line["failures"] and not line["rejected"]
+        assert line["global_change_norm"] > 0
+        assert line["bytes_up_per_client"] > 0 and line["bytes_down_per_client"] > 0
+        assert all(c["examples"] > 0 and "loss_first" in c for c in line["clients"].values())
+    final = load_global_adapter(federation["run"])
+    # FFA-LoRA: only B travels, and B starts at zero
+    assert final and all(".lora_B." in name for name in final)
+    assert sum(float(np.abs(a).sum()) for a in final.values()) > 0
+    for i in range(CLIENTS):
+        home = federation["nodes"] / str(i)
+        assert (home / "adapters" / "personal" / "adapter_model.safetensors").is_file()
+        assert (home / "adapters" / "shared" / "adapter_model.safetensors").is_file()
+
+
+def test_no_client_message_carries_its_memory(federation):
+    from flwr.app import ConfigRecord, RecordDict
+    from flwr.common.serde import recorddict_to_proto
+
+    captures = federation["captures"]
+    for i in range(CLIENTS):
+        sent = sorted(captures.glob(f"{i}-*.bin"))
+        # 4 SecAgg+ stages per round
+        assert len(sent) >= 4 * ROUNDS
+        strings = _memory_strings(i)
+        needles = [s for pair in strings["pairs"] for s in pair] + strings["stated"]
+        needles = [n.encode() for n in needles] + [n.encode("utf-16-le") for n in needles]
+        for path in sent:
+            payload = path.read_bytes()
+            for needle in needles:
+                assert needle not in payload, f"{path.name} contains memory text of client {i}"
+    # the detector would see a leak in the same encoding the messages use
+    leaky = recorddict_to_proto(RecordDict({"m": ConfigRecord({"x": _memory_strings(0)["pairs"][0][1]})}))
+    assert _memory_strings(0)["pairs"][0][1].encode() in leaky.SerializeToString()
+
+
+def test_reported_epsilon_matches_dp_accounting(federation):
+    for line in federation["metrics"]:
+        theirs = independent_epsilon(0.5, line["round"], 1e-5, CLIENTS, CLIENTS, "without-replacement")
+        assert line["epsilon"] == pytest.approx(theirs, rel=0.05)
+    assert federation["metrics"][-1]["epsilon"] > federation["metrics"][0]["epsilon"]
+
+
+def test_resume_after_a_stop_gives_the_uninterrupted_result(federation, tmp_path):
+    from fedpal.server.server_app import load_global_adapter
+
+    nodes = tmp_path / "nodes"
+    shutil.copytree(federation["pristine"], nodes)
+    run = tmp_path / "run"
+    # the server stops after round 2 (its checkpoint is what a crash leaves) ...
+    first = _simulate(run, nodes, CLIENTS, **{"num-server-rounds": 2})
+    assert [m["round"] for m in first] == [1, 2]
+    # ... and a restarted one resumes at round 3
+    resumed = _simulate(run, nodes, CLIENTS, resume=True)
+    assert [m["round"] for m in resumed] == [1, 2, 3]
+    assert resumed[2]["epsilon"] == pytest.approx(federation["metrics"][2]["epsilon"])
+    assert resumed[2]["epsilon"] > resumed[1]["epsilon"]
+    got, want = load_global_adapter(run), load_global_adapter(federation["run"])
+    assert list(got) == list(want)
+    # SecAgg+ rounds stochastically in quantization (steps of ~4e-6); the DP noise is 0.5*0.05/4
+    for name in want:
+        np.testing.assert_allclose(got[name], want[name], atol=2e-4)
+
+
+def test_secagg_survives_one_dropout_fails_clearly_beyond_and_the_client_rejoins(tmp_path):
+    clients = 5
+    nodes = _make_homes(tmp_path, clients)
+    plan = {1: {0}, 2: {1, 2}}
+    metrics = _simulate(tmp_path / "run", nodes, clients, extra_mods=[make_vanish_mod(plan)], **{"secagg-threshold": 0.8})
+    first, second, third = metrics
+    assert first["aggregated"] and first["clients_summed"] == clients - 1
+    assert first["epsilon"] is not None and first["epsilon"] > 0
+    assert not second["aggregated"] and "SecAgg+ aborted the round" in second["error"]
+    assert second["epsilon"] == pytest.approx(first["epsilon"])
+    assert third["aggregated"] and third["clients_summed"] == clients
+    assert third["epsilon"] > second["epsilon"]
