@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -205,7 +206,7 @@ def export_model(
         except FedpalError:
             pass  # stale or half-written: rebuilt below
     model_path = resolve_model_path(model)
-    work = folder.with_name(folder.name + ".tmp")
+    work = folder.with_name(f"{folder.name}.tmp{os.getpid()}")  # concurrent exports never share a work folder
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     try:
@@ -249,7 +250,9 @@ def _template_adapter(model_path: Path, targets: tuple[str, ...], out: Path) -> 
     import torch
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()
     config = AdapterConfig(rank=TEMPLATE_RANK, alpha=float(TEMPLATE_RANK), target_modules=targets)
     try:
         base = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
