@@ -1,0 +1,166 @@
+"""Deployment path: a real SuperLink and two SuperNodes over TLS on localhost, one round.
+
+Certificates are made here with ``cryptography`` and thrown away with the test folder.
+``flwr run`` gets a copy of the project's pyproject without ``[tool.flwr.federations]``
+(Flower 1.41 migrates that section by rewriting the file it finds it in) and the
+SuperLink runs with runtime dependency installation off (it would otherwise resolve
+the whole dependency set into a fresh environment for every run).
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PASSPHRASE = "deployment-test-passphrase"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _make_certificates(folder: Path) -> dict[str, Path]:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fedpal throwaway test CA")])
+    ca = (
+        x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(hours=2))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
+        .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(hours=2))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    paths = {"ca": folder / "ca.crt", "cert": folder / "server.pem", "key": folder / "server.key"}
+    paths["ca"].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    paths["cert"].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    paths["key"].write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    return paths
+
+
+def _app_dir(folder: Path) -> Path:
+    """The project's pyproject without the sections flwr would rewrite or install."""
+    text = (ROOT / "pyproject.toml").read_text()
+    text = re.sub(r"\n\[tool\.flwr\.federations[^\n]*\](?:\n(?!\[)[^\n]*)*", "\n", text)
+    text = re.sub(r"(?s)\ndependencies = \[.*?\n\]", "\ndependencies = []", text)
+    folder.mkdir()
+    (folder / "pyproject.toml").write_text(text)
+    return folder
+
+
+@pytest.fixture
+def processes():
+    started: list[subprocess.Popen] = []
+    yield started
+    for proc in started:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+    deadline = time.time() + 15
+    for proc in started:
+        try:
+            proc.wait(timeout=max(deadline - time.time(), 0.1))
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=5)
+
+
+def _start(processes: list, command: list[str], log: Path, env: dict) -> subprocess.Popen:
+    handle = log.open("w")
+    proc = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    processes.append(proc)
+    return proc
+
+
+def _wait_for_port(port: int, proc: subprocess.Popen, log: Path, seconds: float = 60) -> None:
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"SuperLink exited early:\n{log.read_text()[-3000:]}")
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.5)
+    pytest.fail(f"SuperLink did not listen on {port}:\n{log.read_text()[-3000:]}")
+
+
+def test_superlink_and_two_supernodes_over_tls_run_one_round(tmp_path, processes):
+    from fedpal.client.memory import PreferenceMemory
+
+    certs = _make_certificates(tmp_path)
+    flwr_home = tmp_path / "flwr-home"
+    flwr_home.mkdir()
+    env = {**os.environ, "FLWR_HOME": str(flwr_home), "FEDPAL_PASSPHRASE": PASSPHRASE}
+    link_port = _free_port()
+    link_log = tmp_path / "superlink.log"
+    link = _start(
+        processes,
+        ["flower-superlink", "--ssl-ca-certfile", str(certs["ca"]), "--ssl-certfile", str(certs["cert"]),
+         "--ssl-keyfile", str(certs["key"]), "--host", "127.0.0.1", "--port", str(link_port),
+         "--disable-runtime-dependency-installation"],
+        link_log, env,
+    )
+    _wait_for_port(link_port, link, link_log)
+
+    homes = []
+    for i in range(2):
+        home = tmp_path / f"node{i}"
+        memory = PreferenceMemory.open(home, passphrase=PASSPHRASE)
+        memory.add_pair(f"node {i}: how should replies look?", "short and warm", "long, cold and formal")
+        homes.append(home)
+        _start(
+            processes,
+            ["flower-supernode", "--superlink", f"127.0.0.1:{link_port}", "--root-certificates", str(certs["ca"]),
+             "--port", str(_free_port()), "--node-config", f"home='{home}'"],
+            tmp_path / f"supernode{i}.log", env,
+        )
+
+    (flwr_home / "config.toml").write_text(
+        f'[superlink]\ndefault = "test"\n\n[superlink.test]\naddress = "127.0.0.1:{link_port}"\n'
+        f'root-certificates = "{certs["ca"]}"\n'
+    )
+    run_dir = tmp_path / "run"
+    settings = (
+        f"num-server-rounds=1 secagg=false min-clients=2 local-steps=2 personal-steps=1 run-dir='{run_dir}'"
+    )
+    result = subprocess.run(
+        ["flwr", "run", str(_app_dir(tmp_path / "app")), "test", "--run-config", settings, "--stream"],
+        env=env, capture_output=True, text=True, timeout=240,
+    )
+    logs = result.stdout[-3000:] + result.stderr[-2000:]
+    assert result.returncode == 0, logs
+    assert "Uvicorn running on https://" in link_log.read_text()
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert len(lines) == 1, logs
+    assert lines[0]["aggregated"] and lines[0]["clients_summed"] == 2 and lines[0]["epsilon"] > 0
+    for home in homes:
+        assert (home / "adapters" / "personal" / "adapter_model.safetensors").is_file()
