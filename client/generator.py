@@ -329,10 +329,13 @@ class PersonalizedGenerator:
             adapter = self.user_adapter(home, w_shared, w_personal)
             return self.generate(prompt, adapter, options, system, on_token=on_token, mode=label)
         parts: list[tuple[Adapter, float]] = [(None, w_base)]
-        if w_shared:
-            parts.append((self.user_adapter(home, 1.0, 0.0), w_shared))
-        if w_personal:
-            parts.append((self.user_adapter(home, 0.0, 1.0), w_personal))
+        for name, weight in ((SHARED, w_shared), (PERSONAL, w_personal)):
+            if not weight:
+                continue
+            if not (home.adapter_dir(name) / CONFIG_FILE).is_file():
+                raise FedpalError(f"fusion gives the {name} adapter weight {weight:g}, but {home.root} has no {name} adapter")
+            one = (1.0, 0.0) if name == SHARED else (0.0, 1.0)
+            parts.append((self.user_adapter(home, *one), weight))
         return self.generate(prompt, None, options, system, fusion=parts, on_token=on_token, mode=label)
 
 

@@ -260,6 +260,10 @@ def test_bad_input_is_one_line_error(generator, export, users, tmp_path, tiny_pa
         generator.generate_for(ClientHome.at(tmp_path / "nobody"), PROMPT, mode="merge")
     cases.append(err)
     with pytest.raises(FedpalError) as err:
+        generator.generate_for(ClientHome.at(tmp_path / "nobody"), PROMPT, mode="fusion", w_shared=0.0, w_personal=0.5)
+    assert "no personal adapter" in str(err.value)
+    cases.append(err)
+    with pytest.raises(FedpalError) as err:
         generator.generate_for(home, PROMPT, mode="blend")
     cases.append(err)
     for case in cases:
