@@ -121,7 +121,11 @@ class PersonalizedGenerator:
         """Token ids of ``prompt`` in the base model's chat template; empty or too long is refused."""
         if not prompt or not prompt.strip():
             raise FedpalError("the prompt is empty")
-        ids = chat_input_ids(self.tokenizer, prompt, system)
+        return self._fits(chat_input_ids(self.tokenizer, prompt, system))
+
+    def _fits(self, ids: list[int]) -> list[int]:
+        if not ids:
+            raise FedpalError("the prompt is empty")
         if len(ids) >= self.export.context_length:
             raise FedpalError(
                 f"the prompt is {len(ids)} tokens, longer than the model's context of {self.export.context_length} tokens"
@@ -220,13 +224,7 @@ class PersonalizedGenerator:
         """
         options = options or DecodeOptions()
         options.check()
-        ids = list(prompt) if not isinstance(prompt, str) else self.prompt_ids(prompt, system)
-        if not ids:
-            raise FedpalError("the prompt is empty")
-        if len(ids) >= self.export.context_length:
-            raise FedpalError(
-                f"the prompt is {len(ids)} tokens, longer than the model's context of {self.export.context_length} tokens"
-            )
+        ids = self._fits(list(prompt)) if not isinstance(prompt, str) else self.prompt_ids(prompt, system)
         if fusion is not None:
             yield from self._stream_fused(ids, options, fusion)
             return
