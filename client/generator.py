@@ -165,7 +165,10 @@ class PersonalizedGenerator:
 
     def _unload(self, key: str) -> None:
         _, name = self._loaded.pop(key)
-        self.adapters.unload(name)
+        try:
+            self.adapters.unload(name)
+        except RuntimeError:
+            pass  # still active in a live generator, so ORT keeps it; its unique name is never reused
 
     def user_adapter(
         self, home: ClientHome | Path | str, w_shared: float = 1.0, w_personal: float = 1.0

@@ -346,3 +346,12 @@ def test_cli_chat_stores_a_rating_and_a_pick(export, users, monkeypatch):
         ratings, pairs = memory.records("rating"), memory.records("pair")
     assert [r.fields["score"] for r in ratings] == [4]
     assert len(pairs) == 1 and pairs[0].fields["prompt"] == "What should I cook tonight?"
+
+
+def test_benchmark_runs_on_the_tiny_model():
+    from fedpal.simulations.benchmarks.runtime import run, table
+
+    result = run("tiny", "fp32", new_tokens=4, repeats=1)
+    assert result["onnx_adapter_tok_s"] > 0 and result["pytorch_eager_adapter_tok_s"] > 0
+    assert result["adapter_swap_cold_ms"] > 0 and result["adapter_swap_warm_ms"] > 0
+    assert "tok/s" in table(result)

@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import tempfile
 import time
@@ -128,8 +129,12 @@ def _measure(scratch: Path, model: str, precision: str, new_tokens: int, repeats
         generator.new_generator(len(ids), first_token, path)
         return (time.perf_counter() - start) * 1000
 
-    cold = swap_to(other)
-    warm = statistics.median(swap_to(p) for p in [adapter, other] * repeats)
+    copies = []
+    for i in range(repeats):  # each copy is a new file, so each swap to it is a real first load
+        copies.append(other.with_name(f"copy{i}{other.suffix}"))
+        shutil.copyfile(other, copies[-1])
+    cold = statistics.median(swap_to(path) for path in copies)
+    warm = statistics.median(swap_to(path) for path in [adapter, other] * repeats)
     return {
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {platform.system()}",
