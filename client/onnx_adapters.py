@@ -106,13 +106,6 @@ def _adapter_slots(export: ExportInfo, folder: Path) -> tuple[int, dict[tuple[in
         raise FedpalError(f"adapter at {folder} uses per-module ranks or alphas, which the runtime does not support")
     rank = int(config.get("r", 0))
     alpha = float(config.get("lora_alpha", rank))
-    targets = sorted(config.get("target_modules") or [])
-    extra = sorted(set(targets) - set(export.target_modules))
-    if extra:
-        raise FedpalError(
-            f"adapter at {folder} targets {extra[0]}, which the export (targets {list(export.target_modules)}) has no LoRA input for; "
-            "export again for these targets"
-        )
     if rank < 1:
         raise FedpalError(f"adapter at {folder} has rank {rank}")
     if rank > export.max_rank:
@@ -124,6 +117,11 @@ def _adapter_slots(export: ExportInfo, folder: Path) -> tuple[int, dict[tuple[in
         if not match:
             raise FedpalError(f"adapter at {folder} has tensor {key}, which is not a LoRA A/B weight")
         layer, module, part = int(match[1]), match[2], match[3]
+        if module not in export.target_modules:
+            raise FedpalError(
+                f"adapter at {folder} targets {module}, which the export (targets {list(export.target_modules)}) "
+                "has no LoRA input for; export again for these targets"
+            )
         spec = export.lora_input(layer, module, part)
         if spec is None:
             raise FedpalError(f"adapter at {folder} has {key}, which this export has no input for: it is for another base model")

@@ -251,6 +251,12 @@ def test_bad_input_is_one_line_error(generator, export, users, tmp_path, tiny_pa
         convert_adapters(export, [(big, 1.0)], tmp_path / "b.onnx_adapter")
     assert "larger than this export allows" in str(err.value)
     cases.append(err)
+    mlp = tmp_path / "mlp"
+    _write_adapter(mlp, rank=4, hidden=64, outs={"up_proj": 128})
+    with pytest.raises(FedpalError) as err:
+        convert_adapters(export, [(mlp, 1.0)], tmp_path / "m.onnx_adapter")
+    assert "targets up_proj" in str(err.value)
+    cases.append(err)
     half = tmp_path / "half"
     _write_adapter(half, rank=export.max_rank // 2 + 1, hidden=64)
     with pytest.raises(FedpalError) as err:
@@ -270,12 +276,12 @@ def test_bad_input_is_one_line_error(generator, export, users, tmp_path, tiny_pa
         assert "\n" not in str(case.value) and str(case.value)
 
 
-def _write_adapter(folder, rank: int, hidden: int) -> None:
+def _write_adapter(folder, rank: int, hidden: int, outs: dict[str, int] | None = None) -> None:
     """A peft-format adapter folder with the tiny model's tensor names and chosen shapes."""
     from safetensors.numpy import save_file
 
     folder.mkdir(parents=True)
-    outs = {"q_proj": hidden, "k_proj": hidden // 2, "v_proj": hidden // 2, "o_proj": hidden}
+    outs = outs or {"q_proj": hidden, "k_proj": hidden // 2, "v_proj": hidden // 2, "o_proj": hidden}
     tensors = {}
     for layer in range(2):
         for module, out in outs.items():
