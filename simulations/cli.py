@@ -17,9 +17,13 @@ def simulate(
     as_json: bool = typer.Option(False, "--json", help="Print results.json instead of the summary table."),
 ) -> None:
     """Simulate users with known preferences, federate their adapters, score every baseline."""
+    import warnings
+
     from fedpal.simulations.config import load_config
     from fedpal.simulations.runner import BASELINE_LABELS, simulate as run
 
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
     settings = load_config(preset, config)
     with _progress() as progress:
         results = run(settings, out, progress)

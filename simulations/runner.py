@@ -235,7 +235,10 @@ class SimulationRun:
                 server_app=make_server_app(self.federation_overrides(round_index)),
                 client_app=client_app,
                 num_supernodes=self.config.users,
-                backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}},
+                backend_config={
+                    "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                    "init_args": {"log_to_driver": False, "logging_level": logging.WARNING},
+                },
             )
         rounds = self.federation_metrics()
         if not rounds or rounds[-1]["round"] != round_index:

@@ -1,0 +1,91 @@
+"""``fedpal simulate``: the whole experiment on the tiny model, through real Flower rounds."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import replace
+
+import pytest
+
+from fedpal.common.errors import FedpalError
+from fedpal.simulations.config import PRESETS, load_config
+from fedpal.simulations.report import REQUIRED_KEYS
+from fedpal.simulations.runner import BASELINES, simulate
+
+SMALL = replace(PRESETS["quick"], users=3, clients_per_round=3, rounds=2, train_prompts=4, heldout_prompts=3,
+                curve_prompts=2, local_steps=2, personal_steps=2)
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("quick")
+    result = subprocess.run([sys.executable, "-m", "fedpal.common.cli", "simulate", "--preset", "quick", "--out", str(out)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out, result
+
+
+def test_quick_preset_writes_results_report_and_plots(quick_run):
+    out, result = quick_run
+    results = json.loads((out / "results.json").read_text())
+    assert set(REQUIRED_KEYS) <= set(results)
+    assert results["preset"] == "quick" and results["users"] == 4 and results["rounds"] == 2
+    assert set(results["baselines"]) == set(BASELINES)
+    for row in results["baselines"].values():
+        assert 0.0 <= row["mean_utility"] <= 1.0 and 0.0 <= row["win_rate_vs_base"] <= 1.0
+    assert results["baselines"]["base"]["win_rate_vs_base"] == pytest.approx(0.5)
+    assert len(results["epsilon_per_round"]) == 2
+    assert 0 < results["epsilon_per_round"][0] < results["epsilon_per_round"][1] == results["epsilon"]
+    assert results["bytes_per_client_round"] > 0
+    assert len(results["cross_user_matrix"]) == 4 and all(len(row) == 4 for row in results["cross_user_matrix"])
+    assert len(results["curves"]["rounds"]["series"]["fedpal"]) == 2
+    assert results["curves"]["pairs"]["x"][0] < results["curves"]["pairs"]["x"][1], "memories grow between rounds"
+    for name in ("report.md", "learning_curves.png", "win_rates.png", "cross_user_heatmap.png", "epsilon.png"):
+        assert (out / name).stat().st_size > 0
+    assert (out / "win_rates.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "fedpal" in (out / "report.md").read_text()
+    assert "mean utility" in result.stdout
+
+
+def test_quick_preset_really_federated(quick_run):
+    out, _ = quick_run
+    rounds = [json.loads(line) for line in (out / "federation" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rounds] == [1, 2], "the second round resumed from the first round's checkpoint"
+    assert all(r["clients_summed"] == 4 and r["secagg"] and r["dp"] for r in rounds)
+    assert all(r["global_change_norm"] > 0 for r in rounds)
+
+
+def test_memories_are_encrypted_and_hold_the_interactions(quick_run):
+    out, _ = quick_run
+    replies = json.loads((out / "candidates.json").read_text())["candidates"]
+    some_reply = next(iter(replies.values()))[0]
+    database = (out / "users" / "0" / "memory.sqlite").read_bytes()
+    assert some_reply.encode()[:40] not in database
+
+
+def test_same_seed_same_results(tmp_path):
+    first = simulate(SMALL, tmp_path / "a")
+    second = simulate(SMALL, tmp_path / "b")
+    for key in ("baselines", "cross_user_matrix", "epsilon_per_round", "bytes_per_client_round", "curves"):
+        assert json.dumps(first[key], sort_keys=True) == json.dumps(second[key], sort_keys=True), key
+
+
+def test_bad_settings_are_one_clear_line(tmp_path):
+    with pytest.raises(FedpalError, match="unknown preset"):
+        load_config("enormous")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("users = 'many'\n")
+    with pytest.raises(FedpalError, match="'users' must be int"):
+        load_config("quick", bad)
+    bad.write_text("userz = 3\n")
+    with pytest.raises(FedpalError, match="unknown setting 'userz'"):
+        load_config("quick", bad)
+    bad.write_text("users = 1\n")
+    with pytest.raises(FedpalError, match="at least 2 users"):
+        load_config("quick", bad)
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps({"users": 5, "rounds": 3, "learning_rate": 1}))
+    config = load_config("quick", good)
+    assert (config.users, config.rounds, config.learning_rate) == (5, 3, 1.0)
