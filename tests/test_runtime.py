@@ -115,6 +115,20 @@ def test_int4_export_keeps_lora_float_and_applies_the_adapter(generator, users):
     assert np.abs(with_adapter - fp32).max() < 0.5 * np.abs(fp32 - fp32_base).max()
 
 
+def test_mlp_targets_are_lifted_too(tmp_path):
+    targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    info = export_model("tiny", precision="fp32", target_modules=targets)
+    assert {i.module for i in info.lora_inputs} == set(targets)
+    base = load_base_model("tiny", device="cpu")
+    model = attach_adapters(base.model, AdapterConfig(rank=4, alpha=8.0, target_modules=targets))
+    _random_adapters(model, 5)
+    save_adapter(model, SHARED, tmp_path / "all")
+    adapter = convert_adapters(info, [(tmp_path / "all", 1.0)], tmp_path / "all.onnx_adapter")
+    ids = chat_input_ids(base.tokenizer, PROMPT)
+    ours = PersonalizedGenerator(info).next_logits(ids, adapter)
+    assert np.abs(ours - _torch_logits(model, ids)).max() < 1e-4
+
+
 def test_hot_swap_alternating_users_each_get_their_own_adapter(generator, users):
     expected = {}
     for user, (home, model, tokenizer) in users.items():
