@@ -1,8 +1,8 @@
 """The fedpal ClientApp: train on this node's own memory, send back only the shared adapter.
 
-Each round the node receives the global shared adapter, trains it on the preference
-memory in its home folder, then trains its personal adapter on top, and keeps that one
-(and the memory) on disk. The reply carries the shared adapter's tensors in the order
+Each round the node receives the global shared adapter (and keeps it in its home
+folder), trains it on the preference memory there, then trains its personal adapter on
+top of the global one and keeps that on disk too, next to the memory. The reply carries the shared adapter's tensors in the order
 they came, a fingerprint of their names and shapes, and numbers (examples, losses,
 seconds, bytes): never the personal adapter and never memory text.
 
@@ -94,7 +94,9 @@ class FedpalClient(NumPyClient):
         names = list(adapter_to_arrays(peft, SHARED, parts))
         if len(names) != len(parameters):
             raise FedpalError(f"the server sent {len(parameters)} tensors; this node's shared adapter has {len(names)}")
-        arrays_to_adapter(peft, SHARED, dict(zip(names, parameters)), parts)
+        received = dict(zip(names, parameters))
+        arrays_to_adapter(peft, SHARED, received, parts)
+        save_adapter(peft, SHARED, home.adapter_dir(SHARED))
         personal_dir = home.adapter_dir(PERSONAL)
         if personal_dir.is_dir():
             load_adapter(peft, PERSONAL, personal_dir)
@@ -126,9 +128,10 @@ class FedpalClient(NumPyClient):
         for name, array in update.items():
             if not np.all(np.isfinite(array)):
                 raise FedpalError(f"local training produced non-finite values in {name}; not sending this update")
-        save_adapter(peft, SHARED, home.adapter_dir(SHARED))
         personal_steps = int(config["personal-steps"])
         if personal_steps > 0:
+            # the personal adapter learns on top of the global shared one, as used at inference
+            arrays_to_adapter(peft, SHARED, received, parts)
             LocalTrainer(base, peft, train_config(personal_steps, node_seed + 1)).train(
                 PERSONAL, pairs, examples, reference_adapters=(SHARED,), progress=False
             )
