@@ -199,15 +199,24 @@ def test_resume_after_a_stop_gives_the_uninterrupted_result(federation, tmp_path
         np.testing.assert_allclose(got[name], want[name], atol=2e-4)
 
 
-def test_secagg_survives_one_dropout_fails_clearly_beyond_and_the_client_rejoins(tmp_path):
+def test_secagg_dropouts_and_the_privacy_budget(tmp_path):
+    """One of five vanishes mid-round: aggregated from four. Two vanish: the round fails
+    clearly, costs no privacy, and the run goes on. The first one rejoins with its memory.
+    Then max-epsilon stops the run before the round that would pass it."""
     clients = 5
     nodes = _make_homes(tmp_path, clients)
     plan = {1: {0}, 2: {1, 2}}
-    metrics = _simulate(tmp_path / "run", nodes, clients, extra_mods=[make_vanish_mod(plan)], **{"secagg-threshold": 0.8})
-    first, second, third = metrics
+    two, three = (independent_epsilon(0.5, r, 1e-5, clients, clients) for r in (2, 3))
+    metrics = _simulate(
+        tmp_path / "run", nodes, clients, extra_mods=[make_vanish_mod(plan)],
+        **{"secagg-threshold": 0.8, "num-server-rounds": 4, "max-epsilon": (two + three) / 2},
+    )
+    first, second, third, stop = metrics
     assert first["aggregated"] and first["clients_summed"] == clients - 1
-    assert first["epsilon"] is not None and first["epsilon"] > 0
+    assert len(first["failures"]) == 1 and first["epsilon"] > 0
     assert not second["aggregated"] and "SecAgg+ aborted the round" in second["error"]
     assert second["epsilon"] == pytest.approx(first["epsilon"])
     assert third["aggregated"] and third["clients_summed"] == clients
-    assert third["epsilon"] > second["epsilon"]
+    assert third["epsilon"] == pytest.approx(two, rel=0.05)
+    assert stop == {**stop, "round": 4, "stopped": "privacy budget"}
+    assert stop["epsilon"] <= (two + three) / 2 < stop["epsilon_if_run"]

@@ -175,3 +175,26 @@ def test_bad_settings_are_one_clear_error(overrides, message):
 def test_pyproject_run_config_lists_exactly_the_defaults():
     config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
     assert config == DEFAULTS
+
+
+def test_server_cli_reports_a_run_and_refuses_unknown_settings(tmp_path):
+    import json
+    import subprocess
+
+    lines = [
+        {"round": 1, "aggregated": True, "clients_summed": 4, "epsilon": 4.73, "seconds": 1.5,
+         "bytes_up_per_client": 28875.0, "bytes_down_per_client": 18190.0},
+        {"round": 2, "aggregated": False, "error": "SecAgg+ aborted the round", "clients_summed": 0, "epsilon": 4.73,
+         "seconds": 1.0, "bytes_up_per_client": 100.0, "bytes_down_per_client": 100.0},
+        {"round": 3, "stopped": "privacy budget", "epsilon": 4.73, "epsilon_if_run": 7.1},
+    ]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    shown = subprocess.run(["fedpal", "server", "status", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert shown.returncode == 0, shown.stderr
+    assert "round 1: ok; 4 clients, epsilon 4.730" in shown.stdout
+    assert "round 2: NOT AGGREGATED: SecAgg+ aborted the round" in shown.stdout
+    assert "stopped before round 3: privacy budget" in shown.stdout
+    bad = subprocess.run(["fedpal", "server", "run", "--set", "noise=2"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2
+    assert bad.stderr.strip().splitlines() == [bad.stderr.strip()]
+    assert "unknown setting 'noise'" in bad.stderr
