@@ -69,7 +69,9 @@ class Accountant:
     """Flower's RDP accountant for one federation, with the budget check done before a round.
 
     The ledger (every composed round) is what gets checkpointed, so a restarted server
-    continues from the epsilon already spent instead of from zero.
+    continues from the epsilon already spent instead of from zero. The budget stays out
+    of Flower's config (it is passed to each check), so a resumed run may raise or lower
+    it without its ledger being refused.
     """
 
     def __init__(self, budget: PrivacyBudget) -> None:
@@ -87,7 +89,6 @@ class Accountant:
                 population_size=budget.population_size,
                 neighboring_relation=relation,
                 sampling_method=method,
-                max_epsilon=budget.max_epsilon,
             )
         )
 

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 from flwr.app import Context, Message
+from flwr.server.client_manager import SimpleClientManager
 from flwr.serverapp import Grid, ServerApp
 
 from fedpal.common.config import fedpal_home
@@ -90,6 +91,19 @@ class CountingGrid(Grid):
         return replies
 
 
+class OrderedClientManager(SimpleClientManager):
+    """Flower's client manager, sampling from the node ids in sorted order.
+
+    ``random.sample`` over registration order would draw different nodes for the same
+    seed after a restart; over sorted ids, a seeded round draws the same ones.
+    """
+
+    def sample(self, num_clients: int, min_num_clients: int | None = None, criterion: Any = None) -> list:
+        with self._cv:
+            self.clients = dict(sorted(self.clients.items()))
+        return super().sample(num_clients, min_num_clients, criterion)
+
+
 def _payload_bytes(msg: Message) -> int:
     """Serialized size of the message content (what goes on the wire, minus metadata).
 
@@ -133,7 +147,6 @@ def run_federation(grid: Grid, context: Context, settings: FederationSettings) -
     from flwr.common import ndarrays_to_parameters
     from flwr.compat.common import recorddict_compat as compat
     from flwr.server import LegacyContext, ServerConfig
-    from flwr.server.client_manager import SimpleClientManager
     from flwr.server.compat.app_utils import start_update_client_manager_thread
     from flwr.server.workflow import SecAggPlusWorkflow
     from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key
@@ -168,7 +181,7 @@ def run_federation(grid: Grid, context: Context, settings: FederationSettings) -
         context=context,
         config=ServerConfig(num_rounds=settings["num-server-rounds"]),
         strategy=strategy,
-        client_manager=SimpleClientManager(),
+        client_manager=OrderedClientManager(),
     )
     thread, stop, registered = start_update_client_manager_thread(counting, legacy.client_manager)
     try:

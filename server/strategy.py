@@ -311,9 +311,11 @@ class FedpalStrategy:
         report.round, report.results = server_round, len(results)
         for failure in failures:
             if isinstance(failure, BaseException):
-                report.failures.append(str(failure).splitlines()[0][:300] if str(failure) else type(failure).__name__)
+                text = str(failure).splitlines()[0][:300] if str(failure) else type(failure).__name__
             else:
-                report.failures.append(f"node {failure[0].node_id}: status {failure[1].status.message}")
+                text = f"node {failure[0].node_id}: status {failure[1].status.message}"
+            if text not in report.failures:  # SecAgg+'s collect stage lists each failed reply twice
+                report.failures.append(text)
         accepted = []
         for proxy, fit_res in results:
             metrics = {k: v for k, v in fit_res.metrics.items() if isinstance(v, (int, float, str))}

@@ -89,3 +89,14 @@ def test_bad_budget_is_one_clear_error(kwargs, message):
     values = {"noise_multiplier": 1.0, "clipping_norm": 1.0, "target_delta": 1e-5, "population_size": 10, "sample_size": 5}
     with pytest.raises(FedpalError, match=message):
         PrivacyBudget(**{**values, **kwargs})
+
+
+def test_a_resumed_run_may_change_its_budget_but_not_its_mechanism():
+    first = Accountant(PrivacyBudget(1.0, 1.0, 1e-5, 10, 10, "none", max_epsilon=5.0))
+    first.record_round()
+    relaxed = Accountant(PrivacyBudget(1.0, 1.0, 1e-5, 10, 10, "none", max_epsilon=50.0))
+    relaxed.load_state_dict(first.state_dict())
+    assert relaxed.rounds == 1 and relaxed.next_round_allowed()
+    other_delta = Accountant(PrivacyBudget(1.0, 1.0, 1e-6, 10, 10, "none"))
+    with pytest.raises(FedpalError, match="cannot resume"):
+        other_delta.load_state_dict(first.state_dict())
