@@ -164,3 +164,44 @@ def test_superlink_and_two_supernodes_over_tls_run_one_round(tmp_path, processes
     assert lines[0]["aggregated"] and lines[0]["clients_summed"] == 2 and lines[0]["epsilon"] > 0
     for home in homes:
         assert (home / "adapters" / "personal" / "adapter_model.safetensors").is_file()
+
+
+def test_flwr_run_on_a_simulation_superlink(tmp_path, processes):
+    """``flwr run`` against a SuperLink in simulation mode: Flower's own simulation path,
+    with the federation's defaults (DP and SecAgg+ on)."""
+    from fedpal.client.memory import PreferenceMemory
+
+    flwr_home = tmp_path / "flwr-home"
+    flwr_home.mkdir()
+    env = {**os.environ, "FLWR_HOME": str(flwr_home), "FEDPAL_PASSPHRASE": PASSPHRASE}
+    nodes = tmp_path / "nodes"
+    for i in range(3):
+        PreferenceMemory.open(nodes / str(i), passphrase=PASSPHRASE).add_pair(
+            f"user {i}: a question", "a short answer", "a long rambling answer"
+        )
+    port = _free_port()
+    log = tmp_path / "superlink.log"
+    link = _start(
+        processes,
+        ["flower-superlink", "--insecure", "--simulation", "--host", "127.0.0.1", "--port", str(port),
+         "--disable-runtime-dependency-installation"],
+        log, env,
+    )
+    _wait_for_port(port, link, log)
+    (flwr_home / "config.toml").write_text(
+        f'[superlink]\ndefault = "sim"\n\n[superlink.sim]\naddress = "127.0.0.1:{port}"\ninsecure = true\n'
+        "options.num-supernodes = 3\n"
+        "options.backend.client-resources.num-cpus = 1\n"
+        "options.backend.init-args.num-cpus = 2\n"
+    )
+    run_dir = tmp_path / "run"
+    settings = f"num-server-rounds=2 local-steps=2 personal-steps=1 run-dir='{run_dir}' home-base='{nodes}'"
+    result = subprocess.run(
+        ["flwr", "run", str(_app_dir(tmp_path / "app")), "sim", "--run-config", settings, "--stream"],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    logs = result.stdout[-3000:] + result.stderr[-2000:]
+    assert result.returncode == 0, logs
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [line["round"] for line in lines] == [1, 2], logs
+    assert all(line["aggregated"] and line["secagg"] and line["dp"] and line["clients_summed"] == 3 for line in lines)
