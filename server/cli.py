@@ -1,15 +1,17 @@
 """``fedpal server``: submit the federation to a SuperLink, and read a run's progress.
 
 Submitting goes through Flower's own ``flwr run`` (it builds the app bundle and talks to
-the SuperLink's Control API, TLS included); this command only turns fedpal options into
-its run config.
+the SuperLink's Control API, TLS included); this command turns fedpal options into its
+run config and hands it an app folder that ``flwr run`` may not rewrite.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import typer
@@ -19,6 +21,22 @@ from fedpal.common.errors import FedpalError
 app = typer.Typer(help="Run and inspect the federation (Flower ServerApp).", no_args_is_help=True)
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
+
+
+def write_app_folder(target: Path, project: Path = PROJECT_DIR) -> Path:
+    """A folder for ``flwr run`` holding only the project's pyproject, minus two sections.
+
+    fedpal's ServerApp and ClientApp are already installed where they run, so the
+    bundle needs no code. Left out: ``[tool.flwr.federations]``, which Flower 1.41
+    migrates by rewriting the pyproject it finds it in, and ``dependencies``, which a
+    SuperLink allowed to install them would resolve into a fresh environment per run.
+    """
+    text = (project / "pyproject.toml").read_text()
+    text = re.sub(r"\n\[tool\.flwr\.federations[^\n]*\](?:\n(?!\[)[^\n]*)*", "\n", text)
+    text = re.sub(r"(?s)\ndependencies = \[.*?\n\]", "\ndependencies = []", text)
+    target.mkdir(parents=True, exist_ok=True)
+    (target / "pyproject.toml").write_text(text)
+    return target
 
 
 def _toml_value(raw: str) -> str:
@@ -70,14 +88,16 @@ def run_command(
         values["resume"] = "true"
     if run_dir is not None:
         values["run-dir"] = str(run_dir.expanduser().resolve())
-    command = [flwr, "run", str(app_dir)]
-    if superlink:
-        command.append(superlink)
-    if values:
-        command += ["--run-config", run_config_string(values)]
-    if stream:
-        command.append("--stream")
-    raise typer.Exit(subprocess.call(command))
+    with tempfile.TemporaryDirectory(prefix="fedpal-app-") as folder:
+        command = [flwr, "run", str(write_app_folder(Path(folder), app_dir))]
+        if superlink:
+            command.append(superlink)
+        if values:
+            command += ["--run-config", run_config_string(values)]
+        if stream:
+            command.append("--stream")
+        code = subprocess.call(command)
+    raise typer.Exit(code)
 
 
 @app.command()

@@ -1,10 +1,9 @@
 """Deployment path: a real SuperLink and two SuperNodes over TLS on localhost, one round.
 
 Certificates are made here with ``cryptography`` and thrown away with the test folder.
-``flwr run`` gets a copy of the project's pyproject without ``[tool.flwr.federations]``
-(Flower 1.41 migrates that section by rewriting the file it finds it in) and the
-SuperLink runs with runtime dependency installation off (it would otherwise resolve
-the whole dependency set into a fresh environment for every run).
+``flwr run`` gets the app folder ``fedpal server run`` uses (the project's pyproject
+without the sections flwr would rewrite or install) and the SuperLink runs with runtime
+dependency installation off.
 """
 
 from __future__ import annotations
@@ -13,7 +12,6 @@ import datetime
 import ipaddress
 import json
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -22,7 +20,8 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from fedpal.server.cli import write_app_folder
+
 PASSPHRASE = "deployment-test-passphrase"
 
 
@@ -68,16 +67,6 @@ def _make_certificates(folder: Path) -> dict[str, Path]:
     return paths
 
 
-def _app_dir(folder: Path) -> Path:
-    """The project's pyproject without the sections flwr would rewrite or install."""
-    text = (ROOT / "pyproject.toml").read_text()
-    text = re.sub(r"\n\[tool\.flwr\.federations[^\n]*\](?:\n(?!\[)[^\n]*)*", "\n", text)
-    text = re.sub(r"(?s)\ndependencies = \[.*?\n\]", "\ndependencies = []", text)
-    folder.mkdir()
-    (folder / "pyproject.toml").write_text(text)
-    return folder
-
-
 @pytest.fixture
 def processes():
     started: list[subprocess.Popen] = []
@@ -113,7 +102,7 @@ def _wait_for_port(port: int, proc: subprocess.Popen, log: Path, seconds: float 
     pytest.fail(f"SuperLink did not listen on {port}:\n{log.read_text()[-3000:]}")
 
 
-def test_superlink_and_two_supernodes_over_tls_run_one_round(tmp_path, processes):
+def test_fedpal_server_run_on_a_tls_superlink_with_two_supernodes(tmp_path, processes):
     from fedpal.client.memory import PreferenceMemory
 
     certs = _make_certificates(tmp_path)
@@ -149,11 +138,9 @@ def test_superlink_and_two_supernodes_over_tls_run_one_round(tmp_path, processes
         f'root-certificates = "{certs["ca"]}"\n'
     )
     run_dir = tmp_path / "run"
-    settings = (
-        f"num-server-rounds=1 secagg=false min-clients=2 local-steps=2 personal-steps=1 run-dir='{run_dir}'"
-    )
     result = subprocess.run(
-        ["flwr", "run", str(_app_dir(tmp_path / "app")), "test", "--run-config", settings, "--stream"],
+        ["fedpal", "server", "run", "test", "--rounds", "1", "--run-dir", str(run_dir), "--set", "secagg=false",
+         "--set", "min-clients=2", "--set", "local-steps=2", "--set", "personal-steps=1"],
         env=env, capture_output=True, text=True, timeout=240,
     )
     logs = result.stdout[-3000:] + result.stderr[-2000:]
@@ -197,7 +184,7 @@ def test_flwr_run_on_a_simulation_superlink(tmp_path, processes):
     run_dir = tmp_path / "run"
     settings = f"num-server-rounds=2 local-steps=2 personal-steps=1 run-dir='{run_dir}' home-base='{nodes}'"
     result = subprocess.run(
-        ["flwr", "run", str(_app_dir(tmp_path / "app")), "sim", "--run-config", settings, "--stream"],
+        ["flwr", "run", str(write_app_folder(tmp_path / "app")), "sim", "--run-config", settings, "--stream"],
         env=env, capture_output=True, text=True, timeout=300,
     )
     logs = result.stdout[-3000:] + result.stderr[-2000:]
