@@ -1,4 +1,4 @@
-"""Deployment path: a real SuperLink and two SuperNodes over TLS on localhost, one round.
+"""Deployment path: a real SuperLink and two SuperNodes over TLS on localhost.
 
 Certificates are made here with ``cryptography`` and thrown away with the test folder.
 ``flwr run`` gets the app folder ``fedpal server run`` uses (the project's pyproject
@@ -12,6 +12,7 @@ import datetime
 import ipaddress
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from fedpal.common.privacy import independent_epsilon
 from fedpal.server.cli import write_app_folder
 
 PASSPHRASE = "deployment-test-passphrase"
@@ -102,7 +104,9 @@ def _wait_for_port(port: int, proc: subprocess.Popen, log: Path, seconds: float 
     pytest.fail(f"SuperLink did not listen on {port}:\n{log.read_text()[-3000:]}")
 
 
-def test_fedpal_server_run_on_a_tls_superlink_with_two_supernodes(tmp_path, processes):
+def test_tls_deployment_survives_a_server_kill_and_resumes(tmp_path, processes):
+    """``fedpal server run`` on a TLS SuperLink with two SuperNodes; the ServerApp is
+    SIGKILLed after round 1 and ``--resume`` finishes the run without losing a round."""
     from fedpal.client.memory import PreferenceMemory
 
     certs = _make_certificates(tmp_path)
@@ -138,19 +142,45 @@ def test_fedpal_server_run_on_a_tls_superlink_with_two_supernodes(tmp_path, proc
         f'root-certificates = "{certs["ca"]}"\n'
     )
     run_dir = tmp_path / "run"
-    result = subprocess.run(
-        ["fedpal", "server", "run", "test", "--rounds", "1", "--run-dir", str(run_dir), "--set", "secagg=false",
-         "--set", "min-clients=2", "--set", "local-steps=2", "--set", "personal-steps=1"],
-        env=env, capture_output=True, text=True, timeout=240,
-    )
-    logs = result.stdout[-3000:] + result.stderr[-2000:]
-    assert result.returncode == 0, logs
+    command = ["fedpal", "server", "run", "test", "--rounds", "2", "--run-dir", str(run_dir), "--set", "secagg=false",
+               "--set", "min-clients=2", "--set", "local-steps=2", "--set", "personal-steps=1"]
+    submitted = subprocess.run([*command, "--no-stream"], env=env, capture_output=True, text=True, timeout=120)
+    assert submitted.returncode == 0, submitted.stdout[-2000:] + submitted.stderr[-2000:]
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.time() + 180
+    while not (metrics.is_file() and metrics.read_text().count("\n") >= 1):
+        assert time.time() < deadline, link_log.read_text()[-3000:]
+        time.sleep(0.2)
+    # the server dies in the middle of the run (SIGKILL: no chance to clean up)
+    killed = _kill_serverapps(link.pid)
+    assert killed, "no flwr-serverapp process found under the SuperLink"
+    done_before = len(metrics.read_text().splitlines())
+    # what an operator does after a crash: mark the dead run stopped (the SuperLink would
+    # otherwise wait for its heartbeat to time out before starting the next ServerApp)
+    run_id = re.search(r"run (\d+)", submitted.stdout).group(1)
+    subprocess.run(["flwr", "stop", run_id, "test"], env=env, capture_output=True, text=True, timeout=60)
+
+    resumed = subprocess.run([*command, "--resume"], env=env, capture_output=True, text=True, timeout=300)
+    logs = resumed.stdout[-3000:] + resumed.stderr[-2000:]
+    assert resumed.returncode == 0, logs
     assert "Uvicorn running on https://" in link_log.read_text()
-    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert len(lines) == 1, logs
-    assert lines[0]["aggregated"] and lines[0]["clients_summed"] == 2 and lines[0]["epsilon"] > 0
+    lines = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [line["round"] for line in lines] == [1, 2], (done_before, logs)
+    assert all(line["aggregated"] and line["clients_summed"] == 2 for line in lines)
+    # the privacy ledger went on from the checkpoint: two rounds' worth, not one
+    assert lines[-1]["epsilon"] == pytest.approx(independent_epsilon(1.0, 2, 1e-5, 2, 2), rel=0.05)
     for home in homes:
         assert (home / "adapters" / "personal" / "adapter_model.safetensors").is_file()
+
+
+def _kill_serverapps(superlink_pid: int) -> list[int]:
+    import psutil
+
+    victims = [p for p in psutil.Process(superlink_pid).children(recursive=True) if "flwr-serverapp" in " ".join(p.cmdline())]
+    for proc in victims:
+        proc.kill()
+    psutil.wait_procs(victims, timeout=10)
+    return [p.pid for p in victims]
 
 
 def test_flwr_run_on_a_simulation_superlink(tmp_path, processes):
