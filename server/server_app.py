@@ -117,7 +117,7 @@ def _payload_bytes(msg: Message) -> int:
 
 def initial_adapter(settings: FederationSettings) -> dict[str, np.ndarray]:
     """The shared adapter every client starts from: the same seeded A, zero B."""
-    from fedpal.common.adapters import SHARED, AdapterConfig, adapter_to_arrays, attach_adapters
+    from fedpal.common.adapters import SHARED, adapter_to_arrays, attach_adapters
     from fedpal.common.models import load_base_model
 
     base = load_base_model(settings["model"], device="cpu")
@@ -144,6 +144,7 @@ def run_dir(settings: FederationSettings) -> Path:
 
 def run_federation(grid: Grid, context: Context, settings: FederationSettings) -> Path:
     """Run (or resume) the federation described by ``settings``; returns the run folder."""
+    from flwr.app import ConfigRecord
     from flwr.common import ndarrays_to_parameters
     from flwr.compat.common import recorddict_compat as compat
     from flwr.server import LegacyContext, ServerConfig
@@ -151,7 +152,6 @@ def run_federation(grid: Grid, context: Context, settings: FederationSettings) -
     from flwr.server.workflow import SecAggPlusWorkflow
     from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key
     from flwr.server.workflow.default_workflows import default_fit_workflow
-    from flwr.app import ConfigRecord
 
     from fedpal.common.privacy import Accountant, PrivacyBudget
 
