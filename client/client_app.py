@@ -87,8 +87,8 @@ class FedpalClient(NumPyClient):
 
         started = time.perf_counter()
         home = ClientHome.at(node_home(self.context, config))
-        memory = PreferenceMemory.open(home.root)
-        pairs, examples = memory.preference_pairs(), memory.sft_examples()
+        with PreferenceMemory.open(home.root) as memory:
+            pairs, examples = memory.preference_pairs(), memory.sft_examples()
         base, peft, fresh_personal = _model(config)
         parts = "B" if config["ffa-lora"] else "AB"
         names = list(adapter_to_arrays(peft, SHARED, parts))
