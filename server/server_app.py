@@ -139,6 +139,7 @@ def adapter_config(config: dict) -> Any:
 
 
 def run_dir(settings: FederationSettings) -> Path:
+    """Where a run keeps metrics, checkpoint and global adapter (``run-dir``, else under FEDPAL_HOME)."""
     return Path(settings["run-dir"]).expanduser() if settings["run-dir"] else fedpal_home() / "runs" / "default"
 
 
