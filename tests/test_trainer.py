@@ -363,3 +363,14 @@ def test_cli_with_an_empty_memory_says_what_to_add(tmp_path):
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: no preference pairs") and "add" in lines[0]
+
+
+@pytest.mark.slow
+def test_personal_adapter_makes_bullet_lists_more_frequent_on_the_default_model():
+    """~32 on-policy pairs preferring bullet lists; greedy replies to unseen prompts (minutes on CPU)."""
+    from fedpal.simulations.benchmarks.style import main
+
+    report = main(["--model", "default", "--json"])
+    assert report["pairs"] >= 16 and report["stopped"] == "steps"
+    assert report["reward_margin_last"] > report["reward_margin_first"]
+    assert report["tuned_bulleted_rate"] > report["base_bulleted_rate"]

@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--candidates", type=int, default=48, help="training prompts to build pairs from")
     parser.add_argument("--pairs", type=int, default=32)
     parser.add_argument("--eval-prompts", type=int, default=24, help="held-out prompts")
-    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--steps", type=int, default=24, help="24 x 4 = three passes over 32 pairs")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--max-length", type=int, default=192)
     parser.add_argument("--max-new-tokens", type=int, default=80)

@@ -139,6 +139,7 @@ def run(args: argparse.Namespace) -> dict:
     for name, results in runs.items():
         seconds = statistics.median(r["seconds"] for r in results)
         figures[name] = {"pairs_per_s": processed / seconds, "seconds": seconds,
+                         "all_seconds": [round(r["seconds"], 2) for r in results],
                          "loss_last": results[-1]["loss_last"], "device": results[-1]["device"]}
     return {
         "model": args.model, "pairs": args.pairs, "steps": args.steps, "batch_size": args.batch_size,
