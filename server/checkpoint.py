@@ -34,6 +34,7 @@ class Checkpoint:
     accountant_state: dict | None = None
     run_settings: dict = field(default_factory=dict)
     rounds_skipped: int = 0
+    round_secret: int | None = None
 
 
 def save_checkpoint(directory: Path | str, checkpoint: Checkpoint) -> Path:
@@ -51,6 +52,7 @@ def save_checkpoint(directory: Path | str, checkpoint: Checkpoint) -> Path:
             "accountant": checkpoint.accountant_state,
             "run_settings": checkpoint.run_settings,
             "rounds_skipped": checkpoint.rounds_skipped,
+            "round_secret": None if checkpoint.round_secret is None else str(checkpoint.round_secret),
             "strategy_keys": {key: len(arrays) for key, arrays in checkpoint.strategy_state.items()},
         }
         (staging / STATE_FILE).write_text(json.dumps(state, indent=1))
@@ -93,4 +95,5 @@ def load_checkpoint(directory: Path | str) -> Checkpoint | None:
         accountant_state=state.get("accountant"),
         run_settings=state.get("run_settings", {}),
         rounds_skipped=int(state.get("rounds_skipped", 0)),
+        round_secret=int(state["round_secret"]) if state.get("round_secret") else None,
     )

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import secrets
 import time
 from collections import defaultdict
 from collections.abc import Iterable
@@ -226,6 +227,7 @@ def run_federation(grid: Grid, context: Context, settings: FederationSettings) -
         cfg = ConfigRecord()
         cfg[Key.START_TIME] = time.time()
         legacy.state.config_records[MAIN_CONFIGS_RECORD] = cfg
+        secret = round_secret(settings, checkpoint)
         start = checkpoint.round + 1 if checkpoint is not None else 1
         skipped = checkpoint.rounds_skipped if checkpoint is not None else 0
         log.info("fedpal federation: %s; population %d, %d per round; rounds %d..%d",
@@ -239,10 +241,7 @@ def run_federation(grid: Grid, context: Context, settings: FederationSettings) -
                             server_round, line["epsilon"], line["epsilon_if_run"], settings["max-epsilon"])
                 _append_metrics(folder, line)
                 break
-            # Seeding per round makes round r draw the same clients, noise and SecAgg+
-            # neighbourhoods whether or not the server restarted before it.
-            random.seed(settings["seed"] * 100_003 + server_round)
-            np.random.seed((settings["seed"] * 100_003 + server_round) % 2**32)
+            seed_round(secret, server_round)
             cfg[Key.CURRENT_ROUND] = server_round
             started = time.perf_counter()
             fit_workflow(counting, legacy)
@@ -271,6 +270,7 @@ def run_federation(grid: Grid, context: Context, settings: FederationSettings) -
                     accountant_state=accountant.state_dict() if accountant is not None else None,
                     run_settings=settings.locked(),
                     rounds_skipped=skipped,
+                    round_secret=secret,
                 ),
             )
             _export_adapter(folder, named, strategy.global_arrays)
@@ -291,6 +291,30 @@ def _why_not_aggregated(report: Any, settings: FederationSettings) -> str:
     if report.rejected and not report.results - len(report.rejected):
         return f"all {len(report.rejected)} updates were rejected"
     return f"no usable results ({len(report.failures)} failures)"
+
+
+def round_secret(settings: FederationSettings, checkpoint: Checkpoint | None) -> int:
+    """The base of each round's seed: secret unless the run asked to be deterministic.
+
+    The DP noise (Flower's wrapper draws it from numpy's global generator) and the client
+    sample must be unpredictable, or anyone who knows the seed can subtract the noise and
+    the reported epsilon protects nothing. A fresh 128-bit secret is kept in the server's
+    own checkpoint, so a resumed round draws the same clients and noise as the interrupted
+    one would have. ``deterministic`` (simulations, tests) uses the public ``seed`` instead.
+    """
+    if checkpoint is not None and checkpoint.round_secret is not None:
+        return checkpoint.round_secret
+    if settings["deterministic"]:
+        if settings["dp"]:
+            log.warning("deterministic = true: the DP noise follows the public seed; use this for simulations only")
+        return int(settings["seed"])
+    return secrets.randbits(128)
+
+
+def seed_round(secret: int, server_round: int) -> None:
+    """Seed Python's and numpy's global generators for one round from the run's secret (all 128 bits)."""
+    random.seed(secret * 100_003 + server_round)
+    np.random.seed([(secret >> shift) & 0xFFFFFFFF for shift in (0, 32, 64, 96)] + [server_round])
 
 
 def _metrics_line(server_round: int, elapsed: float, report: Any, counting: CountingGrid,

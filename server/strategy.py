@@ -45,6 +45,7 @@ DEFAULTS: dict[str, Any] = {
     "min-clients": 3,
     "population-size": 0,
     "seed": 0,
+    "deterministic": False,
     "lora-rank": 8,
     "lora-alpha": 16.0,
     "lora-targets": "q_proj,k_proj,v_proj,o_proj",
@@ -82,7 +83,7 @@ DEFAULTS: dict[str, Any] = {
 # mid-run would make the checkpoint's adapter or privacy ledger mean something else.
 RESUME_LOCKED = (
     "model", "strategy", "lora-rank", "lora-alpha", "lora-targets", "ffa-lora", "dp",
-    "noise-multiplier", "clipping-norm", "delta", "sampling", "seed",
+    "noise-multiplier", "clipping-norm", "delta", "sampling", "seed", "deterministic",
 )
 
 

@@ -204,6 +204,7 @@ class SimulationRun:
             "min-clients": c.clients_per_round,
             "population-size": c.users,
             "seed": c.seed,
+            "deterministic": True,
             "lora-rank": c.lora_rank,
             "lora-alpha": c.lora_alpha,
             "lora-targets": c.lora_targets,

@@ -67,6 +67,7 @@ def _simulate(run_dir: Path, nodes: Path, clients: int, extra_mods=(), **overrid
         "clipping-norm": 0.05,
         "learning-rate": 0.01,
         "secagg-timeout": 120.0,
+        "deterministic": True,
         **overrides,
     }
     old = os.environ.get("FEDPAL_PASSPHRASE")

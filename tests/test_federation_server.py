@@ -198,3 +198,29 @@ def test_server_cli_reports_a_run_and_refuses_unknown_settings(tmp_path):
     assert bad.returncode == 2
     assert bad.stderr.strip().splitlines() == [bad.stderr.strip()]
     assert "unknown setting 'noise'" in bad.stderr
+
+
+def test_round_randomness_is_secret_unless_deterministic(tmp_path):
+    """DP noise drawn from a public seed could be subtracted: by default each run draws a
+    128-bit secret, keeps it in the server's checkpoint and replays it on resume."""
+    from fedpal.server.server_app import round_secret, seed_round
+
+    private = _settings()
+    first, second = round_secret(private, None), round_secret(private, None)
+    assert first != second and max(first, second) > 2**64
+    assert round_secret(_settings(deterministic=True, seed=7), None) == 7
+
+    arrays = [np.zeros(2, np.float32)]
+    save_checkpoint(tmp_path / "ckpt", Checkpoint(1, arrays, {}, None, {}, round_secret=first))
+    restored = load_checkpoint(tmp_path / "ckpt")
+    assert restored.round_secret == first
+    assert round_secret(private, restored) == first, "a resumed round replays the interrupted one's noise"
+
+    def noise(secret: int, server_round: int) -> np.ndarray:
+        seed_round(secret, server_round)
+        return np.random.normal(size=4)
+
+    assert np.array_equal(noise(first, 3), noise(first, 3))
+    assert not np.array_equal(noise(first, 3), noise(first, 4))
+    same_low_bits = first ^ (1 << 100)
+    assert not np.array_equal(noise(first, 3), noise(same_low_bits, 3)), "all 128 bits of the secret matter"
