@@ -51,11 +51,10 @@ def node_home(context: Context, config: dict) -> Path:
 
 def _model(config: dict) -> tuple[Any, Any, dict[str, np.ndarray]]:
     """The cached base model, its peft wrapper and the personal adapter's initial tensors."""
-    from fedpal.common.adapters import PERSONAL, adapter_to_arrays, attach_adapters
+    from fedpal.common.adapters import PERSONAL, AdapterConfig, adapter_to_arrays, attach_adapters
     from fedpal.common.models import load_base_model
-    from fedpal.server.server_app import adapter_config
 
-    adapters = adapter_config(config)
+    adapters = AdapterConfig.from_settings(config)
     key = (str(config["model"]), adapters)
     if key not in _MODELS:
         _MODELS.clear()
@@ -76,14 +75,15 @@ class FedpalClient(NumPyClient):
         from fedpal.client.memory import PreferenceMemory
         from fedpal.client.trainer import LocalTrainer, TrainConfig
         from fedpal.common.adapters import (
+            FINGERPRINT_KEY,
             PERSONAL,
             SHARED,
+            adapter_fingerprint,
             adapter_to_arrays,
             arrays_to_adapter,
             load_adapter,
             save_adapter,
         )
-        from fedpal.server.validation import FINGERPRINT_KEY, adapter_fingerprint
 
         started = time.perf_counter()
         home = ClientHome.at(node_home(self.context, config))
@@ -137,6 +137,10 @@ class FedpalClient(NumPyClient):
             )
             save_adapter(peft, PERSONAL, personal_dir)
         out = list(update.values())
+        if config.get("deterministic"):
+            # SecAgg+ quantizes this reply with stochastic rounding from numpy's global
+            # generator, right after fit returns; a simulation asked to be replayable
+            np.random.seed([int(config["seed"]), int(config["round"]), int(self.context.node_config.get("partition-id", 0))])
         uniform = bool(config["uniform-weights"])
         metrics = {
             "examples": int(shared.pairs + shared.examples),

@@ -12,6 +12,7 @@ it is a dict of named numpy arrays carried in a Flower ``ArrayRecord``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -34,6 +35,7 @@ ADAPTER_NAMES = (SHARED, PERSONAL)
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 FEDPAL_FILE = "fedpal_adapter.json"
+FINGERPRINT_KEY = "adapter-fingerprint"
 
 
 @dataclass(frozen=True)
@@ -63,6 +65,18 @@ class AdapterConfig:
         data = asdict(self)
         data["target_modules"] = list(self.target_modules)
         return data
+
+    @classmethod
+    def from_settings(cls, settings: Mapping) -> "AdapterConfig":
+        """From federation settings (``lora-rank``, ``lora-alpha``, ``lora-targets``, ``ffa-lora``,
+        ``seed``), so the server, every client and the simulator build the same adapters."""
+        return cls(
+            rank=int(settings["lora-rank"]),
+            alpha=float(settings["lora-alpha"]),
+            target_modules=tuple(t.strip() for t in str(settings["lora-targets"]).split(",") if t.strip()),
+            freeze_a=bool(settings["ffa-lora"]),
+            init_seed=int(settings["seed"]),
+        )
 
     @classmethod
     def from_dict(cls, data: Mapping) -> "AdapterConfig":
@@ -246,6 +260,13 @@ def load_adapter(model: "PeftModel", name: str, directory: Path | str) -> None:
             f"this model's '{name}' adapter has rank {ours.r} on {sorted(ours.target_modules)}"
         )
     arrays_to_adapter(model, name, arrays)
+
+
+def adapter_fingerprint(arrays: Mapping[str, np.ndarray]) -> str:
+    """A short hash of the tensor names and shapes, in order: a client sends it with its
+    update so the server can refuse an update for another adapter layout by name."""
+    text = "\n".join(f"{name}:{tuple(np.shape(array))}" for name, array in arrays.items())
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def to_array_record(arrays: Mapping[str, np.ndarray]) -> "ArrayRecord":

@@ -118,25 +118,12 @@ def _payload_bytes(msg: Message) -> int:
 
 def initial_adapter(settings: FederationSettings) -> dict[str, np.ndarray]:
     """The shared adapter every client starts from: the same seeded A, zero B."""
-    from fedpal.common.adapters import SHARED, adapter_to_arrays, attach_adapters
+    from fedpal.common.adapters import SHARED, AdapterConfig, adapter_to_arrays, attach_adapters
     from fedpal.common.models import load_base_model
 
     base = load_base_model(settings["model"], device="cpu")
-    peft = attach_adapters(base.model, adapter_config(settings.train_config(0)))
+    peft = attach_adapters(base.model, AdapterConfig.from_settings(settings.train_config(0)))
     return adapter_to_arrays(peft, SHARED, parts="B" if settings["ffa-lora"] else "AB", dtype=np.float32)
-
-
-def adapter_config(config: dict) -> Any:
-    """The adapter settings the server sends, as an ``AdapterConfig`` (server and clients agree)."""
-    from fedpal.common.adapters import AdapterConfig
-
-    return AdapterConfig(
-        rank=int(config["lora-rank"]),
-        alpha=float(config["lora-alpha"]),
-        target_modules=tuple(t.strip() for t in str(config["lora-targets"]).split(",") if t.strip()),
-        freeze_a=bool(config["ffa-lora"]),
-        init_seed=int(config["seed"]),
-    )
 
 
 def run_dir(settings: FederationSettings) -> Path:

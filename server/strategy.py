@@ -28,7 +28,8 @@ from typing import Any
 import numpy as np
 
 from fedpal.common.errors import FedpalError
-from fedpal.server.validation import FINGERPRINT_KEY, UpdateSpec, check_aggregate, check_update, update_norm
+from fedpal.common.adapters import FINGERPRINT_KEY
+from fedpal.server.validation import UpdateSpec, check_aggregate, check_update, update_norm
 
 log = logging.getLogger("fedpal.server")
 
@@ -135,6 +136,7 @@ class FederationSettings:
             "round": server_round,
             "model": v["model"],
             "seed": v["seed"],
+            "deterministic": v["deterministic"],
             "lora-rank": v["lora-rank"],
             "lora-alpha": v["lora-alpha"],
             "lora-targets": v["lora-targets"],

@@ -9,21 +9,13 @@ there by design: the client checks its own update and the server checks the aggr
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-FINGERPRINT_KEY = "adapter-fingerprint"
-
-
-def adapter_fingerprint(arrays: Mapping[str, np.ndarray]) -> str:
-    """A short hash of the tensor names and shapes, in order."""
-    text = "\n".join(f"{name}:{tuple(np.shape(array))}" for name, array in arrays.items())
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
+from fedpal.common.adapters import adapter_fingerprint
 
 @dataclass(frozen=True)
 class UpdateSpec:

@@ -76,13 +76,7 @@ class SimulationRun:
         )
         self.train_prompts = sample_prompts("train", config.train_prompts, config.seed)
         self.heldout = sample_prompts("heldout", config.heldout_prompts, config.seed)
-        self.adapter_config = AdapterConfig(
-            rank=config.lora_rank,
-            alpha=config.lora_alpha,
-            target_modules=tuple(t.strip() for t in config.lora_targets.split(",") if t.strip()),
-            freeze_a=config.ffa_lora,
-            init_seed=config.seed,
-        )
+        self.adapter_config = AdapterConfig.from_settings(self.federation_overrides(1))
         self.federation_dir = self.out / "federation"
         self._trainer_model: Any = None
         self._generator: Any = None

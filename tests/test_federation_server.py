@@ -23,7 +23,8 @@ from fedpal.server.strategy import (
     restore_strategy_state,
     strategy_state,
 )
-from fedpal.server.validation import FINGERPRINT_KEY, UpdateSpec, adapter_fingerprint, check_update
+from fedpal.common.adapters import FINGERPRINT_KEY, adapter_fingerprint
+from fedpal.server.validation import UpdateSpec, check_update
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -231,7 +231,7 @@ def test_malformed_jsonl_names_the_line_and_writes_nothing(memory: PreferenceMem
     path = write_jsonl(tmp_path / "bad.jsonl", [{**GOOD, "id": "a"}, "", bad_line, GOOD])
     with pytest.raises(FedpalError) as err:
         memory.import_jsonl(path)
-    assert f"bad.jsonl:3: " in str(err.value) and reason in str(err.value)
+    assert "bad.jsonl:3: " in str(err.value) and reason in str(err.value)
     assert "\n" not in str(err.value)
     assert [r.fields["text"] for r in memory.records()] == ["already here"]
     assert stored_bytes(memory.path.parent) == before

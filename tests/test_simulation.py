@@ -76,9 +76,9 @@ def test_same_seed_same_results(tmp_path):
     assert first["bytes_per_client_round"] == pytest.approx(second["bytes_per_client_round"], rel=0.01)
     adapters = [load_global_adapter(tmp_path / run / "federation") for run in ("a", "b")]
     assert adapters[0].keys() == adapters[1].keys()
-    # the DP noise replays exactly; SecAgg+ quantizes with stochastic rounding in steps of ~4e-6
+    # deterministic runs replay the DP noise and the clients' SecAgg+ stochastic rounding
     for name in adapters[0]:
-        assert np.allclose(adapters[0][name], adapters[1][name], atol=1e-5), f"global adapter differs at {name}"
+        assert np.allclose(adapters[0][name], adapters[1][name], atol=1e-6), f"global adapter differs at {name}"
 
 
 def test_bad_settings_are_one_clear_line(tmp_path):
