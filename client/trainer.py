@@ -240,6 +240,26 @@ class LocalTrainer:
         with self.model.disable_adapter():
             return self._pair_logprobs(encoded)
 
+    def _used_reference_logprobs(
+        self, encoded: Sequence[tuple[Encoded, Encoded]], reference_adapters: Sequence[str]
+    ) -> tuple["torch.Tensor", "torch.Tensor"]:
+        """Reference log-probs of the pairs this run's batches will draw (NaN for the others).
+
+        Batches are a pure function of (seed, step), so the pairs a run of ``steps`` steps
+        uses are known up front; a memory grows with every interaction while a run's step
+        budget does not, and scoring every pair would cost more than the training itself.
+        """
+        import torch
+
+        cfg = self.config
+        used = sorted({i for step in range(cfg.steps) for i in _batch_indices(len(encoded), self.batch_size, cfg.seed, step)})
+        chosen, rejected = self._reference_logprobs([encoded[i] for i in used], reference_adapters)
+        index = torch.tensor(used, device=chosen.device)
+        ref_chosen = torch.full((len(encoded),), float("nan"), dtype=chosen.dtype, device=chosen.device)
+        ref_rejected = ref_chosen.clone()
+        ref_chosen[index], ref_rejected[index] = chosen, rejected
+        return ref_chosen, ref_rejected
+
     def reward_margins(
         self, adapter: str, pairs: Sequence[PreferencePair], reference_adapters: Sequence[str] = ()
     ) -> list[float]:
@@ -293,7 +313,7 @@ class LocalTrainer:
         encoded_pairs = self._encode_pairs(pairs) if cfg.objective != "sft" else []
         encoded_sft = self._encode_examples(sft_rows)
         if encoded_pairs:
-            ref_chosen, ref_rejected = self._reference_logprobs(encoded_pairs, reference_adapters)
+            ref_chosen, ref_rejected = self._used_reference_logprobs(encoded_pairs, reference_adapters)
             activate(self.model, active=[*reference_adapters, adapter], trainable=adapter)
 
         anchors = [p.detach().clone() for _, p in params] if cfg.proximal_mu > 0 else []
