@@ -14,6 +14,13 @@
    base model and of base + adapters are compared: the share with a bullet list.
 
 Prints the two rates and a few replies; ``--json`` for the figures.
+
+Measured 2026-11-22 on the project machine (2 shared CPU cores, SmolLM2-135M-Instruct,
+24 held-out prompts, 80 new tokens): with ``--chosen instructed`` the base model used a
+dash list in only 6 of 48 instructed replies, leaving 5 pairs; DPO overfit them (loss
+0.693 -> 0.0005, margin 0 -> 8.8), replies got short and bulleted replies went 0/24 ->
+1/24 (23.5 min, mostly generation and training under load). Too few pairs: use
+``--chosen reformatted`` on small models.
 """
 
 from __future__ import annotations
