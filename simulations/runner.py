@@ -76,8 +76,8 @@ class SimulationRun:
         )
         self.train_prompts = sample_prompts("train", config.train_prompts, config.seed)
         self.heldout = sample_prompts("heldout", config.heldout_prompts, config.seed)
-        self.adapter_config = AdapterConfig.from_settings(self.federation_overrides(1))
         self.federation_dir = self.out / "federation"
+        self.adapter_config = AdapterConfig.from_settings(self.federation_overrides(1))
         self._trainer_model: Any = None
         self._generator: Any = None
 
