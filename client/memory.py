@@ -264,12 +264,17 @@ class PreferenceMemory:
     def _connect(path: Path) -> sqlite3.Connection:
         if not path.exists():
             os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
-        conn = sqlite3.connect(path, isolation_level=None, timeout=30.0)
+        conn = sqlite3.connect(path, isolation_level=None, timeout=BUSY_TIMEOUT_S)
         try:
-            conn.execute("PRAGMA busy_timeout = 30000")
-            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
+            _enable_wal(conn)
             conn.execute("PRAGMA synchronous = NORMAL")
             conn.execute("PRAGMA secure_delete = ON")
+        except sqlite3.OperationalError as err:
+            conn.close()
+            if _is_busy(err):
+                raise FedpalError(f"the preference memory at {path} is busy ({err}); try again") from None
+            raise FedpalError(f"{path} is not a readable fedpal memory ({err})") from None
         except sqlite3.DatabaseError as err:
             conn.close()
             raise FedpalError(f"{path} is not a readable fedpal memory ({err})") from None
@@ -744,3 +749,29 @@ class PreferenceMemory:
 def records_as_json(records: Sequence[Record]) -> str:
     """A JSON array of records in their JSONL form (what ``--json`` prints)."""
     return json.dumps([r.to_json() for r in records], ensure_ascii=False, indent=2)
+
+
+BUSY_TIMEOUT_S = 30.0
+
+
+def _is_busy(err: sqlite3.OperationalError) -> bool:
+    return "locked" in str(err) or "busy" in str(err)
+
+
+def _enable_wal(conn: sqlite3.Connection) -> None:
+    """Switch to WAL, retrying while another process holds the lock.
+
+    The switch needs an exclusive lock and SQLite answers "database is locked" at once
+    instead of running the busy handler, so two processes opening a new memory together
+    (a chat agent and an import) would otherwise fail one of them.
+    """
+    deadline = time.monotonic() + BUSY_TIMEOUT_S
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as err:
+            if not _is_busy(err) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
+
