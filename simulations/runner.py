@@ -180,8 +180,8 @@ class SimulationRun:
                             memory.add_pair(pair.prompt, pair.chosen, pair.rejected, tags=("simulated",))
                         seen = labels.ratings[0]
                         memory.add_rating(prompt, seen.reply, seen.rating, tags=("simulated",))
-            with PreferenceMemory.open(self.home(index).root) as memory:
-                totals.append(len(memory.records("pair")))
+                    pairs = len(memory.records("pair"))
+            totals.append(pairs)  # both homes received the same interactions
         return float(np.mean(totals))
 
     def federation_overrides(self, round_index: int) -> dict[str, Any]:

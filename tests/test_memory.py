@@ -430,18 +430,22 @@ WRITER = textwrap.dedent("""
 """)
 
 
-def test_two_processes_writing_at_once_lose_nothing(tmp_path: Path):
-    home = tmp_path / "shared-home"  # neither process finds a memory: they also race to create it
-    n = 150
-    procs = [subprocess.Popen([sys.executable, "-c", WRITER, str(home), name, str(n), mode],
-                              stderr=subprocess.PIPE, text=True)
-             for name, mode in (("chat", "chat"), ("importer", "import"))]
+def _run_together(script: str, *argvs: list[str]) -> None:
+    """Run ``script`` in one real process per argv at once; fail with their stderr, never hang."""
+    procs = [subprocess.Popen([sys.executable, "-c", script, *argv], stderr=subprocess.PIPE, text=True)
+             for argv in argvs]
     try:
         errors = [proc.communicate(timeout=120)[1] for proc in procs]
     finally:
         for proc in procs:
             proc.kill()
-    assert [proc.returncode for proc in procs] == [0, 0], errors
+    assert [proc.returncode for proc in procs] == [0] * len(procs), errors
+
+
+def test_two_processes_writing_at_once_lose_nothing(tmp_path: Path):
+    home = tmp_path / "shared-home"  # neither process finds a memory: they also race to create it
+    n = 150
+    _run_together(WRITER, [str(home), "chat", str(n), "chat"], [str(home), "importer", str(n), "import"])
     with PreferenceMemory.open(home, "pw") as mem:
         assert mem.verify() == []
         texts = {r.fields["text"] for r in mem.records()}
@@ -562,13 +566,6 @@ def test_two_processes_creating_one_memory_both_succeed(tmp_path: Path):
     for attempt in range(5):
         home = tmp_path / f"race{attempt}"
         home.mkdir()
-        procs = [subprocess.Popen([sys.executable, "-c", CREATOR, str(home), name], stderr=subprocess.PIPE, text=True)
-                 for name in ("agent", "importer")]
-        try:
-            errors = [proc.communicate(timeout=120)[1] for proc in procs]
-        finally:
-            for proc in procs:
-                proc.kill()
-        assert [proc.returncode for proc in procs] == [0, 0], errors
+        _run_together(CREATOR, [str(home), "agent"], [str(home), "importer"])
         with PreferenceMemory.open(home, "pw") as mem:
             assert sorted(r.fields["text"] for r in mem.records()) == ["agent", "importer"]
