@@ -89,6 +89,8 @@ class FedpalClient(NumPyClient):
         home = ClientHome.at(node_home(self.context, config))
         with PreferenceMemory.open(home.root) as memory:
             pairs, examples = memory.preference_pairs(), memory.sft_examples()
+            if config["train-with-preferences"]:
+                pairs, examples = memory.in_context(pairs), memory.in_context(examples)
         base, peft, fresh_personal = _model(config)
         parts = "B" if config["ffa-lora"] else "AB"
         names = list(adapter_to_arrays(peft, SHARED, parts))

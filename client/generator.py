@@ -30,14 +30,13 @@ from fedpal.client.onnx_adapters import ADAPTER_SUFFIX, convert_adapters
 from fedpal.client.onnx_export import DEFAULT_MAX_RANK, ExportInfo, check_export, find_export
 from fedpal.common.adapters import CONFIG_FILE, PERSONAL, SHARED
 from fedpal.common.errors import FedpalError
-from fedpal.common.generation import chat_input_ids
+from fedpal.common.generation import chat_input_ids, with_preferences
 
 if TYPE_CHECKING:
     import onnxruntime_genai as og
 
 MODES = ("base", "merge", "fusion")
 MAX_LOADED_ADAPTERS = 32
-RETRIEVAL_HEADER = "The user has stated these preferences; follow them when they apply:"
 
 Adapter = Path | str | None
 
@@ -348,15 +347,6 @@ def retrieve_preferences(home: ClientHome, prompt: str, passphrase: str | None =
         return []  # no memory yet: nothing stated, and opening would create one
     with PreferenceMemory.open(home.root, passphrase=passphrase) as memory:
         return list(memory.stated_preferences(prompt, k=k))
-
-
-def with_preferences(system: str | None, preferences: Sequence[str]) -> str | None:
-    """A system prompt that lists ``preferences`` after any existing system text."""
-    if not preferences:
-        return system
-    listed = "\n".join(f"- {p}" for p in preferences)
-    block = f"{RETRIEVAL_HEADER}\n{listed}"
-    return f"{system}\n\n{block}" if system else block
 
 
 def _log_softmax(logits: np.ndarray) -> np.ndarray:

@@ -33,10 +33,10 @@ import uuid
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from fedpal.client.encryption import (
     OWASP_ARGON2ID,
@@ -59,7 +59,10 @@ from fedpal.client.encryption import (
 from fedpal.client.home import ClientHome
 from fedpal.client.retrieval import BM25Ranker, Ranker, RankIndex
 from fedpal.common.errors import FedpalError
+from fedpal.common.generation import with_preferences
 from fedpal.common.types import PreferencePair, SFTExample
+
+TrainingItem = TypeVar("TrainingItem", PreferencePair, SFTExample)
 
 PASSPHRASE_ENV = "FEDPAL_PASSPHRASE"
 
@@ -516,6 +519,18 @@ class PreferenceMemory:
         return [r.fields["text"] for r in self.retrieve(prompt or "", k, kinds=["stated"])]
 
     # ------------------------------------------------------------------ training views
+
+    def in_context(self, items: Sequence[TrainingItem]) -> list[TrainingItem]:
+        """``items`` with each prompt's retrieved stated preferences as their system message.
+
+        With retrieval on, the generator shows the model exactly this system message; an
+        adapter trained on bare prompts would answer in a context it never learned in.
+        """
+        systems: dict[str, str | None] = {}
+        for item in items:
+            if item.prompt not in systems:
+                systems[item.prompt] = with_preferences(None, self.stated_preferences(item.prompt))
+        return [replace(item, system=systems[item.prompt]) for item in items]
 
     def preference_pairs(self) -> list[PreferencePair]:
         """DPO pairs: explicit pairs, edits (edited over original), and ratings of one prompt ranked pairwise.

@@ -22,6 +22,9 @@ def train(
     max_length: int = typer.Option(None, min=8, help="Tokens per sequence; default: from the device profile."),
     rank: int = typer.Option(None, min=1, help="LoRA rank for new adapters; saved adapters keep theirs."),
     seed: int = typer.Option(0, help="Same seed, same data, same device: same adapter."),
+    retrieval: bool = typer.Option(
+        False, "--retrieval", help="Train with the stated preferences in the system prompt, as `fedpal generate --retrieval` answers."
+    ),
     time_budget: float = typer.Option(None, min=0.001, help="Stop after this many seconds (per adapter)."),
     device: str = typer.Option(None, help="torch device; default: cuda if available, else cpu."),
     passphrase: str = typer.Option(None, envvar="FEDPAL_PASSPHRASE", help="Memory passphrase (or the OS keyring)."),
@@ -40,9 +43,11 @@ def train(
     if objective not in OBJECTIVES:
         raise FedpalError(f"--objective must be one of {', '.join(OBJECTIVES)}, not '{objective}'")
     client = ClientHome.at(home)
-    memory = PreferenceMemory.open(client.root, passphrase=passphrase)
-    pairs = memory.preference_pairs()
-    examples = memory.sft_examples() if objective != "dpo" else []
+    with PreferenceMemory.open(client.root, passphrase=passphrase) as memory:
+        pairs = memory.preference_pairs()
+        examples = memory.sft_examples() if objective != "dpo" else []
+        if retrieval:
+            pairs, examples = memory.in_context(pairs), memory.in_context(examples)
     config = TrainConfig(
         objective=objective, steps=steps, learning_rate=learning_rate, beta=beta, batch_size=batch_size,
         max_length=max_length, seed=seed, time_budget_s=time_budget,

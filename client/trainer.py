@@ -166,7 +166,7 @@ class LocalTrainer:
     def _encode_pairs(self, pairs: Sequence[PreferencePair]) -> list[tuple[Encoded, Encoded]]:
         encoded = []
         for pair in pairs:
-            prompt = chat_input_ids(self.tokenizer, pair.prompt)
+            prompt = chat_input_ids(self.tokenizer, pair.prompt, pair.system)
             encoded.append((
                 encode_reply(self.tokenizer, prompt, pair.chosen, self.max_length),
                 encode_reply(self.tokenizer, prompt, pair.rejected, self.max_length),
@@ -175,7 +175,7 @@ class LocalTrainer:
 
     def _encode_examples(self, examples: Sequence[SFTExample]) -> list[Encoded]:
         return [
-            encode_reply(self.tokenizer, chat_input_ids(self.tokenizer, ex.prompt), ex.response, self.max_length)
+            encode_reply(self.tokenizer, chat_input_ids(self.tokenizer, ex.prompt, ex.system), ex.response, self.max_length)
             for ex in examples
         ]
 

@@ -48,10 +48,21 @@ class AdapterConfig:
     dropout: float = 0.0
     freeze_a: bool = False
     init_seed: int = 0
+    top_layers: int = 0
+    """LoRA only in the last ``top_layers`` decoder layers (0: all). Backpropagation then stops
+    below them, so a training step costs less, and DP noise covers fewer coordinates."""
 
-    def lora_config(self) -> "LoraConfig":
+    def lora_config(self, num_layers: int | None = None) -> "LoraConfig":
+        """peft's config; ``num_layers`` (the model's decoder layers) is needed when ``top_layers`` is set."""
         from peft import LoraConfig
 
+        layers = None
+        if self.top_layers:
+            if num_layers is None:
+                raise ValueError("lora_config needs the model's number of layers when top_layers is set")
+            if self.top_layers > num_layers:
+                raise FedpalError(f"top_layers is {self.top_layers} but the model has only {num_layers} layers")
+            layers = list(range(num_layers - self.top_layers, num_layers))
         return LoraConfig(
             r=self.rank,
             lora_alpha=self.alpha,
@@ -59,6 +70,7 @@ class AdapterConfig:
             lora_dropout=self.dropout,
             bias="none",
             task_type="CAUSAL_LM",
+            layers_to_transform=layers,
         )
 
     def to_dict(self) -> dict:
@@ -69,13 +81,14 @@ class AdapterConfig:
     @classmethod
     def from_settings(cls, settings: Mapping) -> "AdapterConfig":
         """From federation settings (``lora-rank``, ``lora-alpha``, ``lora-targets``, ``ffa-lora``,
-        ``seed``), so the server, every client and the simulator build the same adapters."""
+        ``lora-top-layers``, ``seed``), so the server, every client and the simulator build the same adapters."""
         return cls(
             rank=int(settings["lora-rank"]),
             alpha=float(settings["lora-alpha"]),
             target_modules=tuple(t.strip() for t in str(settings["lora-targets"]).split(",") if t.strip()),
             freeze_a=bool(settings["ffa-lora"]),
             init_seed=int(settings["seed"]),
+            top_layers=int(settings.get("lora-top-layers", 0)),
         )
 
     @classmethod
@@ -97,12 +110,13 @@ def attach_adapters(
     import torch
     from peft import get_peft_model
 
+    lora = config.lora_config(model.config.num_hidden_layers)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.init_seed)
-        peft_model = get_peft_model(model, config.lora_config(), adapter_name=names[0])
+        peft_model = get_peft_model(model, lora, adapter_name=names[0])
         for name in names[1:]:
             torch.manual_seed(config.init_seed)
-            peft_model.add_adapter(name, config.lora_config())
+            peft_model.add_adapter(name, lora)
     peft_model.fedpal_adapter_config = config
     activate(peft_model, active=[names[0]], trainable=None)
     return peft_model

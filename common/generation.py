@@ -6,10 +6,13 @@ checked against and the fallback for health checks.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from fedpal.common.models import BaseModel
+
+RETRIEVAL_HEADER = "The user has stated these preferences; follow them when they apply:"
 
 
 def chat_input_ids(tokenizer, prompt: str, system: str | None = None) -> list[int]:
@@ -19,6 +22,15 @@ def chat_input_ids(tokenizer, prompt: str, system: str | None = None) -> list[in
     encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
     ids = encoded["input_ids"] if hasattr(encoded, "keys") else encoded
     return list(ids)
+
+
+def with_preferences(system: str | None, preferences: Sequence[str]) -> str | None:
+    """A system prompt that lists ``preferences`` after any existing system text."""
+    if not preferences:
+        return system
+    listed = "\n".join(f"- {p}" for p in preferences)
+    block = f"{RETRIEVAL_HEADER}\n{listed}"
+    return f"{system}\n\n{block}" if system else block
 
 
 def generate_reply(

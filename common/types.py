@@ -13,6 +13,8 @@ class PreferencePair:
     chosen: str
     rejected: str
     source_id: str | None = None
+    system: str | None = None
+    """System message shown with the prompt (e.g. the user's stated preferences), as at generation."""
 
 
 @dataclass(frozen=True)
@@ -22,3 +24,5 @@ class SFTExample:
     prompt: str
     response: str
     source_id: str | None = None
+    system: str | None = None
+    """System message shown with the prompt, as for :class:`PreferencePair`."""

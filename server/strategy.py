@@ -50,6 +50,7 @@ DEFAULTS: dict[str, Any] = {
     "lora-rank": 8,
     "lora-alpha": 16.0,
     "lora-targets": "q_proj,k_proj,v_proj,o_proj",
+    "lora-top-layers": 0,
     "ffa-lora": True,
     "fp16-updates": False,
     "objective": "dpo",
@@ -59,6 +60,7 @@ DEFAULTS: dict[str, Any] = {
     "dpo-beta": 0.1,
     "batch-size": 4,
     "max-length": 128,
+    "train-with-preferences": False,
     "proximal-mu": 0.01,
     "server-learning-rate": 0.01,
     "server-momentum": 0.9,
@@ -83,7 +85,7 @@ DEFAULTS: dict[str, Any] = {
 # Settings a resumed run must share with the run it continues: changing any of them
 # mid-run would make the checkpoint's adapter or privacy ledger mean something else.
 RESUME_LOCKED = (
-    "model", "strategy", "lora-rank", "lora-alpha", "lora-targets", "ffa-lora", "dp",
+    "model", "strategy", "lora-rank", "lora-alpha", "lora-targets", "lora-top-layers", "ffa-lora", "dp",
     "noise-multiplier", "clipping-norm", "delta", "sampling", "seed", "deterministic",
 )
 
@@ -124,6 +126,8 @@ class FederationSettings:
             raise FedpalError("SecAgg+ needs at least 3 clients per round: set min-clients >= 3 or secagg = false")
         if v["lora-rank"] < 1:
             raise FedpalError("lora-rank must be at least 1")
+        if v["lora-top-layers"] < 0:
+            raise FedpalError("lora-top-layers must be 0 (all layers) or a positive number of last layers")
         if v["dp"] and not (v["noise-multiplier"] > 0 and v["clipping-norm"] > 0):
             raise FedpalError("with dp on, noise-multiplier and clipping-norm must be positive")
         if v["secagg"] and v["clipping-norm"] > v["secagg-clipping-range"]:
@@ -140,6 +144,7 @@ class FederationSettings:
             "lora-rank": v["lora-rank"],
             "lora-alpha": v["lora-alpha"],
             "lora-targets": v["lora-targets"],
+            "lora-top-layers": v["lora-top-layers"],
             "ffa-lora": v["ffa-lora"],
             "fp16-updates": v["fp16-updates"] and not v["secagg"],
             "uniform-weights": v["dp"],
@@ -150,6 +155,7 @@ class FederationSettings:
             "dpo-beta": v["dpo-beta"],
             "batch-size": v["batch-size"],
             "max-length": v["max-length"],
+            "train-with-preferences": v["train-with-preferences"],
             "client-threads": v["client-threads"],
             "home-base": v["home-base"],
         }

@@ -163,3 +163,20 @@ def test_corrupt_adapter_file_is_named(tiny_base, tmp_path):
         load_adapter(model, SHARED, folder)
     with pytest.raises(FedpalError, match="not an adapter folder"):
         load_adapter(model, SHARED, tmp_path)
+
+
+def test_top_layers_puts_lora_only_in_the_last_layers(tiny_base, tiny_path, tmp_path):
+    import re
+
+    layers = tiny_base.model.config.num_hidden_layers
+    model = attach_adapters(tiny_base.model, AdapterConfig(top_layers=1))
+    found = {int(re.search(r"layers\.(\d+)\.", name)[1]) for name in adapter_to_arrays(model, SHARED)}
+    assert found == {layers - 1}
+    activate(model, [SHARED], trainable=SHARED)
+    _randomize(model, SHARED)
+    save_adapter(model, SHARED, tmp_path / "top")
+    ids = torch.tensor([[1, 5, 9, 3]])
+    peft_model = PeftModel.from_pretrained(load_base_model("tiny", device="cpu").model, tmp_path / "top")
+    assert torch.allclose(_logits(peft_model, ids), _logits(model, ids), atol=1e-6)
+    with pytest.raises(FedpalError, match="only 2 layers"):
+        attach_adapters(load_base_model("tiny", device="cpu").model, AdapterConfig(top_layers=layers + 1))

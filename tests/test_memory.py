@@ -9,6 +9,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -353,6 +354,18 @@ def test_training_views(memory: PreferenceMemory, tmp_path: Path):
         ("same", "x"),
     }
     assert all(isinstance(e, SFTExample) and e.source_id for e in memory.sft_examples())
+
+
+def test_in_context_gives_each_prompt_the_preferences_generation_would_retrieve(memory: PreferenceMemory, tmp_path):
+    from fedpal.common.generation import RETRIEVAL_HEADER, with_preferences
+
+    bare = [PreferencePair("How far is it in miles?", "About 5 km.", "About 3 miles."), SFTExample("Hi", "Hello")]
+    assert memory.in_context(bare) == [replace(item, system=None) for item in bare]  # nothing stated yet
+    memory.import_jsonl(write_jsonl(tmp_path / "in.jsonl", SAMPLE))
+    pair, example = memory.in_context(bare)
+    assert replace(pair, system=None) == bare[0] and replace(example, system=None) == bare[1]
+    assert pair.system == with_preferences(None, memory.stated_preferences(pair.prompt))
+    assert pair.system.startswith(RETRIEVAL_HEADER) and "Use metric units" in pair.system
 
 
 def test_keyring_store_needs_no_passphrase_and_forget_all_replaces_its_key(home: Path, monkeypatch):

@@ -375,3 +375,17 @@ def test_benchmark_runs_on_the_tiny_model():
     assert result["onnx_adapter_tok_s"] > 0 and result["pytorch_eager_adapter_tok_s"] > 0
     assert result["adapter_swap_cold_ms"] > 0 and result["adapter_swap_warm_ms"] > 0
     assert "tok/s" in table(result)
+
+
+def test_adapter_on_the_top_layers_only_matches_peft(generator, tmp_path):
+    base = load_base_model("tiny", device="cpu")
+    model = attach_adapters(base.model, AdapterConfig(rank=CONFIG.rank, alpha=CONFIG.alpha, top_layers=1))
+    _random_adapters(model, 3)
+    home = ClientHome.at(tmp_path / "top")
+    save_adapter(model, PERSONAL, home.adapter_dir(PERSONAL))
+    activate(model, [PERSONAL])
+    ids = chat_input_ids(base.tokenizer, PROMPT)
+    ours = generator.next_logits(ids, generator.user_adapter(home, 0.0, 1.0))
+    assert np.abs(ours - _torch_logits(model, ids)).max() < 1e-4
+    with model.disable_adapter():
+        assert np.abs(ours - _torch_logits(model, ids)).max() > 1e-2

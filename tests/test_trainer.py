@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -145,6 +146,21 @@ def test_dpo_raises_reward_margin_on_training_and_held_out_pairs():
     assert max(abs(m) for m in before) < 1e-4
     assert np.mean(on_train) > 0.2 and min(on_train) > 0
     assert np.mean(on_held_out) > 0.2 and sum(m > 0 for m in on_held_out) >= 7
+
+
+def test_system_message_is_part_of_what_the_adapter_learns_from():
+    base, model = fresh()
+    pairs = style_pairs(4, seed=5)
+    system = "The user has stated these preferences; follow them when they apply:\n- Use bullet lists."
+    in_context = [dataclasses.replace(p, system=system) for p in pairs]
+    trainer = LocalTrainer(base, model, TrainConfig(steps=1, **FAST))
+    bare_rows, context_rows = trainer._encode_pairs(pairs), trainer._encode_pairs(in_context)
+    for (bare, _), (context, _) in zip(bare_rows, context_rows):
+        assert "Use bullet lists" in base.tokenizer.decode(context[0]) and "bullet" not in base.tokenizer.decode(bare[0])
+        assert [t for t in context[1] if t != IGNORE] == [t for t in bare[1] if t != IGNORE]  # same reply scored
+    margins = trainer.reward_margins(PERSONAL, in_context, [SHARED])
+    trainer.train(PERSONAL, in_context, reference_adapters=[SHARED], progress=False)
+    assert trainer.reward_margins(PERSONAL, in_context, [SHARED]) != margins
 
 
 def test_reference_is_cached_one_forward_per_step():
@@ -367,10 +383,10 @@ def test_cli_with_an_empty_memory_says_what_to_add(tmp_path):
 
 @pytest.mark.slow
 def test_personal_adapter_makes_bullet_lists_more_frequent_on_the_default_model():
-    """~32 on-policy pairs preferring bullet lists; greedy replies to unseen prompts (minutes on CPU)."""
+    """32 pairs preferring the same reply as a bullet list; greedy replies to unseen prompts (~6 min on CPU)."""
     from fedpal.simulations.benchmarks.style import main
 
     report = main(["--model", "default", "--json"])
     assert report["pairs"] >= 16 and report["stopped"] == "steps"
     assert report["reward_margin_last"] > report["reward_margin_first"]
-    assert report["tuned_bulleted_rate"] > report["base_bulleted_rate"]
+    assert report["tuned_bulleted_rate"] >= report["base_bulleted_rate"] + 0.5  # measured: 0/24 -> 23/24
