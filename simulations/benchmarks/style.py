@@ -3,24 +3,26 @@
 ``python -m fedpal.simulations.benchmarks.style [--model default]``:
 
 1. For training prompts of the built-in pool, the base model answers plainly, greedily
-   (the rejected reply). The chosen reply is either the base model's own answer when
-   asked for a bulleted list (``--chosen instructed``, on-policy) or the plain reply's
-   sentences rewritten as "- " lines (``--chosen reformatted``: same content, only the
-   form differs; also works with models that ignore instructions). Pairs whose chosen
+   (the rejected reply). The chosen reply is either the plain reply's sentences rewritten
+   as "- " lines (``--chosen reformatted``, the default: same content, only the form
+   differs; works with models that ignore instructions) or the base model's own answer
+   when asked for a bulleted list (``--chosen instructed``, on-policy). Pairs whose chosen
    reply has a bullet list and whose rejected reply has none are kept, up to ``--pairs``.
-2. The personal adapter is trained with fedpal's ``LocalTrainer`` (DPO; reference =
-   base + the untouched shared adapter).
+2. The personal adapter is trained with fedpal's ``LocalTrainer`` (DPO, plus SFT on the
+   chosen replies unless ``--objective dpo``; reference = base + the untouched shared adapter).
 3. On held-out prompts the user never rated, asked plainly, the greedy replies of the
    base model and of base + adapters are compared: the share with a bullet list.
 
 Prints the two rates and a few replies; ``--json`` for the figures.
 
-Measured 2026-11-22 on the project machine (2 shared CPU cores, SmolLM2-135M-Instruct,
-24 held-out prompts, 80 new tokens): with ``--chosen instructed`` the base model used a
-dash list in only 6 of 48 instructed replies, leaving 5 pairs; DPO overfit them (loss
-0.693 -> 0.0005, margin 0 -> 8.8), replies got short and bulleted replies went 0/24 ->
-1/24 (23.5 min, mostly generation and training under load). Too few pairs: use
-``--chosen reformatted`` on small models.
+Measured 2026-11-22 on the project machine (2 CPU cores, SmolLM2-135M-Instruct, 32
+reformatted pairs, 24 steps of 4 pairs, 24 held-out prompts, 80 new tokens): DPO + SFT on
+the chosen replies (``--objective both``, the default) took bulleted greedy replies from
+0/24 to 23/24, fluent ("- To make tomato sauce from scratch, you will need to start by
+boiling the tomatoes." ...), training 141 s. Pure DPO (``--objective dpo``) overfits
+the form: loss 0.693 -> 0.006 but replies collapse into "- -- -- --" and only 1/24 counts
+as a list. ``--chosen instructed`` (the base model asked for a list) left only 5 usable
+pairs: the 135M model rarely follows that instruction.
 """
 
 from __future__ import annotations
@@ -79,7 +81,7 @@ def run(args: argparse.Namespace) -> dict:
     from fedpal.common.adapters import PERSONAL, SHARED, AdapterConfig, activate, attach_adapters
     from fedpal.common.errors import FedpalError
     from fedpal.common.models import load_base_model
-    from fedpal.common.types import PreferencePair
+    from fedpal.common.types import PreferencePair, SFTExample
     from fedpal.simulations.prompts import sample_prompts
 
     if args.threads:
@@ -105,10 +107,11 @@ def run(args: argparse.Namespace) -> dict:
     generated = time.perf_counter()
 
     trainer = LocalTrainer(base, model, TrainConfig(
-        steps=args.steps, batch_size=args.batch_size, max_length=args.max_length,
+        objective=args.objective, steps=args.steps, batch_size=args.batch_size, max_length=args.max_length,
         learning_rate=args.learning_rate, beta=args.beta, seed=args.seed, checkpoint_every=0,
     ))
-    result = trainer.train(PERSONAL, pairs, reference_adapters=[SHARED], progress=not args.json)
+    examples = [SFTExample(p.prompt, p.chosen) for p in pairs] if args.objective != "dpo" else []
+    result = trainer.train(PERSONAL, pairs, examples, reference_adapters=[SHARED], progress=not args.json)
     trained = time.perf_counter()
 
     activate(model, [SHARED, PERSONAL])
@@ -116,7 +119,7 @@ def run(args: argparse.Namespace) -> dict:
     base_rate = sum(map(is_bulleted, base_replies)) / len(held_out)
     tuned_rate = sum(map(is_bulleted, tuned_replies)) / len(held_out)
     return {
-        "model": args.model, "chosen_from": args.chosen, "device": result.device, "pairs": len(pairs), "candidates": len(candidates),
+        "model": args.model, "chosen_from": args.chosen, "objective": args.objective, "device": result.device, "pairs": len(pairs), "candidates": len(candidates),
         "eval_prompts": len(held_out), "steps": result.steps, "stopped": result.stopped,
         "loss_first": result.loss_first, "loss_last": result.loss_last,
         "reward_margin_first": result.reward_margin_first, "reward_margin_last": result.reward_margin_last,
@@ -133,11 +136,13 @@ def run(args: argparse.Namespace) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="default")
-    parser.add_argument("--chosen", choices=("instructed", "reformatted"), default="instructed")
+    parser.add_argument("--chosen", choices=("instructed", "reformatted"), default="reformatted")
     parser.add_argument("--candidates", type=int, default=48, help="training prompts to build pairs from")
     parser.add_argument("--pairs", type=int, default=32)
     parser.add_argument("--eval-prompts", type=int, default=24, help="held-out prompts")
     parser.add_argument("--steps", type=int, default=24, help="24 x 4 = three passes over 32 pairs")
+    parser.add_argument("--objective", choices=("dpo", "both"), default="both",
+                        help="both: DPO plus SFT on the chosen replies, which keeps them fluent (pure DPO on few pairs degenerates)")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--max-length", type=int, default=192)
     parser.add_argument("--max-new-tokens", type=int, default=80)
@@ -155,7 +160,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(json.dumps(report, indent=2))
         return report
     print(f"{report['model']} on {report['device']}: {report['pairs']} pairs ({report['chosen_from']}) "
-          f"(from {report['candidates']} prompts), {report['steps']} DPO steps, "
+          f"(from {report['candidates']} prompts), {report['steps']} {report['objective']} steps, "
           f"loss {report['loss_first']:.3f} -> {report['loss_last']:.3f}, "
           f"margin {report['reward_margin_first']:.2f} -> {report['reward_margin_last']:.2f}")
     print(f"bulleted greedy replies on {report['eval_prompts']} held-out prompts: "

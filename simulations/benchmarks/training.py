@@ -93,7 +93,7 @@ def _trl(model: str, pairs, args, precompute: bool) -> dict:
             learning_rate=args.learning_rate, beta=args.beta, max_length=args.max_length,
             lr_scheduler_type="constant", gradient_checkpointing=False, precompute_ref_log_probs=precompute,
             precompute_ref_batch_size=args.batch_size, use_cpu=base.device.type == "cpu", report_to="none",
-            save_strategy="no", logging_steps=args.steps, disable_tqdm=True, seed=args.seed,
+            save_strategy="no", logging_steps=1, disable_tqdm=True, seed=args.seed,
             dataloader_num_workers=0,
         )
         start = time.perf_counter()
@@ -101,9 +101,11 @@ def _trl(model: str, pairs, args, precompute: bool) -> dict:
             model=base.model, args=config, train_dataset=dataset, processing_class=base.tokenizer,
             peft_config=AdapterConfig(rank=args.rank, alpha=2.0 * args.rank).lora_config(),
         )
-        output = trainer.train()
+        trainer.train()
         seconds = time.perf_counter() - start
-    return {"seconds": seconds, "loss_last": output.metrics.get("train_loss"), "device": str(base.device)}
+    # TRL's train_loss is the mean over all steps; the last step's loss is what fedpal reports
+    last = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry][-1]
+    return {"seconds": seconds, "loss_last": float(last), "device": str(base.device)}
 
 
 def _warm_up(args: argparse.Namespace, pairs) -> None:
