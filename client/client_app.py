@@ -89,8 +89,12 @@ class FedpalClient(NumPyClient):
         home = ClientHome.at(node_home(self.context, config))
         with PreferenceMemory.open(home.root) as memory:
             pairs, examples = memory.preference_pairs(), memory.sft_examples()
+            # the shared adapter learns what everyone likes from bare prompts; the personal
+            # one, optionally, in the context this user's replies are generated in
+            personal_pairs, personal_examples = pairs, examples
             if config["train-with-preferences"]:
-                pairs, examples = memory.in_context(pairs), memory.in_context(examples)
+                where = str(config["preferences-in"])
+                personal_pairs, personal_examples = memory.in_context(pairs, where), memory.in_context(examples, where)
         base, peft, fresh_personal = _model(config)
         parts = "B" if config["ffa-lora"] else "AB"
         names = list(adapter_to_arrays(peft, SHARED, parts))
@@ -135,7 +139,7 @@ class FedpalClient(NumPyClient):
             # the personal adapter learns on top of the global shared one, as used at inference
             arrays_to_adapter(peft, SHARED, received, parts)
             LocalTrainer(base, peft, train_config(personal_steps, node_seed + 1)).train(
-                PERSONAL, pairs, examples, reference_adapters=(SHARED,), progress=False
+                PERSONAL, personal_pairs, personal_examples, reference_adapters=(SHARED,), progress=False
             )
             save_adapter(peft, PERSONAL, personal_dir)
         out = list(update.values())

@@ -30,7 +30,7 @@ from fedpal.client.onnx_adapters import ADAPTER_SUFFIX, convert_adapters
 from fedpal.client.onnx_export import DEFAULT_MAX_RANK, ExportInfo, check_export, find_export
 from fedpal.common.adapters import CONFIG_FILE, PERSONAL, SHARED
 from fedpal.common.errors import FedpalError
-from fedpal.common.generation import chat_input_ids, with_preferences
+from fedpal.common.generation import chat_input_ids, place_preferences
 
 if TYPE_CHECKING:
     import onnxruntime_genai as og
@@ -310,10 +310,13 @@ class PersonalizedGenerator:
         options: DecodeOptions | None = None,
         system: str | None = None,
         on_token: Callable[[str], None] | None = None,
+        retrieval_in: str = "prompt",
     ) -> Reply:
         """Reply to ``prompt`` as the user living in ``home`` would want, in the given mode.
 
         merge weights: ``w_shared``, ``w_personal``; fusion weights: ``w_base``, ``w_shared``, ``w_personal``.
+        ``retrieval`` adds the user's most relevant stated preferences to the ``retrieval_in``
+        (``prompt`` or ``system``; see :func:`fedpal.common.generation.place_preferences`).
         """
         if mode not in MODES:
             raise FedpalError(f"mode must be one of {', '.join(MODES)}, not '{mode}'")
@@ -321,7 +324,7 @@ class PersonalizedGenerator:
         if not prompt or not prompt.strip():
             raise FedpalError("the prompt is empty")
         if retrieval:
-            system = with_preferences(system, retrieve_preferences(home, prompt, passphrase))
+            prompt, system = place_preferences(prompt, system, retrieve_preferences(home, prompt, passphrase), retrieval_in)
         label = mode + ("+retrieval" if retrieval else "")
         if mode == "base":
             return self.generate(prompt, None, options, system, on_token=on_token, mode=label)

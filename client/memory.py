@@ -59,7 +59,7 @@ from fedpal.client.encryption import (
 from fedpal.client.home import ClientHome
 from fedpal.client.retrieval import BM25Ranker, Ranker, RankIndex
 from fedpal.common.errors import FedpalError
-from fedpal.common.generation import with_preferences
+from fedpal.common.generation import place_preferences
 from fedpal.common.types import PreferencePair, SFTExample
 
 TrainingItem = TypeVar("TrainingItem", PreferencePair, SFTExample)
@@ -520,17 +520,17 @@ class PreferenceMemory:
 
     # ------------------------------------------------------------------ training views
 
-    def in_context(self, items: Sequence[TrainingItem]) -> list[TrainingItem]:
-        """``items`` with each prompt's retrieved stated preferences as their system message.
+    def in_context(self, items: Sequence[TrainingItem], where: str = "prompt") -> list[TrainingItem]:
+        """``items`` with each prompt's retrieved stated preferences placed ``where`` (prompt or system).
 
-        With retrieval on, the generator shows the model exactly this system message; an
-        adapter trained on bare prompts would answer in a context it never learned in.
+        With retrieval on, the generator shows the model exactly this context; an adapter
+        trained on bare prompts would answer in a context it never learned in.
         """
-        systems: dict[str, str | None] = {}
+        placed: dict[str, tuple[str, str | None]] = {}
         for item in items:
-            if item.prompt not in systems:
-                systems[item.prompt] = with_preferences(None, self.stated_preferences(item.prompt))
-        return [replace(item, system=systems[item.prompt]) for item in items]
+            if item.prompt not in placed:
+                placed[item.prompt] = place_preferences(item.prompt, None, self.stated_preferences(item.prompt), where)
+        return [replace(item, prompt=placed[item.prompt][0], system=placed[item.prompt][1]) for item in items]
 
     def preference_pairs(self) -> list[PreferencePair]:
         """DPO pairs: explicit pairs, edits (edited over original), and ratings of one prompt ranked pairwise.

@@ -30,7 +30,10 @@ MODE = typer.Option("merge", "--mode", help="base, merge (shared + personal in o
 W_SHARED = typer.Option(1.0, "--w-shared", help="Weight of the shared adapter (merge and fusion).")
 W_PERSONAL = typer.Option(1.0, "--w-personal", help="Weight of the personal adapter (merge and fusion).")
 W_BASE = typer.Option(0.0, "--w-base", help="Weight of the base model's log-probabilities (fusion only).")
-RETRIEVAL = typer.Option(False, "--retrieval", help="Put the user's most relevant stated preferences in the system prompt.")
+RETRIEVAL = typer.Option(False, "--retrieval", help="Add the user's most relevant stated preferences (see --retrieval-in).")
+RETRIEVAL_IN = typer.Option(
+    "prompt", "--retrieval-in", help="Where retrieved preferences go: prompt (after the request) or system (the system message)."
+)
 MAX_NEW = typer.Option(128, "--max-new-tokens", min=1, help="Stop after this many new tokens.")
 SAMPLE = typer.Option(False, "--sample", help="Sample instead of greedy decoding.")
 TEMPERATURE = typer.Option(0.8, "--temperature", help="Sampling temperature (with --sample).")
@@ -65,6 +68,7 @@ def generate(
     precision: str = PRECISION,
     mode: str = MODE,
     retrieval: bool = RETRIEVAL,
+    retrieval_in: str = RETRIEVAL_IN,
     max_new_tokens: int = MAX_NEW,
     w_shared: float = W_SHARED,
     w_personal: float = W_PERSONAL,
@@ -85,7 +89,7 @@ def generate(
     on_token = None if as_json else (lambda piece: (sys.stdout.write(piece), sys.stdout.flush()))
     reply = generator.generate_for(
         client, prompt, mode=mode, w_shared=w_shared, w_personal=w_personal, w_base=w_base,
-        retrieval=retrieval, passphrase=passphrase, options=options, on_token=on_token,
+        retrieval=retrieval, retrieval_in=retrieval_in, passphrase=passphrase, options=options, on_token=on_token,
     )
     if as_json:
         typer.echo(reply.to_json())
@@ -100,6 +104,7 @@ def chat(
     precision: str = PRECISION,
     mode: str = typer.Option(None, "--mode", help="base, merge or fusion (default: merge if the user has adapters)."),
     retrieval: bool = RETRIEVAL,
+    retrieval_in: str = RETRIEVAL_IN,
     max_new_tokens: int = MAX_NEW,
     passphrase: str = PASSPHRASE,
 ) -> None:
@@ -116,7 +121,7 @@ def chat(
         mode = "merge" if _has_adapters(client) else "base"
     if mode not in MODES:
         raise FedpalError(f"mode must be one of {', '.join(MODES)}, not '{mode}'")
-    session = _ChatSession(generator, client, mode, retrieval, max_new_tokens, passphrase)
+    session = _ChatSession(generator, client, mode, retrieval, max_new_tokens, passphrase, retrieval_in)
     typer.echo(f"fedpal chat ({mode}{' + retrieval' if retrieval else ''}). /rate N (1-5), /pick, /mode M, /quit")
     while True:
         try:
@@ -138,9 +143,10 @@ class _ChatSession:
 
     def __init__(
         self, generator: "PersonalizedGenerator", client: "ClientHome", mode: str, retrieval: bool,
-        max_new_tokens: int, passphrase: str | None,
+        max_new_tokens: int, passphrase: str | None, retrieval_in: str = "prompt",
     ) -> None:
         self.generator, self.client, self.mode, self.retrieval = generator, client, mode, retrieval
+        self.retrieval_in = retrieval_in
         self.max_new_tokens, self.passphrase = max_new_tokens, passphrase
         self.last: tuple[str, str] | None = None
 
@@ -163,8 +169,8 @@ class _ChatSession:
     def reply(self, prompt: str, options: "DecodeOptions", stream: bool = False) -> str:
         on_token = (lambda piece: (sys.stdout.write(piece), sys.stdout.flush())) if stream else None
         return self.generator.generate_for(
-            self.client, prompt, mode=self.mode, retrieval=self.retrieval, passphrase=self.passphrase,
-            options=options, on_token=on_token,
+            self.client, prompt, mode=self.mode, retrieval=self.retrieval, retrieval_in=self.retrieval_in,
+            passphrase=self.passphrase, options=options, on_token=on_token,
         ).text
 
     def rate(self, argument: str) -> None:

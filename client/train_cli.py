@@ -23,8 +23,9 @@ def train(
     rank: int = typer.Option(None, min=1, help="LoRA rank for new adapters; saved adapters keep theirs."),
     seed: int = typer.Option(0, help="Same seed, same data, same device: same adapter."),
     retrieval: bool = typer.Option(
-        False, "--retrieval", help="Train with the stated preferences in the system prompt, as `fedpal generate --retrieval` answers."
+        False, "--retrieval", help="Train with the stated preferences in context, as `fedpal generate --retrieval` answers."
     ),
+    retrieval_in: str = typer.Option("prompt", "--retrieval-in", help="Where they go: prompt or system (as for generate)."),
     time_budget: float = typer.Option(None, min=0.001, help="Stop after this many seconds (per adapter)."),
     device: str = typer.Option(None, help="torch device; default: cuda if available, else cpu."),
     passphrase: str = typer.Option(None, envvar="FEDPAL_PASSPHRASE", help="Memory passphrase (or the OS keyring)."),
@@ -47,7 +48,7 @@ def train(
         pairs = memory.preference_pairs()
         examples = memory.sft_examples() if objective != "dpo" else []
         if retrieval:
-            pairs, examples = memory.in_context(pairs), memory.in_context(examples)
+            pairs, examples = memory.in_context(pairs, retrieval_in), memory.in_context(examples, retrieval_in)
     config = TrainConfig(
         objective=objective, steps=steps, learning_rate=learning_rate, beta=beta, batch_size=batch_size,
         max_length=max_length, seed=seed, time_budget_s=time_budget,

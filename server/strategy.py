@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from fedpal.common.errors import FedpalError
+from fedpal.common.generation import PLACEMENTS
 from fedpal.common.adapters import FINGERPRINT_KEY
 from fedpal.server.validation import UpdateSpec, check_aggregate, check_update, update_norm
 
@@ -61,6 +62,7 @@ DEFAULTS: dict[str, Any] = {
     "batch-size": 4,
     "max-length": 128,
     "train-with-preferences": False,
+    "preferences-in": "prompt",
     "proximal-mu": 0.01,
     "server-learning-rate": 0.01,
     "server-momentum": 0.9,
@@ -126,6 +128,8 @@ class FederationSettings:
             raise FedpalError("SecAgg+ needs at least 3 clients per round: set min-clients >= 3 or secagg = false")
         if v["lora-rank"] < 1:
             raise FedpalError("lora-rank must be at least 1")
+        if v["preferences-in"] not in PLACEMENTS:
+            raise FedpalError(f"preferences-in must be one of {', '.join(PLACEMENTS)}, not '{v['preferences-in']}'")
         if v["lora-top-layers"] < 0:
             raise FedpalError("lora-top-layers must be 0 (all layers) or a positive number of last layers")
         if v["dp"] and not (v["noise-multiplier"] > 0 and v["clipping-norm"] > 0):
@@ -156,6 +160,7 @@ class FederationSettings:
             "batch-size": v["batch-size"],
             "max-length": v["max-length"],
             "train-with-preferences": v["train-with-preferences"],
+            "preferences-in": v["preferences-in"],
             "client-threads": v["client-threads"],
             "home-base": v["home-base"],
         }

@@ -166,6 +166,8 @@ def test_check_update_accepts_a_fine_update():
         ({"num-server-rounds": 0}, "num-server-rounds"),
         ({"no-such-key": 1}, "unknown run-config key 'no-such-key'"),
         ({"secagg": True, "min-clients": 2}, "SecAgg\\+ needs at least 3"),
+        ({"preferences-in": "footer"}, "preferences-in must be one of prompt, system"),
+        ({"lora-top-layers": -1}, "lora-top-layers"),
     ],
 )
 def test_bad_settings_are_one_clear_error(overrides, message):

@@ -9,7 +9,6 @@ import subprocess
 import sys
 import tempfile
 import textwrap
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -357,15 +356,21 @@ def test_training_views(memory: PreferenceMemory, tmp_path: Path):
 
 
 def test_in_context_gives_each_prompt_the_preferences_generation_would_retrieve(memory: PreferenceMemory, tmp_path):
-    from fedpal.common.generation import RETRIEVAL_HEADER, with_preferences
+    from fedpal.common.generation import RETRIEVAL_HEADER, place_preferences
 
     bare = [PreferencePair("How far is it in miles?", "About 5 km.", "About 3 miles."), SFTExample("Hi", "Hello")]
-    assert memory.in_context(bare) == [replace(item, system=None) for item in bare]  # nothing stated yet
+    assert memory.in_context(bare) == bare  # nothing stated yet
     memory.import_jsonl(write_jsonl(tmp_path / "in.jsonl", SAMPLE))
     pair, example = memory.in_context(bare)
-    assert replace(pair, system=None) == bare[0] and replace(example, system=None) == bare[1]
-    assert pair.system == with_preferences(None, memory.stated_preferences(pair.prompt))
-    assert pair.system.startswith(RETRIEVAL_HEADER) and "Use metric units" in pair.system
+    stated = memory.stated_preferences(bare[0].prompt)
+    assert (pair.prompt, pair.system) == place_preferences(bare[0].prompt, None, stated, "prompt")
+    assert pair.prompt.startswith(bare[0].prompt + "\n\n") and "Use metric units" in pair.prompt and pair.system is None
+    assert (pair.chosen, pair.rejected, pair.source_id) == (bare[0].chosen, bare[0].rejected, bare[0].source_id)
+    assert isinstance(example, SFTExample) and example.response == "Hello" and example.prompt.startswith("Hi\n\n")
+    pair, _ = memory.in_context(bare, "system")
+    assert pair.prompt == bare[0].prompt and pair.system.startswith(RETRIEVAL_HEADER) and "Use metric units" in pair.system
+    with pytest.raises(FedpalError, match="not 'footer'"):
+        memory.in_context(bare, "footer")
 
 
 def test_keyring_store_needs_no_passphrase_and_forget_all_replaces_its_key(home: Path, monkeypatch):

@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 import torch
 
-from fedpal.client.generator import DecodeOptions, PersonalizedGenerator, with_preferences
+from fedpal.client.generator import DecodeOptions, PersonalizedGenerator
 from fedpal.client.home import ClientHome
 from fedpal.client.onnx_adapters import convert_adapters, merged_parameters
 from fedpal.client.onnx_export import ExportInfo, check_export, export_model, find_export
 from fedpal.common.adapters import PERSONAL, SHARED, AdapterConfig, activate, attach_adapters, save_adapter
 from fedpal.common.errors import FedpalError
-from fedpal.common.generation import chat_input_ids
+from fedpal.common.generation import RETRIEVAL_HEADER, chat_input_ids, with_preferences
 from fedpal.common.models import load_base_model
 
 PROMPT = "Tell me about the weather in the mountains."
@@ -215,7 +215,7 @@ def test_sampling_is_seeded_and_streams(generator, users):
     assert generator.generate(PROMPT, options=DecodeOptions(max_new_tokens=3)).tokens <= 3
 
 
-def test_retrieval_puts_stated_preferences_in_the_system_prompt(generator, users, monkeypatch):
+def test_retrieval_puts_stated_preferences_in_the_prompt_or_the_system_message(generator, users, monkeypatch):
     from fedpal.client.memory import PreferenceMemory
 
     monkeypatch.setenv("FEDPAL_PASSPHRASE", "correct horse battery")
@@ -223,12 +223,21 @@ def test_retrieval_puts_stated_preferences_in_the_system_prompt(generator, users
     with PreferenceMemory.open(home.root) as memory:
         memory.add_stated("I like answers about mountains to mention hiking trails.")
         memory.add_stated("Never use emoji.")
-    prompts = []
+    seen = []
     original = generator.prompt_ids
-    monkeypatch.setattr(generator, "prompt_ids", lambda p, s=None: prompts.append(s) or original(p, s))
-    reply = generator.generate_for(home, PROMPT, mode="base", retrieval=True, options=DecodeOptions(max_new_tokens=4))
+    monkeypatch.setattr(generator, "prompt_ids", lambda p, s=None: seen.append((p, s)) or original(p, s))
+    options = DecodeOptions(max_new_tokens=4)
+    reply = generator.generate_for(home, PROMPT, mode="base", retrieval=True, options=options)
     assert reply.mode == "base+retrieval"
-    assert "hiking trails" in prompts[-1]
+    prompt, system = seen[-1]
+    assert prompt.startswith(PROMPT + "\n\n") and "hiking trails" in prompt and system is None
+    generator.generate_for(home, PROMPT, mode="base", retrieval=True, retrieval_in="system", options=options)
+    prompt, system = seen[-1]
+    assert prompt == PROMPT and system.startswith(RETRIEVAL_HEADER) and "hiking trails" in system
+    generator.generate_for(home, PROMPT, mode="base", options=options)
+    assert seen[-1] == (PROMPT, None)
+    with pytest.raises(FedpalError, match="not 'footer'"):
+        generator.generate_for(home, PROMPT, mode="base", retrieval=True, retrieval_in="footer", options=options)
     assert with_preferences(None, []) is None
 
 
