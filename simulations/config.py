@@ -23,6 +23,14 @@ class SimulationConfig:
     ``candidate_source`` is ``model`` (the base model answers each training prompt in each
     style) or ``synthetic`` (template replies with those styles, for the random tiny model,
     which cannot follow a style instruction).
+
+    ``labelling`` is how a user labels one prompt's candidates: ``pairs`` (independent
+    Bradley–Terry choices between random pairs of candidates) or ``favourite`` (they pick
+    the one they like best; pairs are it against the others). ``retrieval_in``: where the
+    retrieval and fedpal methods put the user's stated preferences (``prompt`` or
+    ``system``). ``train_in_context``: the federated clients train their personal adapter with them
+    there too, as fedpal's replies are generated (the shared adapter and the local-only
+    baseline train on bare prompts, as they are evaluated).
     """
 
     preset: str = "custom"
@@ -37,12 +45,16 @@ class SimulationConfig:
     curve_prompts: int = 3
     styles: tuple[str, ...] = ("plain", "one_sentence", "bulleted", "warm_question", "detailed_example")
     pairs_per_prompt: int = 3
+    labelling: str = "pairs"
+    train_in_context: bool = True
+    retrieval_in: str = "prompt"
     candidate_source: str = "synthetic"
     candidate_tokens: int = 48
     reply_tokens: int = 48
     lora_rank: int = 8
     lora_alpha: float = 16.0
     lora_targets: str = "q_proj,k_proj,v_proj,o_proj"
+    lora_top_layers: int = 0
     ffa_lora: bool = True
     objective: str = "both"
     local_steps: int = 4
@@ -81,6 +93,10 @@ class SimulationConfig:
             raise FedpalError("at least two styles are needed to make preference pairs")
         if self.candidate_source not in ("model", "synthetic"):
             raise FedpalError(f"candidate_source must be 'model' (the base model in each style) or 'synthetic' (templates), not '{self.candidate_source}'")
+        if self.labelling not in ("favourite", "pairs"):
+            raise FedpalError(f"labelling must be 'favourite' (best of the candidates) or 'pairs' (random pairs), not '{self.labelling}'")
+        if self.retrieval_in not in ("prompt", "system"):
+            raise FedpalError(f"retrieval_in must be 'prompt' or 'system', not '{self.retrieval_in}'")
         if self.precision not in ("int4", "fp32"):
             raise FedpalError(f"precision must be int4 or fp32, not '{self.precision}'")
 
@@ -106,7 +122,7 @@ PRESETS: dict[str, SimulationConfig] = {
         candidate_tokens=40,
         reply_tokens=40,
         local_steps=2,
-        personal_steps=3,
+        personal_steps=4,
         batch_size=2,
         learning_rate=2e-3,
         max_length=112,

@@ -160,3 +160,31 @@ def diagonal_margin(matrix: np.ndarray) -> np.ndarray:
     n = len(m)
     off_mean = (m.sum(axis=1) - np.diag(m)) / (n - 1)
     return np.diag(m) - off_mean
+
+
+def candidate_headroom(
+    users: Sequence[SimulatedUser], candidates: Sequence[Sequence[str]], styles: Sequence[str], plain: str = "plain"
+) -> dict[str, object] | None:
+    """What the training candidates allow, scored like the baselines (``None`` without a plain style).
+
+    ``candidates[p][s]`` is the base model's reply to prompt ``p`` in style ``s``; the plain
+    one is its unprompted reply, i.e. the base baseline on that prompt. Two references:
+    every reply in the user's best style (best mean utility: what a perfect "answer in my
+    style" adapter could reach) and the best candidate per prompt (an oracle).
+    """
+    if plain not in styles:
+        return None
+    table = np.stack([np.array([u.utilities(row) for row in candidates]) for u in users])  # users x prompts x styles
+    base = table[:, :, list(styles).index(plain)]
+    best_style = table.mean(axis=1).argmax(axis=1)
+    in_best_style = table[np.arange(len(users)), :, best_style]
+    oracle = table.max(axis=2)
+    return {
+        "prompts": len(candidates),
+        "best_style_per_user": [styles[i] for i in best_style],
+        "best_style_win_rate_vs_base": float(win_rates(in_best_style, base).mean()),
+        "best_style_mean_utility": float(in_best_style.mean()),
+        "best_candidate_win_rate_vs_base": float(win_rates(oracle, base).mean()),
+        "best_candidate_mean_utility": float(oracle.mean()),
+        "base_mean_utility": float(base.mean()),
+    }

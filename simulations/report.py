@@ -25,7 +25,8 @@ Optional keys read when present: ``seed`` (int); ``base_baseline`` (name of the 
 method, default ``"base"``); per baseline ``minority_utility`` (float or None);
 ``user_ids`` ([str], heat-map labels, default ``user-0``...); ``minority_users`` ([str],
 ids marked with ``*``); ``wall_time_s`` (float); ``notes`` ([str], lines appended to the
-report, e.g. what limits the results).
+report, e.g. what limits the results); ``headroom`` (from
+``fedpal.simulations.evaluation.candidate_headroom``: what the candidates allow).
 
 Plots use matplotlib's object API (``Figure``, Agg canvas), never ``pyplot``, so writing a
 report changes no global state and works in threads and headless machines.
@@ -163,6 +164,19 @@ def _verdict(baselines: Mapping[str, Mapping[str, float]]) -> list[str]:
     return lines
 
 
+def _headroom(headroom: Mapping[str, Any] | None) -> list[str]:
+    """How far the candidates themselves let a user's replies improve on the base model."""
+    if not headroom:
+        return []
+    return [
+        "",
+        f"What the candidates allow (on the {headroom['prompts']} training prompts, vs the base model's plain reply): "
+        f"every reply in the user's best style wins {_pct(headroom['best_style_win_rate_vs_base'])} "
+        f"(mean utility {_fmt(headroom['best_style_mean_utility'])}); the best candidate per prompt wins "
+        f"{_pct(headroom['best_candidate_win_rate_vs_base'])} ({_fmt(headroom['best_candidate_mean_utility'])}).",
+    ]
+
+
 def _markdown(results: Mapping[str, Any], files: ReportFiles) -> str:
     baselines = results["baselines"]
     minority = results.get("minority_users") or []
@@ -196,6 +210,7 @@ def _markdown(results: Mapping[str, Any], files: ReportFiles) -> str:
         best = max(baselines, key=lambda n: baselines[n]["mean_utility"])
         table += ["", f"Highest mean utility: **{best}**."]
     table += _verdict(baselines)
+    table += _headroom(results.get("headroom"))
     n_users = len(results["cross_user_matrix"])
     fraction = results["cross_user_diagonal_best_fraction"]
     body = [

@@ -34,6 +34,7 @@ from fedpal.client.home import ClientHome
 from fedpal.common.adapters import PERSONAL, SHARED, AdapterConfig
 from fedpal.simulations.config import SimulationConfig
 from fedpal.simulations.evaluation import (
+    candidate_headroom,
     cross_user_matrix,
     diagonal_best_fraction,
     evaluate_baseline,
@@ -42,7 +43,7 @@ from fedpal.simulations.evaluation import (
 )
 from fedpal.simulations.prompts import sample_prompts
 from fedpal.simulations.styles import STYLES_BY_NAME, candidate_generation_prompts, synthetic_reply
-from fedpal.simulations.users import SimulatedUser, label_candidates, make_population
+from fedpal.simulations.users import SimulatedUser, choose_favourite, label_candidates, make_population
 
 log = logging.getLogger("fedpal.simulations")
 
@@ -115,8 +116,8 @@ class SimulationRun:
         final = self.utilities_of(replies, curve_slice)
         for name in curve_rounds:
             curve_rounds[name].append(final[name])
-        results = self.results(replies, curve_rounds, pairs_seen, time.perf_counter() - started)
-        return results
+        headroom = candidate_headroom(self.users, [candidates[p] for p in self.train_prompts], self.config.styles)
+        return self.results(replies, curve_rounds, pairs_seen, headroom, time.perf_counter() - started)
 
     def candidates(self) -> dict[str, list[str]]:
         """Candidate replies per training prompt, one per style, from the base model (cached)."""
@@ -166,11 +167,12 @@ class SimulationRun:
         """Each user labels the candidates of ``prompts``; returns the mean pairs per user so far."""
         from fedpal.client.memory import PreferenceMemory
 
+        label = choose_favourite if self.config.labelling == "favourite" else label_candidates
         totals = []
         for index, user in enumerate(self.users):
             rng = np.random.default_rng([self.config.seed, round_index, index])
             labelled = [
-                (prompt, label_candidates(user, prompt, candidates[prompt], rng, max_pairs=self.config.pairs_per_prompt))
+                (prompt, label(user, prompt, candidates[prompt], rng, max_pairs=self.config.pairs_per_prompt))
                 for prompt in prompts
             ]
             for home in (self.home(index), self.local_home(index)):
@@ -202,6 +204,7 @@ class SimulationRun:
             "lora-rank": c.lora_rank,
             "lora-alpha": c.lora_alpha,
             "lora-targets": c.lora_targets,
+            "lora-top-layers": c.lora_top_layers,
             "ffa-lora": c.ffa_lora,
             "objective": c.objective,
             "local-steps": c.local_steps,
@@ -210,6 +213,8 @@ class SimulationRun:
             "dpo-beta": c.dpo_beta,
             "batch-size": c.batch_size,
             "max-length": c.max_length,
+            "train-with-preferences": c.train_in_context,
+            "preferences-in": c.retrieval_in,
             "dp": c.dp,
             "noise-multiplier": c.noise_multiplier,
             "clipping-norm": c.clipping_norm,
@@ -317,8 +322,9 @@ class SimulationRun:
 
     def replies(self, prompts: Sequence[str], methods: Sequence[str], label: str) -> dict[str, list[list[str]]]:
         """Greedy replies per method, per user, per prompt (base and shared are made once for all)."""
-        from fedpal.client.generator import DecodeOptions, with_preferences
+        from fedpal.client.generator import DecodeOptions
         from fedpal.client.memory import PreferenceMemory
+        from fedpal.common.generation import place_preferences
 
         generator = self.generator()
         options = DecodeOptions(max_new_tokens=self.config.reply_tokens)
@@ -327,32 +333,32 @@ class SimulationRun:
         total = len(prompts) * (sum(m in methods for m in ("base", "shared")) + n_users * len(per_user))
         advance = self.progress(label, total)
 
-        def run(adapter: Any, systems: Sequence[str | None]) -> list[str]:
+        def run(adapter: Any, contexts: Sequence[tuple[str, str | None]]) -> list[str]:
             out = []
-            for prompt, system in zip(prompts, systems):
+            for prompt, system in contexts:
                 out.append(generator.generate(prompt, adapter=adapter, options=options, system=system).text)
                 advance()
             return out
 
-        no_system = [None] * len(prompts)
+        bare = [(prompt, None) for prompt in prompts]
         result: dict[str, list[list[str]]] = {}
         if "base" in methods:
-            result["base"] = [run(None, no_system)] * n_users
+            result["base"] = [run(None, bare)] * n_users
         if "shared" in methods:
-            result["shared"] = [run(generator.user_adapter(self.home(0), 1.0, 0.0), no_system)] * n_users
+            result["shared"] = [run(generator.user_adapter(self.home(0), 1.0, 0.0), bare)] * n_users
         for method in per_user:
             result[method] = []
         for index in range(n_users):
             home = self.home(index)
             with PreferenceMemory.open(home.root) as memory:
-                systems = [with_preferences(None, memory.stated_preferences(p)) for p in prompts]
+                contexts = [place_preferences(p, None, memory.stated_preferences(p), self.config.retrieval_in) for p in prompts]
             if "retrieval" in per_user:
-                result["retrieval"].append(run(None, systems))
+                result["retrieval"].append(run(None, contexts))
             if "local" in per_user:
-                result["local"].append(run(generator.user_adapter(self.local_home(index), 0.0, 1.0), no_system))
+                result["local"].append(run(generator.user_adapter(self.local_home(index), 0.0, 1.0), bare))
             if "fedpal" in per_user:
                 adapter = generator.user_adapter(home, self.config.w_shared, self.config.w_personal)
-                result["fedpal"].append(run(adapter, systems))
+                result["fedpal"].append(run(adapter, contexts))
         return result
 
     def curve_point(self) -> dict[str, float]:
@@ -377,7 +383,12 @@ class SimulationRun:
         return replies
 
     def results(
-        self, replies: dict[str, list[list[str]]], curve_rounds: dict[str, list[float]], pairs_seen: list[float], seconds: float
+        self,
+        replies: dict[str, list[list[str]]],
+        curve_rounds: dict[str, list[float]],
+        pairs_seen: list[float],
+        headroom: dict[str, Any] | None,
+        seconds: float,
     ) -> dict[str, Any]:
         """The ``results.json`` dictionary (schema in ``fedpal.simulations.report``)."""
         c = self.config
@@ -418,9 +429,10 @@ class SimulationRun:
                                        "bytes_down_per_client", "rejected", "failures")}
                 for m in metrics
             ],
+            "headroom": headroom,
             "config": c.to_dict(),
             "wall_time_s": round(seconds, 1),
-            "notes": self.notes(baselines, metrics),
+            "notes": self.notes(baselines, metrics) + self.headroom_notes(headroom),
         }
 
     def notes(self, baselines: dict[str, Any], metrics: list[dict[str, Any]]) -> list[str]:
@@ -442,8 +454,27 @@ class SimulationRun:
         return notes
 
 
+    def headroom_notes(self, headroom: dict[str, Any] | None) -> list[str]:
+        """The ceiling a style-learning adapter faces, when the candidates include plain replies."""
+        if not headroom or self.config.candidate_source != "model":
+            return []
+        return [
+            f"Even replies always in each user's best instructed style would beat the base model on "
+            f"{headroom['best_style_win_rate_vs_base']:.0%} of training prompts "
+            f"(the best candidate per prompt: {headroom['best_candidate_win_rate_vs_base']:.0%}), so "
+            "a 70% win rate needs adapters that do better than imitating one candidate style."
+        ]
+
+
 def _no_progress(description: str, total: int) -> Callable[[], None]:
     return lambda: None
+
+
+def _not_run_simulation_deprecation(record: logging.LogRecord) -> bool:
+    """Flower 1.41 deprecates ``run_simulation`` in favour of the ``flwr run`` CLI; the runner
+    keeps it because it must hand control back to the users between rounds. Said once in
+    the README, not once per round."""
+    return "`run_simulation` function is deprecated" not in record.getMessage()
 
 
 @contextlib.contextmanager
@@ -453,9 +484,11 @@ def _quiet_flower() -> Iterator[None]:
     levels = [logger.level for logger in loggers]
     for logger in loggers:
         logger.setLevel(logging.WARNING)
+    loggers[0].addFilter(_not_run_simulation_deprecation)
     try:
         yield
     finally:
+        loggers[0].removeFilter(_not_run_simulation_deprecation)
         for logger, level in zip(loggers, levels):
             logger.setLevel(level)
 

@@ -324,6 +324,35 @@ def make_population(
     ]
 
 
+def choose_favourite(
+    user: SimulatedUser,
+    prompt: str,
+    candidates: Sequence[str],
+    rng: np.random.Generator,
+    *,
+    max_pairs: int | None = None,
+) -> LabelledCandidates:
+    """The user sees all candidates and picks a favourite, as in a "which reply is best?" UI.
+
+    The pick follows Luce's choice rule, ``P(i) = softmax(u / temperature)_i``, which for
+    two candidates is exactly Bradley–Terry. Pairs are the favourite against each other
+    distinct candidate (a random ``max_pairs`` of them), so every pair's chosen reply is
+    what this user liked best; ratings are as in :func:`label_candidates`.
+    """
+    utilities = np.asarray(user.utilities(candidates), dtype=float)
+    logits = utilities / user.temperature
+    weights = np.exp(logits - logits.max())
+    favourite = int(rng.choice(len(candidates), p=weights / weights.sum()))
+    others = [
+        j for j, reply in enumerate(candidates)
+        if reply != candidates[favourite] and list(candidates).index(reply) == j
+    ]
+    if max_pairs is not None and len(others) > max_pairs:
+        keep = rng.choice(len(others), size=max_pairs, replace=False)
+        others = [others[k] for k in sorted(keep)]
+    return _labelled(user, prompt, candidates, utilities, [(favourite, j) for j in others], rng)
+
+
 def label_candidates(
     user: SimulatedUser,
     prompt: str,
@@ -348,19 +377,32 @@ def label_candidates(
     if max_pairs is not None and len(index_pairs) > max_pairs:
         keep = rng.choice(len(index_pairs), size=max_pairs, replace=False)
         index_pairs = [index_pairs[k] for k in sorted(keep)]
-    prompt_tag = hashlib.sha1(prompt.encode()).hexdigest()[:8]
-    pairs = []
+    choices = []
     for i, j in index_pairs:
         p_i = _sigmoid((utilities[i] - utilities[j]) / user.temperature)
-        winner, loser = (i, j) if rng.random() < p_i else (j, i)
-        pairs.append(
-            PreferencePair(
-                prompt=prompt,
-                chosen=candidates[winner],
-                rejected=candidates[loser],
-                source_id=f"sim:{user.user_id}:{prompt_tag}:{winner}>{loser}",
-            )
+        choices.append((i, j) if rng.random() < p_i else (j, i))
+    return _labelled(user, prompt, candidates, utilities, choices, rng)
+
+
+def _labelled(
+    user: SimulatedUser,
+    prompt: str,
+    candidates: Sequence[str],
+    utilities: Sequence[float],
+    choices: Sequence[tuple[int, int]],
+    rng: np.random.Generator,
+) -> LabelledCandidates:
+    """Pairs from (winner, loser) candidate indices, then one noisy rating per candidate."""
+    prompt_tag = hashlib.sha1(prompt.encode()).hexdigest()[:8]
+    pairs = [
+        PreferencePair(
+            prompt=prompt,
+            chosen=candidates[winner],
+            rejected=candidates[loser],
+            source_id=f"sim:{user.user_id}:{prompt_tag}:{winner}>{loser}",
         )
+        for winner, loser in choices
+    ]
     ratings = [
         CandidateRating(prompt=prompt, reply=reply, rating=_rating(u, user.temperature, rng))
         for reply, u in zip(candidates, utilities)

@@ -18,6 +18,7 @@ from fedpal.simulations.attributes import (
 )
 from fedpal.simulations.evaluation import (
     BaselineResult,
+    candidate_headroom,
     cross_user_matrix,
     diagonal_best,
     diagonal_best_fraction,
@@ -37,6 +38,7 @@ from fedpal.simulations.styles import (
 from fedpal.simulations.users import (
     ARCHETYPES,
     SimulatedUser,
+    choose_favourite,
     label_candidates,
     make_population,
 )
@@ -213,6 +215,25 @@ def test_label_candidates_makes_pairs_and_ratings():
     assert len(limited.pairs) == 4
 
 
+def test_choose_favourite_pairs_the_best_candidate_against_the_others():
+    base = make_population(6, seed=4)[1]
+    sharp = SimulatedUser("u", base.archetype, base.weights, base.targets, temperature=1e-4)
+    rng = np.random.default_rng(0)
+    prompt = PROMPTS[1]
+    candidates = [synthetic_reply(prompt, s, rng) for s in STYLES]
+    candidates.append(candidates[1])
+    best = candidates[int(np.argmax(sharp.utilities(candidates)))]
+    labelled = choose_favourite(sharp, prompt, candidates, np.random.default_rng(3))
+    assert {p.chosen for p in labelled.pairs} == {best}
+    assert sorted(p.rejected for p in labelled.pairs) == sorted(set(candidates) - {best})
+    assert [r.reply for r in labelled.ratings] == candidates
+    assert choose_favourite(sharp, prompt, candidates, np.random.default_rng(3)) == labelled
+    assert len(choose_favourite(sharp, prompt, candidates, np.random.default_rng(3), max_pairs=2).pairs) == 2
+    noisy = SimulatedUser("v", base.archetype, base.weights, base.targets, temperature=10.0)
+    picks = {choose_favourite(noisy, prompt, candidates, np.random.default_rng(i)).pairs[0].chosen for i in range(40)}
+    assert len(picks) > 1  # Luce's choice rule: a noisy user does not always pick the best
+
+
 def test_labels_follow_utility_when_noise_is_low():
     base = make_population(6, seed=4)[1]
     user = SimulatedUser("u", base.archetype, base.weights, base.targets, temperature=1e-3)
@@ -281,6 +302,24 @@ def test_win_rates_count_ties_as_half():
     np.testing.assert_allclose(win_rates(utilities, base), [(1 + 0.5 + 0 + 1) / 4, (1 + 0 + 0.5 + 0.5) / 4])
     with pytest.raises(ValueError):
         win_rates(utilities, base[:, :3])
+
+
+def test_candidate_headroom_scores_best_style_and_best_candidate_against_plain():
+    users = make_population(4, seed=3)
+    rng = np.random.default_rng(1)
+    candidates = [[synthetic_reply(p, s, rng) for s in STYLES] for p in PROMPTS[:6]]
+    names = [s.name for s in STYLES]
+    headroom = candidate_headroom(users, candidates, names)
+    table = np.stack([np.array([u.utilities(row) for row in candidates]) for u in users])
+    plain = table[:, :, names.index("plain")]
+    for i, style in enumerate(headroom["best_style_per_user"]):
+        assert table[i, :, names.index(style)].mean() == pytest.approx(table[i].mean(axis=0).max())
+    assert headroom["best_candidate_win_rate_vs_base"] == pytest.approx(win_rates(table.max(axis=2), plain).mean())
+    assert headroom["best_style_win_rate_vs_base"] <= headroom["best_candidate_win_rate_vs_base"] <= 1.0
+    assert headroom["base_mean_utility"] <= headroom["best_style_mean_utility"] <= headroom["best_candidate_mean_utility"]
+    only_plain = candidate_headroom(users, [[row[0]] * 2 for row in candidates], ["plain", "copy"])
+    assert only_plain["best_candidate_win_rate_vs_base"] == 0.5  # nothing better on offer: all ties
+    assert candidate_headroom(users, candidates, [f"s{i}" for i in range(len(names))]) is None
 
 
 def test_summarize_baseline_reports_mean_worst_and_minority():

@@ -94,6 +94,10 @@ def test_bad_settings_are_one_clear_line(tmp_path):
     bad.write_text("users = 1\n")
     with pytest.raises(FedpalError, match="at least 2 users"):
         load_config("quick", bad)
+    for setting, message in (("labelling = 'vibes'", "labelling must be"), ("retrieval_in = 'footer'", "retrieval_in must be")):
+        bad.write_text(setting + "\n")
+        with pytest.raises(FedpalError, match=message):
+            load_config("quick", bad)
     good = tmp_path / "good.json"
     good.write_text(json.dumps({"users": 5, "rounds": 3, "learning_rate": 1}))
     config = load_config("quick", good)
