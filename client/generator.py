@@ -10,7 +10,8 @@ Modes, chosen per call:
 - ``fusion``: MOD-style decoding, the next token drawn from
   ``softmax(sum_i w_i log p_i)`` over base, shared and personal, each running in its own
   generator (``set_active_adapter`` only adds adapters, so one generator per combination).
-``retrieval=True`` adds the user's most relevant stated preferences to the system prompt.
+``retrieval=True`` adds the user's most relevant stated preferences after the request (or to the
+system message, ``retrieval_in="system"``).
 """
 
 from __future__ import annotations
