@@ -28,9 +28,9 @@ class SimulationConfig:
     Bradley–Terry choices between random pairs of candidates) or ``favourite`` (they pick
     the one they like best; pairs are it against the others). ``retrieval_in``: where the
     retrieval and fedpal methods put the user's stated preferences (``prompt`` or
-    ``system``). ``train_in_context``: the federated clients train their personal adapter with them
-    there too, as fedpal's replies are generated (the shared adapter and the local-only
-    baseline train on bare prompts, as they are evaluated).
+    ``system``). ``train_in_context``: the federated clients train their personal adapter
+    with them there too, as fedpal's replies are generated (the shared adapter and the
+    local-only baseline train on bare prompts, as they are evaluated).
     """
 
     preset: str = "custom"

@@ -453,7 +453,6 @@ class SimulationRun:
             notes.append(f"{rejected} client updates were rejected by the server's checks.")
         return notes
 
-
     def headroom_notes(self, headroom: dict[str, Any] | None) -> list[str]:
         """The ceiling a style-learning adapter faces, when the candidates include plain replies."""
         if not headroom or self.config.candidate_source != "model":
@@ -461,8 +460,8 @@ class SimulationRun:
         return [
             f"Even replies always in each user's best instructed style would beat the base model on "
             f"{headroom['best_style_win_rate_vs_base']:.0%} of training prompts "
-            f"(the best candidate per prompt: {headroom['best_candidate_win_rate_vs_base']:.0%}), so "
-            "a 70% win rate needs adapters that do better than imitating one candidate style."
+            f"(the best candidate per prompt: {headroom['best_candidate_win_rate_vs_base']:.0%}): adapters "
+            "that learn to imitate one candidate style cannot win more often than that."
         ]
 
 
@@ -472,8 +471,8 @@ def _no_progress(description: str, total: int) -> Callable[[], None]:
 
 def _not_run_simulation_deprecation(record: logging.LogRecord) -> bool:
     """Flower 1.41 deprecates ``run_simulation`` in favour of the ``flwr run`` CLI; the runner
-    keeps it because it must hand control back to the users between rounds. Said once in
-    the README, not once per round."""
+    keeps it because it must hand control back to the users between rounds. The README says
+    so once; Flower would say it every round."""
     return "`run_simulation` function is deprecated" not in record.getMessage()
 
 
