@@ -383,7 +383,7 @@ def test_cli_with_an_empty_memory_says_what_to_add(tmp_path):
 
 @pytest.mark.slow
 def test_personal_adapter_makes_bullet_lists_more_frequent_on_the_default_model():
-    """32 pairs preferring the same reply as a bullet list; greedy replies to unseen prompts (~6 min on CPU)."""
+    """32 pairs preferring the same reply as a bullet list; greedy replies to unseen prompts (~4 min on 2 CPU cores)."""
     from fedpal.simulations.benchmarks.style import main
 
     report = main(["--model", "default", "--json"])
