@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from fedpal.common.errors import FedpalError
+from fedpal.common.generation import PLACEMENTS
 
 
 @dataclass(frozen=True)
@@ -95,8 +96,8 @@ class SimulationConfig:
             raise FedpalError(f"candidate_source must be 'model' (the base model in each style) or 'synthetic' (templates), not '{self.candidate_source}'")
         if self.labelling not in ("favourite", "pairs"):
             raise FedpalError(f"labelling must be 'favourite' (best of the candidates) or 'pairs' (random pairs), not '{self.labelling}'")
-        if self.retrieval_in not in ("prompt", "system"):
-            raise FedpalError(f"retrieval_in must be 'prompt' or 'system', not '{self.retrieval_in}'")
+        if self.retrieval_in not in PLACEMENTS:
+            raise FedpalError(f"retrieval_in must be one of {', '.join(PLACEMENTS)}, not '{self.retrieval_in}'")
         if self.precision not in ("int4", "fp32"):
             raise FedpalError(f"precision must be int4 or fp32, not '{self.precision}'")
 
