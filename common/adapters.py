@@ -56,6 +56,8 @@ class AdapterConfig:
         """peft's config; ``num_layers`` (the model's decoder layers) is needed when ``top_layers`` is set."""
         from peft import LoraConfig
 
+        if self.top_layers < 0:
+            raise FedpalError(f"top_layers must be 0 (all layers) or a positive number of last layers, not {self.top_layers}")
         layers = None
         if self.top_layers:
             if num_layers is None:

@@ -96,6 +96,8 @@ class SimulationConfig:
             raise FedpalError(f"candidate_source must be 'model' (the base model in each style) or 'synthetic' (templates), not '{self.candidate_source}'")
         if self.labelling not in ("favourite", "pairs"):
             raise FedpalError(f"labelling must be 'favourite' (best of the candidates) or 'pairs' (random pairs), not '{self.labelling}'")
+        if self.lora_top_layers < 0:
+            raise FedpalError("lora_top_layers must be 0 (all layers) or a positive number of last layers")
         if self.retrieval_in not in PLACEMENTS:
             raise FedpalError(f"retrieval_in must be one of {', '.join(PLACEMENTS)}, not '{self.retrieval_in}'")
         if self.precision not in ("int4", "fp32"):

@@ -180,3 +180,5 @@ def test_top_layers_puts_lora_only_in_the_last_layers(tiny_base, tiny_path, tmp_
     assert torch.allclose(_logits(peft_model, ids), _logits(model, ids), atol=1e-6)
     with pytest.raises(FedpalError, match="only 2 layers"):
         attach_adapters(load_base_model("tiny", device="cpu").model, AdapterConfig(top_layers=layers + 1))
+    with pytest.raises(FedpalError, match="not -1"):
+        attach_adapters(load_base_model("tiny", device="cpu").model, AdapterConfig(top_layers=-1))

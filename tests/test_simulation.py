@@ -94,7 +94,8 @@ def test_bad_settings_are_one_clear_line(tmp_path):
     bad.write_text("users = 1\n")
     with pytest.raises(FedpalError, match="at least 2 users"):
         load_config("quick", bad)
-    for setting, message in (("labelling = 'vibes'", "labelling must be"), ("retrieval_in = 'footer'", "retrieval_in must be")):
+    for setting, message in (("labelling = 'vibes'", "labelling must be"), ("retrieval_in = 'footer'", "retrieval_in must be"),
+                             ("lora_top_layers = -1", "lora_top_layers must be 0")):
         bad.write_text(setting + "\n")
         with pytest.raises(FedpalError, match=message):
             load_config("quick", bad)
