@@ -71,9 +71,11 @@ class FedpalClient(NumPyClient):
         self.context = context
 
     def fit(self, parameters: list[np.ndarray], config: dict) -> tuple[list[np.ndarray], int, dict]:
+        from fedpal.client.guard import GuardConfig
         from fedpal.client.home import ClientHome
         from fedpal.client.memory import PreferenceMemory
-        from fedpal.client.trainer import LocalTrainer, TrainConfig
+        from fedpal.client.personalize import HOLDOUT, Personalizer, TrainingData
+        from fedpal.client.trainer import TrainConfig
         from fedpal.common.adapters import (
             FINGERPRINT_KEY,
             PERSONAL,
@@ -87,14 +89,17 @@ class FedpalClient(NumPyClient):
 
         started = time.perf_counter()
         home = ClientHome.at(node_home(self.context, config))
+        # personal-guard: the personal adapter replaces the saved one only if it ranks
+        # held-out pairs better and passes the degeneration guard; off, it trains on all
+        # pairs and is always kept
+        checked = bool(config.get("personal-guard", True))
+        holdout = HOLDOUT if checked else 0.0
         with PreferenceMemory.open(home.root) as memory:
-            pairs, examples = memory.preference_pairs(), memory.sft_examples()
             # the shared adapter learns what everyone likes from bare prompts; the personal
             # one, optionally, in the context this user's replies are generated in
-            personal_pairs, personal_examples = pairs, examples
-            if config["train-with-preferences"]:
-                where = str(config["preferences-in"])
-                personal_pairs, personal_examples = memory.in_context(pairs, where), memory.in_context(examples, where)
+            shared_data = TrainingData.from_memory(memory, holdout=holdout)
+            context = str(config["preferences-in"]) if config["train-with-preferences"] else None
+            personal_data = TrainingData.from_memory(memory, context, holdout) if context else shared_data
         base, peft, fresh_personal = _model(config)
         parts = "B" if config["ffa-lora"] else "AB"
         names = list(adapter_to_arrays(peft, SHARED, parts))
@@ -110,38 +115,32 @@ class FedpalClient(NumPyClient):
             arrays_to_adapter(peft, PERSONAL, fresh_personal, "AB")
 
         node_seed = int(config["seed"]) * 1_000_003 + int(config["round"]) * 7919 + int(self.context.node_config.get("partition-id", 0))
-
-        def train_config(steps: int, seed: int) -> TrainConfig:
-            return TrainConfig(
-                objective=str(config["objective"]),
-                steps=steps,
-                learning_rate=float(config["learning-rate"]),
-                beta=float(config["dpo-beta"]),
-                batch_size=int(config["batch-size"]),
-                max_length=int(config["max-length"]),
-                seed=seed,
-                proximal_mu=float(config.get("proximal_mu", 0.0)),
-                checkpoint_every=0,
-                threads=int(config["client-threads"]),
-            )
-
+        train = TrainConfig(
+            objective=str(config["objective"]),
+            learning_rate=float(config["learning-rate"]),
+            beta=float(config["dpo-beta"]),
+            batch_size=int(config["batch-size"]),
+            max_length=int(config["max-length"]),
+            proximal_mu=float(config.get("proximal_mu", 0.0)),
+            checkpoint_every=0,
+            threads=int(config["client-threads"]),
+        )
+        personalizer = Personalizer(base, peft, home, train, guard=GuardConfig() if checked else None, checkpoints=False)
         # The shared adapter trains alone (personal off) so its update depends only on
         # the global adapter and this node's data, never on personal state.
-        shared = LocalTrainer(base, peft, train_config(int(config["local-steps"]), node_seed)).train(
-            SHARED, pairs, examples, progress=False
-        )
+        shared = personalizer.train_update(SHARED, shared_data, node_seed, steps=int(config["local-steps"]))
         update = adapter_to_arrays(peft, SHARED, parts, dtype=np.float32)
         for name, array in update.items():
             if not np.all(np.isfinite(array)):
                 raise FedpalError(f"local training produced non-finite values in {name}; not sending this update")
         personal_steps = int(config["personal-steps"])
         if personal_steps > 0:
-            # the personal adapter learns on top of the global shared one, as used at inference
+            # the personal adapter learns on top of the global shared one, as used at inference;
+            # it replaces the saved one only if it ranks held-out pairs better and stays fluent
             arrays_to_adapter(peft, SHARED, received, parts)
-            LocalTrainer(base, peft, train_config(personal_steps, node_seed + 1)).train(
-                PERSONAL, personal_pairs, personal_examples, reference_adapters=(SHARED,), progress=False
-            )
-            save_adapter(peft, PERSONAL, personal_dir)
+            outcome = personalizer.train(PERSONAL, personal_data, reference_adapters=(SHARED,), seed=node_seed + 1,
+                                         progress=False, steps=personal_steps)
+            log.info("personal adapter: %s", outcome.line())
         out = list(update.values())
         if config.get("deterministic"):
             # SecAgg+ quantizes this reply with stochastic rounding from numpy's global

@@ -10,6 +10,13 @@ Modes, chosen per call:
 - ``fusion``: MOD-style decoding, the next token drawn from
   ``softmax(sum_i w_i log p_i)`` over base, shared and personal, each running in its own
   generator (``set_active_adapter`` only adds adapters, so one generator per combination).
+- ``rerank``: reward-guided best-of-n. Drafts: the user's adapters' reply, the base
+  model's reply (with the retrieved preferences when ``retrieval``), its plain reply and
+  its replies in a few :data:`REGISTERS`; the user's reward model
+  (:mod:`fedpal.client.reward`, fitted on their own pairs) scores each draft from the
+  base model's hidden states and the best one is the answer. It costs one generation per
+  draft and one forward pass per new draft to score; the draft generations are memoised
+  (greedy only), so drafts shared between users or calls are made once per process.
 ``retrieval=True`` adds the user's most relevant stated preferences after the request (or to the
 system message, ``retrieval_in="system"``).
 """
@@ -20,7 +27,7 @@ import json
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -36,8 +43,22 @@ from fedpal.common.generation import chat_input_ids, place_preferences
 if TYPE_CHECKING:
     import onnxruntime_genai as og
 
-MODES = ("base", "merge", "fusion")
+    from fedpal.client.reward import RewardModel
+
+MODES = ("base", "merge", "fusion", "rerank")
+DEFAULT_MODE = "merge"
+"""What ``fedpal generate`` and ``chat`` use unless told otherwise."""
 MAX_LOADED_ADAPTERS = 32
+MEMO_SIZE = 4096
+REGISTERS = (
+    "Answer in one short sentence.",
+    "Answer with a bulleted list of three to five points.",
+    "Answer warmly and enthusiastically, then ask me a follow-up question.",
+    "Give a detailed answer with a concrete example.",
+)
+"""Instructions that draft the reranked replies in different registers (short, listed, warm,
+detailed): generic ways of answering, not anyone's preference, so the user's reward has
+something to choose from. The simulation's candidate styles use the same instructions."""
 
 Adapter = Path | str | None
 
@@ -73,6 +94,8 @@ class Reply:
     seconds: float
     mode: str
     prompt_tokens: int
+    draft: str | None = None
+    """In rerank mode, which draft won (``adapter``, ``base``, ``retrieval`` or a register)."""
 
     @property
     def tokens(self) -> int:
@@ -80,7 +103,10 @@ class Reply:
 
     def to_json(self) -> str:
         """The one-line JSON the CLI prints."""
-        return json.dumps({"text": self.text, "tokens": self.tokens, "seconds": round(self.seconds, 4), "mode": self.mode})
+        data = {"text": self.text, "tokens": self.tokens, "seconds": round(self.seconds, 4), "mode": self.mode}
+        if self.draft is not None:
+            data["draft"] = self.draft
+        return json.dumps(data)
 
 
 class PersonalizedGenerator:
@@ -102,6 +128,9 @@ class PersonalizedGenerator:
         self.eos_token_ids = frozenset(eos if isinstance(eos, list) else [eos])
         self._loaded: OrderedDict[str, tuple[tuple[int, int], str]] = OrderedDict()
         self._serial = 0
+        self._memo: OrderedDict[tuple, Reply] = OrderedDict()
+        self._features: OrderedDict[tuple, np.ndarray] = OrderedDict()
+        self._rewards: dict[tuple, "RewardModel | None"] = {}
 
     @classmethod
     def open(
@@ -114,6 +143,25 @@ class PersonalizedGenerator:
     ) -> "PersonalizedGenerator":
         """Load the cached export for these settings (``fedpal export`` makes it)."""
         return cls(find_export(model, precision, target_modules, max_rank, execution_provider))
+
+    @classmethod
+    def for_home(
+        cls, home: ClientHome | Path | str, model: str | None = None, precision: str | None = None
+    ) -> "PersonalizedGenerator":
+        """The generator a user's home answers with: the export ``fedpal export`` recorded there,
+        unless ``model`` or ``precision`` name another (cached) one."""
+        home = home if isinstance(home, ClientHome) else ClientHome.at(home)
+        record = home.export_record()
+        if record is None and model is None and precision is None:
+            raise FedpalError(f"no export for {home.root} yet; run: fedpal export --home {home.root}")
+        record = record or {}
+        return cls(find_export(
+            model or record.get("model", "default"),
+            precision or record.get("precision", "int4"),
+            home.adapter_targets(),
+            int(record.get("max_rank", DEFAULT_MAX_RANK)),
+            record.get("provider", "cpu"),
+        ))
 
     # -- prompts ---------------------------------------------------------------------------
 
@@ -279,9 +327,21 @@ class PersonalizedGenerator:
         on_token: Callable[[str], None] | None = None,
         mode: str | None = None,
     ) -> Reply:
-        """Generate a whole reply; ``on_token`` receives the text of each token as it is made."""
+        """Generate a whole reply; ``on_token`` receives the text of each token as it is made.
+
+        Greedy replies without streaming are memoised per prompt, adapter file version and
+        options: the same call made again (by another user's rerank, say) is free.
+        """
         start = time.perf_counter()
         ids = self.prompt_ids(prompt, system)
+        options = options or DecodeOptions()
+        key = None
+        if on_token is None and not options.do_sample:
+            key = (tuple(ids), self._adapter_key(adapter), tuple((a and self._adapter_key(a), w) for a, w in fusion or ()),
+                   options.max_new_tokens)
+            if key in self._memo:
+                self._memo.move_to_end(key)
+                return replace(self._memo[key], mode=mode or self._memo[key].mode)
         stream = self._og_tokenizer.create_stream() if on_token is not None else None
         tokens = []
         for token in self.stream(ids, adapter=adapter, options=options, fusion=fusion):
@@ -290,7 +350,109 @@ class PersonalizedGenerator:
                 on_token(stream.decode(token))
         text = self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
         label = mode or ("fusion" if fusion is not None else "merge" if adapter is not None else "base")
-        return Reply(text, tuple(tokens), time.perf_counter() - start, label, len(ids))
+        reply = Reply(text, tuple(tokens), time.perf_counter() - start, label, len(ids))
+        if key is not None:
+            self._memo[key] = reply
+            while len(self._memo) > MEMO_SIZE:
+                self._memo.popitem(last=False)
+        return reply
+
+    def _adapter_key(self, adapter: Adapter) -> tuple | None:
+        if adapter is None:
+            return None
+        path = Path(adapter).resolve()
+        stat = path.stat() if path.is_file() else None
+        return (str(path), stat.st_mtime_ns if stat else None, stat.st_size if stat else None)
+
+    # -- reward-guided decoding --------------------------------------------------------------
+
+    def reply_features(self, prompt: str, reply: str, system: str | None = None) -> np.ndarray:
+        """What the reward model sees of ``reply`` to ``prompt``: the base model's last hidden
+        state averaged over the reply's tokens, and the reply's log length in tokens."""
+        key = (prompt, system, reply)
+        cached = self._features.get(key)
+        if cached is not None:
+            return cached
+        context = chat_input_ids(self.tokenizer, prompt, system)
+        reply_ids = list(self.tokenizer(reply, add_special_tokens=False)["input_ids"]) + [min(self.eos_token_ids)]
+        ids = self._fits(context + reply_ids)
+        generator = self.new_generator(len(ids), DecodeOptions(max_new_tokens=1))
+        generator.append_tokens(np.asarray([ids], dtype=np.int32))
+        hidden = np.asarray(generator.get_output("hidden_states"), dtype=np.float64).reshape(len(ids), -1)
+        features = np.concatenate([hidden[len(context):].mean(axis=0), [np.log1p(len(reply_ids))]])
+        self._features[key] = features
+        while len(self._features) > MEMO_SIZE:
+            self._features.popitem(last=False)
+        return features
+
+    def user_reward(self, home: ClientHome, passphrase: str | None = None) -> "RewardModel | None":
+        """The reward model of the user in ``home``, fitted on their memory's pairs (None: too few pairs).
+
+        It is saved beside the runtime adapters with a fingerprint of the pairs, and
+        refitted only when the memory's pairs change.
+        """
+        from fedpal.client.memory import PreferenceMemory
+        from fedpal.client.reward import MIN_PAIRS, REWARD_FILE, RewardModel, fit_reward, pairs_fingerprint
+
+        db = home.memory_db
+        if PreferenceMemory.key_source(home.root) is None:
+            return None
+        stat = db.stat()
+        version = (str(home.root), stat.st_mtime_ns, stat.st_size)
+        if version in self._rewards:
+            return self._rewards[version]
+        with PreferenceMemory.open(home.root, passphrase=passphrase) as memory:
+            pairs = memory.preference_pairs()
+        triples = [(p.prompt, p.chosen, p.rejected) for p in pairs]
+        fingerprint = pairs_fingerprint(triples)
+        path = home.runtime / self.export.key / REWARD_FILE
+        model = None
+        if path.is_file():
+            saved = RewardModel.load(path)
+            model = saved if saved.fingerprint == fingerprint else None
+        if model is None and len(pairs) >= MIN_PAIRS:
+            chosen = np.stack([self.reply_features(p, c) for p, c, _ in triples])
+            rejected = np.stack([self.reply_features(p, r) for p, _, r in triples])
+            model = fit_reward(chosen, rejected, [p for p, _, _ in triples], fingerprint)
+            model.save(path)
+        self._rewards[version] = model
+        return model
+
+    def rerank(
+        self,
+        home: ClientHome,
+        prompt: str,
+        system: str | None,
+        context: tuple[str, str | None],
+        options: DecodeOptions | None,
+        w_shared: float,
+        w_personal: float,
+        passphrase: str | None,
+        label: str,
+    ) -> Reply:
+        """Reward-guided best-of-n (see the module docstring): ``prompt``/``system`` as the user
+        asked, ``context`` the same with the retrieved preferences placed."""
+        start = time.perf_counter()
+        drafts: dict[str, Reply] = {}
+        if _trained(home, w_shared, w_personal):
+            drafts["adapter"] = self.generate(context[0], self.user_adapter(home, w_shared, w_personal), options, context[1])
+        if context != (prompt, system):
+            drafts["retrieval"] = self.generate(context[0], None, options, context[1])
+        drafts["base"] = self.generate(prompt, None, options, system)
+        for register in REGISTERS:
+            drafts[register] = self.generate(f"{prompt}\n\n{register}", None, options, system)
+        reward = self.user_reward(home, passphrase)
+        if reward is None:  # too few pairs to learn from: the adapters' reply, as merge would give
+            name = next(iter(drafts))
+        else:
+            texts = {name: reply.text for name, reply in drafts.items() if reply.text}
+            if not texts:
+                name = next(iter(drafts))
+            else:
+                scores = reward.scores(np.stack([self.reply_features(prompt, text, system) for text in texts.values()]))
+                name = list(texts)[int(np.argmax(scores))]
+        best = drafts[name]
+        return replace(best, seconds=time.perf_counter() - start, mode=label, draft=name)
 
     def next_logits(self, ids: Sequence[int], adapter: Adapter = None) -> np.ndarray:
         """Logits of the token after ``ids`` (a vector over the vocabulary), for checks and scoring."""
@@ -324,12 +486,20 @@ class PersonalizedGenerator:
         home = home if isinstance(home, ClientHome) else ClientHome.at(home)
         if not prompt or not prompt.strip():
             raise FedpalError("the prompt is empty")
+        asked = (prompt, system)
         if retrieval:
             prompt, system = place_preferences(prompt, system, retrieve_preferences(home, prompt, passphrase), retrieval_in)
         label = mode + ("+retrieval" if retrieval else "")
+        if mode == "rerank":
+            reply = self.rerank(home, *asked, (prompt, system), options, w_shared, w_personal, passphrase, label)
+            if on_token is not None:
+                on_token(reply.text)
+            return reply
         if mode == "base":
             return self.generate(prompt, None, options, system, on_token=on_token, mode=label)
         if mode == "merge":
+            if not _trained(home, w_shared, w_personal):  # nothing trained, or nothing passed the guard yet
+                return self.generate(prompt, None, options, system, on_token=on_token, mode=label.replace("merge", "base"))
             adapter = self.user_adapter(home, w_shared, w_personal)
             return self.generate(prompt, adapter, options, system, on_token=on_token, mode=label)
         parts: list[tuple[Adapter, float]] = [(None, w_base)]
@@ -341,6 +511,12 @@ class PersonalizedGenerator:
             one = (1.0, 0.0) if name == SHARED else (0.0, 1.0)
             parts.append((self.user_adapter(home, *one), weight))
         return self.generate(prompt, None, options, system, fusion=parts, on_token=on_token, mode=label)
+
+
+def _trained(home: ClientHome, w_shared: float, w_personal: float) -> bool:
+    """Whether the home has an adapter with a non-zero weight to answer with."""
+    return any(weight and (home.adapter_dir(name) / CONFIG_FILE).is_file()
+               for name, weight in ((SHARED, w_shared), (PERSONAL, w_personal)))
 
 
 def retrieve_preferences(home: ClientHome, prompt: str, passphrase: str | None = None, k: int = 5) -> list[str]:

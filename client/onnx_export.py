@@ -10,6 +10,10 @@ run time through ``onnxruntime_genai.Adapters``. The inputs keep a zero-rank def
 initializer, so a session with no adapter active runs the base model (a rank-0 LoRA branch
 adds exactly zero) without feeding anything.
 
+The graph also outputs the final hidden states (``hidden_states``, beside the logits): a
+user's reward model scores replies with features read from the same session that writes
+them, so reward-guided decoding needs no second model.
+
 Exports are cached under ``fedpal_home()/"exports"/<key>``; the key names the base model
 folder, targets, precision, execution provider and maximum rank, and a manifest written
 last records it together with a fingerprint of the base weights, so a half-written,
@@ -36,7 +40,7 @@ from fedpal.common.config import fedpal_home
 from fedpal.common.errors import FedpalError
 from fedpal.common.models import resolve_model_path
 
-EXPORT_FORMAT = 1
+EXPORT_FORMAT = 2
 MANIFEST = "fedpal_export.json"
 PRECISIONS = ("int4", "fp32")
 PROVIDERS = ("cpu", "cuda")
@@ -267,7 +271,9 @@ def _run_builder(
     model_path: Path, out: Path, adapter: Path, precision: str, provider: str, targets: tuple[str, ...], cache: Path
 ) -> None:
     """Run the GenAI model builder in a child process (it holds a full torch copy of the model)."""
-    options = [f"adapter_path={adapter}"]
+    # hidden_states: the last layer's output (after the final norm) beside the logits, read by
+    # the reward model (``fedpal.client.reward``) from the same session that generates
+    options = [f"adapter_path={adapter}", "include_hidden_states=true"]
     if precision == "int4":
         # LoRA MatMuls stay float over the int4 base: their weights become run-time inputs.
         options.append("nodes_to_exclude=" + ",".join(_lora_node_names(model_path, targets)))

@@ -6,7 +6,6 @@ export it uses; ``generate`` and ``chat`` then load that export and the user's a
 
 from __future__ import annotations
 
-import json
 import random
 import sys
 from pathlib import Path
@@ -14,19 +13,22 @@ from typing import TYPE_CHECKING
 
 import typer
 
+from fedpal.client.generator import DEFAULT_MODE
 from fedpal.common.errors import FedpalError
 
 if TYPE_CHECKING:
     from fedpal.client.generator import DecodeOptions, PersonalizedGenerator
     from fedpal.client.home import ClientHome
-    from fedpal.client.onnx_export import ExportInfo
 
-EXPORT_RECORD = "export.json"
 HOME = typer.Option(..., "--home", help="The client's home folder (adapters, memory, runtime files).")
 MODEL = typer.Option(None, "--model", help="'default', 'tiny', a local folder or a hub id (default: the home's export).")
 PRECISION = typer.Option(None, "--precision", help="int4 or fp32 (default: the home's export, else int4).")
 PASSPHRASE = typer.Option(None, "--passphrase", envvar="FEDPAL_PASSPHRASE", help="Memory passphrase (for --retrieval and ratings).")
-MODE = typer.Option("merge", "--mode", help="base, merge (shared + personal in one adapter) or fusion (per-token mix).")
+MODE = typer.Option(
+    DEFAULT_MODE, "--mode",
+    help="base, merge (shared + personal in one adapter), fusion (per-token mix) or rerank "
+         "(drafts scored by a reward learned from your pairs; slower: one generation per draft).",
+)
 W_SHARED = typer.Option(1.0, "--w-shared", help="Weight of the shared adapter (merge and fusion).")
 W_PERSONAL = typer.Option(1.0, "--w-personal", help="Weight of the personal adapter (merge and fusion).")
 W_BASE = typer.Option(0.0, "--w-base", help="Weight of the base model's log-probabilities (fusion only).")
@@ -54,10 +56,8 @@ def export(
     from fedpal.client.onnx_export import export_model
 
     client = ClientHome.at(home)
-    info = export_model(model, precision, _home_targets(client), max_rank, provider, force=force)
-    client.runtime.mkdir(parents=True, exist_ok=True)
-    record = {"model": model, "precision": precision, "max_rank": max_rank, "provider": provider, "key": info.key}
-    (client.runtime / EXPORT_RECORD).write_text(json.dumps(record, indent=2))
+    info = export_model(model, precision, client.adapter_targets(), max_rank, provider, force=force)
+    client.record_export(model, precision, max_rank, provider, info.key)
     typer.echo(f"export {info.key} ({info.precision}, {len(info.lora_inputs)} LoRA inputs, max rank {info.max_rank}) at {info.path}")
 
 
@@ -102,7 +102,7 @@ def chat(
     home: Path = HOME,
     model: str = MODEL,
     precision: str = PRECISION,
-    mode: str = typer.Option(None, "--mode", help="base, merge or fusion (default: merge if the user has adapters)."),
+    mode: str = typer.Option(None, "--mode", help="base, merge, fusion or rerank (default: as for generate)."),
     retrieval: bool = RETRIEVAL,
     retrieval_in: str = RETRIEVAL_IN,
     max_new_tokens: int = MAX_NEW,
@@ -118,7 +118,7 @@ def chat(
     client = ClientHome.at(home)
     generator = _open_generator(client, model, precision)
     if mode is None:
-        mode = "merge" if _has_adapters(client) else "base"
+        mode = DEFAULT_MODE
     if mode not in MODES:
         raise FedpalError(f"mode must be one of {', '.join(MODES)}, not '{mode}'")
     session = _ChatSession(generator, client, mode, retrieval, max_new_tokens, passphrase, retrieval_in)
@@ -223,46 +223,7 @@ def _options(max_new_tokens: int, sample: bool, temperature: float, top_p: float
     return options
 
 
-def _has_adapters(client: "ClientHome") -> bool:
-    return any((client.adapter_dir(name) / "adapter_config.json").is_file() for name in ("shared", "personal"))
-
-
-def _home_targets(client: "ClientHome") -> tuple[str, ...] | None:
-    """The LoRA targets of the user's saved adapters (None: fedpal's default targets)."""
-    targets: set[str] = set()
-    for name in ("shared", "personal"):
-        config = client.adapter_dir(name) / "adapter_config.json"
-        if config.is_file():
-            try:
-                targets.update(json.loads(config.read_text()).get("target_modules") or [])
-            except ValueError:
-                raise FedpalError(f"corrupt adapter config {config}") from None
-    return tuple(sorted(targets)) or None
-
-
-def _find_export(client: "ClientHome", model: str | None, precision: str | None) -> "ExportInfo":
-    """The export named by the options, else the one ``fedpal export`` recorded in the home."""
-    from fedpal.client.onnx_export import DEFAULT_MAX_RANK, find_export
-
-    record_file = client.runtime / EXPORT_RECORD
-    record = {}
-    if record_file.is_file():
-        try:
-            record = json.loads(record_file.read_text())
-        except ValueError:
-            raise FedpalError(f"corrupt {record_file}; run: fedpal export --home {client.root}") from None
-    elif model is None and precision is None:
-        raise FedpalError(f"no export for {client.root} yet; run: fedpal export --home {client.root}")
-    return find_export(
-        model or record.get("model", "default"),
-        precision or record.get("precision", "int4"),
-        _home_targets(client),
-        int(record.get("max_rank", DEFAULT_MAX_RANK)),
-        record.get("provider", "cpu"),
-    )
-
-
 def _open_generator(client: "ClientHome", model: str | None, precision: str | None) -> "PersonalizedGenerator":
     from fedpal.client.generator import PersonalizedGenerator
 
-    return PersonalizedGenerator(_find_export(client, model, precision))
+    return PersonalizedGenerator.for_home(client, model, precision)

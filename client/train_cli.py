@@ -7,6 +7,8 @@ from pathlib import Path
 
 import typer
 
+from fedpal.client.personalize import DEFAULT_TRAIN, HOLDOUT
+
 ADAPTER_CHOICES = ("personal", "shared", "both")
 
 
@@ -14,14 +16,24 @@ def train(
     home: Path = typer.Option(..., help="The client's home folder (memory, adapters, checkpoints)."),
     model: str = typer.Option("default", help="'default', 'tiny', a local folder or a hub id."),
     adapter: str = typer.Option("personal", help="Which adapter to train: personal, shared or both (shared first)."),
-    steps: int = typer.Option(30, min=1, help="Optimizer steps per adapter."),
-    objective: str = typer.Option("dpo", help="dpo (pairs), sft (examples and chosen replies) or both."),
-    learning_rate: float = typer.Option(5e-4, help="AdamW learning rate."),
-    beta: float = typer.Option(0.1, help="DPO beta (strength of the pull towards the reference)."),
+    steps: int = typer.Option(
+        DEFAULT_TRAIN.steps, min=1, help="Most optimizer steps per adapter; training stops earlier once held-out pairs stop improving."
+    ),
+    objective: str = typer.Option(
+        DEFAULT_TRAIN.objective, help="both (DPO + SFT on the chosen replies), dpo (pairs only) or sft (examples and chosen replies)."
+    ),
+    learning_rate: float = typer.Option(DEFAULT_TRAIN.learning_rate, help="AdamW learning rate."),
+    beta: float = typer.Option(DEFAULT_TRAIN.beta, help="DPO beta (strength of the pull towards the reference)."),
     batch_size: int = typer.Option(None, min=1, help="Pairs per step; default: from the device profile."),
     max_length: int = typer.Option(None, min=8, help="Tokens per sequence; default: from the device profile."),
     rank: int = typer.Option(None, min=1, help="LoRA rank for new adapters; saved adapters keep theirs."),
     seed: int = typer.Option(0, help="Same seed, same data, same device: same adapter."),
+    holdout: float = typer.Option(
+        HOLDOUT, min=0.0, max=0.9, help="Share of prompts held out to stop training on and to judge the new adapter (0: none)."
+    ),
+    guard: bool = typer.Option(
+        True, "--guard/--no-guard", help="Refuse an adapter whose probe replies degenerate (repetition, length, fluency)."
+    ),
     retrieval: bool = typer.Option(
         False, "--retrieval", help="Train with the stated preferences in context, as `fedpal generate --retrieval` answers."
     ),
@@ -31,11 +43,20 @@ def train(
     passphrase: str = typer.Option(None, envvar="FEDPAL_PASSPHRASE", help="Memory passphrase (or the OS keyring)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON summary line instead of text."),
 ) -> None:
-    """Train the personal and/or shared adapter on the memory's pairs and save it in the home folder."""
+    """Train the personal and/or shared adapter on the memory and activate it only if it helps.
+
+    Part of the user's prompts is held out: training stops when their pairs stop improving,
+    and the new adapter replaces the saved one only if it ranks them better and its replies
+    to a few probe prompts stay fluent. Otherwise it is kept aside and the previous one serves.
+    """
+    from dataclasses import replace
+
+    from fedpal.client.guard import GuardConfig
     from fedpal.client.home import ClientHome
     from fedpal.client.memory import PreferenceMemory
-    from fedpal.client.trainer import NO_PAIRS, OBJECTIVES, LocalTrainer, TrainConfig
-    from fedpal.common.adapters import PERSONAL, SHARED, AdapterConfig, attach_adapters, load_adapter, save_adapter
+    from fedpal.client.personalize import Personalizer, TrainingData
+    from fedpal.client.trainer import NO_PAIRS, OBJECTIVES
+    from fedpal.common.adapters import PERSONAL, SHARED, AdapterConfig, attach_adapters, load_adapter
     from fedpal.common.errors import FedpalError
     from fedpal.common.models import load_base_model
 
@@ -43,19 +64,18 @@ def train(
         raise FedpalError(f"--adapter must be one of {', '.join(ADAPTER_CHOICES)}, not '{adapter}'")
     if objective not in OBJECTIVES:
         raise FedpalError(f"--objective must be one of {', '.join(OBJECTIVES)}, not '{objective}'")
-    client = ClientHome.at(home)
-    with PreferenceMemory.open(client.root, passphrase=passphrase) as memory:
-        pairs = memory.preference_pairs()
-        examples = memory.sft_examples() if objective != "dpo" else []
-        if retrieval:
-            pairs, examples = memory.in_context(pairs, retrieval_in), memory.in_context(examples, retrieval_in)
-    config = TrainConfig(
-        objective=objective, steps=steps, learning_rate=learning_rate, beta=beta, batch_size=batch_size,
+    config = replace(
+        DEFAULT_TRAIN, objective=objective, steps=steps, learning_rate=learning_rate, beta=beta, batch_size=batch_size,
         max_length=max_length, seed=seed, time_budget_s=time_budget,
     )
     config.validate()
-    if objective != "sft" and not pairs:
+    client = ClientHome.at(home)
+    with PreferenceMemory.open(client.root, passphrase=passphrase) as memory:
+        data = TrainingData.from_memory(memory, retrieval_in if retrieval else None, holdout)
+    if objective != "sft" and not (data.pairs or data.heldout):
         raise FedpalError(f"{NO_PAIRS}; memory at {client.root}")
+    if objective == "dpo":
+        data = replace(data, examples=())
 
     base = load_base_model(model, device=device)
     adapter_config = _saved_adapter_config(client) or AdapterConfig(
@@ -68,38 +88,29 @@ def train(
 
     plan = {"shared": [(SHARED, [])], "personal": [(PERSONAL, [SHARED])],
             "both": [(SHARED, []), (PERSONAL, [SHARED])]}[adapter]
-    trainer = LocalTrainer(base, peft_model, config, checkpoint_dir=client.training)
-    runs = []
-    for name, reference in plan:
-        result = trainer.train(name, pairs, examples, reference_adapters=reference, progress=not as_json)
-        directory = save_adapter(peft_model, name, client.adapter_dir(name))
-        runs.append({**result.to_dict(), "adapter_dir": str(directory)})
+    personalizer = Personalizer(base, peft_model, client, config, guard=GuardConfig() if guard else None)
+    outcomes = [personalizer.train(name, data, reference, progress=not as_json) for name, reference in plan]
 
-    summary = {
-        "pairs": len(pairs),
-        "examples": len(examples),
-        "steps": sum(r["steps"] for r in runs),
-        "device": runs[-1]["device"],
-        "loss_first": runs[0]["loss_first"],
-        "loss_last": runs[-1]["loss_last"],
-        "seconds": round(sum(r["seconds"] for r in runs), 3),
-        "adapter_dir": runs[-1]["adapter_dir"],
-        "stopped": runs[-1]["stopped"],
-        "model": str(base.path),
-        "runs": runs,
-    }
     if as_json:
+        runs = [o.train for o in outcomes]
+        summary = {
+            "pairs": len(data.pairs) + len(data.heldout),
+            "heldout_pairs": len(data.heldout),
+            "examples": len(data.examples),
+            "steps": sum(r.steps for r in runs),
+            "device": runs[-1].device,
+            "loss_first": runs[0].loss_first,
+            "loss_last": runs[-1].loss_last,
+            "seconds": round(sum(r.seconds for r in runs), 3),
+            "activated": all(o.activated for o in outcomes),
+            "adapter_dir": outcomes[-1].adapter_dir,
+            "model": str(base.path),
+            "runs": [o.to_dict() for o in outcomes],
+        }
         typer.echo(json.dumps(summary))
         return
-    for run in runs:
-        typer.echo(
-            f"{run['adapter']}: {run['steps']} steps on {run['pairs']} pairs ({run['device']}, {run['seconds']:.1f}s), "
-            f"loss {run['loss_first']:.4f} -> {run['loss_last']:.4f}, "
-            f"reward margin {run['reward_margin_first']:.3f} -> {run['reward_margin_last']:.3f}, "
-            f"stopped: {run['stopped']}; saved to {run['adapter_dir']}"
-        )
-        if run["note"]:
-            typer.echo(f"  note: {run['note']}")
+    for outcome in outcomes:
+        typer.echo(outcome.line())
 
 
 def _saved_adapter_config(client):

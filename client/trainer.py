@@ -9,9 +9,18 @@ and one backward, where a trainer that re-runs the reference each step pays an e
 forward. TRL's ``DPOTrainer`` does not fit this: it knows one adapter, and its
 reference with peft is "all adapters off", which is wrong for the personal adapter.
 
-A checkpoint (adapter tensors, optimizer, step, RNG) lets a killed run resume and end
-with the weights an uninterrupted run would have. A non-finite loss, gradient or weight
-stops training and puts back the last good weights instead of returning a broken adapter.
+Given held-out pairs (the user's own, on prompts the run never trains on), training
+stops on them rather than on a step count: their DPO loss is measured before the first
+step and every ``eval_every`` steps, the weights with the lowest held-out loss are kept,
+and ``patience`` evaluations without improvement end the run. ``steps`` is then only a
+ceiling. A user's 20-200 pairs overfit within a few epochs (the training loss goes to 0
+while replies start repeating the form the pairs differ in); the held-out loss turns
+first.
+
+A checkpoint (adapter tensors, optimizer, step, RNG, early-stopping state) lets a killed
+run resume and end with the weights an uninterrupted run would have. A non-finite loss,
+gradient or weight stops training and puts back the last good weights instead of
+returning a broken adapter.
 """
 
 from __future__ import annotations
@@ -60,7 +69,8 @@ class TrainConfig:
     ``proximal_mu`` > 0 adds FedProx's ``mu/2 * ||w - w_received||^2`` over the trained
     adapter, which keeps a client's shared update near the global one on skewed data.
     ``sft_weight`` scales the SFT term of the "both" objective. ``checkpoint_every`` = 0
-    writes no checkpoints even with a checkpoint folder.
+    writes no checkpoints even with a checkpoint folder. ``eval_every`` and ``patience``
+    drive early stopping when the run is given held-out pairs (see the module docstring).
     """
 
     objective: str = "dpo"
@@ -76,6 +86,8 @@ class TrainConfig:
     checkpoint_every: int = 10
     max_grad_norm: float = 1.0
     threads: int | None = None
+    eval_every: int = 4
+    patience: int = 3
 
     def validate(self) -> None:
         """Raise a one-line ``FedpalError`` naming the first bad setting."""
@@ -93,6 +105,8 @@ class TrainConfig:
             ("checkpoint_every", self.checkpoint_every >= 0, "0 (off) or positive"),
             ("max_grad_norm", self.max_grad_norm > 0, "positive"),
             ("threads", self.threads is None or self.threads >= 1, "at least 1"),
+            ("eval_every", self.eval_every >= 1, "at least 1"),
+            ("patience", self.patience >= 1, "at least 1"),
         ]
         for name, ok, want in checks:
             if not ok:
@@ -102,8 +116,15 @@ class TrainConfig:
 @dataclass
 class TrainResult:
     """Summary of one run. ``stopped``: "steps" (budget reached), "time" (time budget),
-    "nan" (non-finite loss, last good weights kept). Reward margins are the mean implicit
-    reward margin of the first and the last step's batch (0 for pure SFT)."""
+    "nan" (non-finite loss, last good weights kept), "early" (the held-out loss stopped
+    improving). Reward margins are the mean implicit reward margin of the first and the
+    last step's batch (0 for pure SFT).
+
+    With held-out pairs, ``heldout_*_first`` describe the adapter as it came in and
+    ``heldout_*_best`` the weights the run kept (from ``best_step``): the DPO loss, the
+    share of pairs whose implicit reward ranks chosen above rejected (ties count one half)
+    and the mean reward margin. Without held-out pairs they are ``None``.
+    """
 
     adapter: str
     objective: str
@@ -121,9 +142,35 @@ class TrainResult:
     batch_size: int = 0
     max_length: int = 0
     note: str = ""
+    heldout_pairs: int = 0
+    best_step: int | None = None
+    heldout_loss_first: float | None = None
+    heldout_loss_best: float | None = None
+    heldout_accuracy_first: float | None = None
+    heldout_accuracy_best: float | None = None
+    heldout_margin_first: float | None = None
+    heldout_margin_best: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class HeldoutScore:
+    """How an adapter ranks held-out pairs against the reference: lower ``loss`` is better."""
+
+    loss: float
+    accuracy: float
+    margin: float
+
+    @classmethod
+    def of(cls, margins: "torch.Tensor") -> "HeldoutScore":
+        """From per-pair implicit reward margins (``beta`` already applied)."""
+        import torch.nn.functional as F
+
+        margins = margins.detach().float()
+        wins = (margins > 0).float() + 0.5 * (margins == 0).float()
+        return cls(float(-F.logsigmoid(margins).mean()), float(wins.mean()), float(margins.mean()))
 
 
 class LocalTrainer:
@@ -284,20 +331,22 @@ class LocalTrainer:
         reference_adapters: Sequence[str] = (),
         progress: bool = True,
         callback: Callable[[int, float], None] | None = None,
+        heldout: Sequence[PreferencePair] = (),
     ) -> TrainResult:
-        """Train ``adapter`` in place for ``config.steps`` steps (or until a budget/NaN stop).
+        """Train ``adapter`` in place for ``config.steps`` steps (or until early stopping, a budget or NaN).
 
         The forward pass uses ``reference_adapters`` + ``adapter``; only ``adapter``
-        learns. ``callback(step, loss)`` runs after every finished step. With a
-        checkpoint folder, a run of the same data, settings and starting weights
-        resumes from the last checkpoint; a finished run removes its checkpoint.
+        learns. ``heldout`` pairs (never trained on) turn on early stopping and the run
+        ends with the weights that ranked them best. ``callback(step, loss)`` runs after
+        every finished step. With a checkpoint folder, a run of the same data, settings and
+        starting weights resumes from the last checkpoint; a finished run removes it.
         """
         import torch
 
         cfg = self.config
         start = time.perf_counter()
         reference_adapters = _check_adapters(self.model, adapter, reference_adapters)
-        pairs, examples = list(pairs), list(examples)
+        pairs, examples, heldout = list(pairs), list(examples), list(heldout)
         if cfg.objective in ("dpo", "both") and not pairs:
             raise FedpalError(NO_PAIRS)
         sft_rows = _sft_rows(cfg.objective, pairs, examples)
@@ -308,13 +357,15 @@ class LocalTrainer:
         params = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         if not params:
             raise FedpalError(f"adapter '{adapter}' has no trainable weights")
-        fingerprint = self._fingerprint(adapter, reference_adapters, pairs, examples)
+        fingerprint = self._fingerprint(adapter, reference_adapters, pairs, examples, heldout)
 
         encoded_pairs = self._encode_pairs(pairs) if cfg.objective != "sft" else []
         encoded_sft = self._encode_examples(sft_rows)
+        ref_chosen = ref_rejected = None
         if encoded_pairs:
             ref_chosen, ref_rejected = self._used_reference_logprobs(encoded_pairs, reference_adapters)
-            activate(self.model, active=[*reference_adapters, adapter], trainable=adapter)
+        judge = _HeldoutJudge(self, adapter, reference_adapters, heldout) if heldout else None
+        activate(self.model, active=[*reference_adapters, adapter], trainable=adapter)
 
         anchors = [p.detach().clone() for _, p in params] if cfg.proximal_mu > 0 else []
         last_good = [p.detach().clone() for _, p in params]
@@ -324,9 +375,13 @@ class LocalTrainer:
         state = {"step": 0, "loss_first": math.nan, "margin_first": 0.0}
         resumed = self._load_checkpoint(adapter, fingerprint, params, optimizer)
         if resumed is not None:
-            state.update(resumed)
+            state.update({k: v for k, v in resumed.items() if k != "early"})
             for good, (_, p) in zip(last_good, params):
                 good.copy_(p.detach())
+            if judge is not None:
+                judge.restore(resumed["early"])
+        elif judge is not None:
+            judge.evaluate(0, params)
         resumed_from = state["step"]
         loss_last, margin_last, stopped, note = state.get("loss_last", math.nan), state.get("margin_last", 0.0), "steps", ""
 
@@ -340,9 +395,7 @@ class LocalTrainer:
             self.model.train()
             while state["step"] < cfg.steps:
                 step = state["step"]
-                loss, margin = self._loss(step, encoded_pairs, encoded_sft, params, anchors,
-                                          ref_chosen if encoded_pairs else None,
-                                          ref_rejected if encoded_pairs else None)
+                loss, margin = self._loss(step, encoded_pairs, encoded_sft, params, anchors, ref_chosen, ref_rejected)
                 if not torch.isfinite(loss):
                     stopped, note = "nan", f"loss became non-finite at step {step + 1}; kept the weights of step {step}"
                     break
@@ -369,22 +422,32 @@ class LocalTrainer:
                     state["loss_first"], state["margin_first"] = loss_last, margin
                 state["loss_last"], state["margin_last"] = loss_last, margin_last
                 bar.update(task, completed=state["step"], loss=f"loss {loss_last:.4f}")
+                exhausted = False
+                if judge is not None and (state["step"] % cfg.eval_every == 0 or state["step"] == cfg.steps):
+                    exhausted = judge.evaluate(state["step"], params)
+                    self.model.train()
                 if self._due_for_checkpoint(state["step"]):
-                    self._save_checkpoint(adapter, fingerprint, params, optimizer, state)
+                    self._save_checkpoint(adapter, fingerprint, params, optimizer, state, judge)
                 if callback is not None:
                     callback(state["step"], loss_last)
+                if exhausted:
+                    stopped = "early"
+                    note = (f"held-out loss did not improve for {cfg.patience} evaluations; "
+                            f"kept the weights of step {judge.best_step}")
+                    break
                 if cfg.time_budget_s is not None and time.perf_counter() - start >= cfg.time_budget_s and state["step"] < cfg.steps:
                     stopped, note = "time", f"time budget of {cfg.time_budget_s:g}s reached after {state['step']} steps"
                     break
         self.model.eval()
-        if stopped == "nan":
-            with torch.no_grad():
-                for good, (_, p) in zip(last_good, params):
-                    p.copy_(good)
+        with torch.no_grad():
+            kept = judge.best_weights if judge is not None else last_good if stopped == "nan" else None
+            for good, (_, p) in zip(kept or [], params):
+                p.copy_(good)
         activate(self.model, active=[*reference_adapters, adapter], trainable=None)
         self._clear_checkpoint(adapter)
         if resumed_from:
             note = (note + "; " if note else "") + f"resumed from the checkpoint of step {resumed_from}"
+        scores = judge.summary() if judge is not None else {}
         return TrainResult(
             adapter=adapter,
             objective=cfg.objective,
@@ -402,6 +465,7 @@ class LocalTrainer:
             batch_size=self.batch_size,
             max_length=self.max_length,
             note=note,
+            **scores,
         )
 
     def _loss(self, step, encoded_pairs, encoded_sft, params, anchors, ref_chosen, ref_rejected):
@@ -434,7 +498,7 @@ class LocalTrainer:
         return loss, margin
 
     # ------------------------------------------------------------ checkpoint
-    def _fingerprint(self, adapter, reference_adapters, pairs, examples) -> str:
+    def _fingerprint(self, adapter, reference_adapters, pairs, examples, heldout=()) -> str:
         """What must match for a checkpoint to be resumed: data, settings and starting weights."""
         settings = {f.name: getattr(self.config, f.name) for f in fields(self.config)
                     if f.name not in ("steps", "time_budget_s", "checkpoint_every", "threads")}
@@ -444,6 +508,7 @@ class LocalTrainer:
             "settings": settings, "batch_size": self.batch_size, "max_length": self.max_length,
             "pairs": [[p.prompt, p.chosen, p.rejected] for p in pairs],
             "examples": [[e.prompt, e.response] for e in examples],
+            "heldout": [[p.prompt, p.chosen, p.rejected] for p in heldout],
         }, sort_keys=True).encode())
         involved = {adapter, *reference_adapters}
         for name, param in sorted(self.model.named_parameters(), key=lambda item: item[0]):
@@ -459,7 +524,7 @@ class LocalTrainer:
         every = self.config.checkpoint_every
         return self.checkpoint_dir is not None and every > 0 and step % every == 0 and step < self.config.steps
 
-    def _save_checkpoint(self, adapter, fingerprint, params, optimizer, state) -> None:
+    def _save_checkpoint(self, adapter, fingerprint, params, optimizer, state, judge=None) -> None:
         import torch
 
         path = self._checkpoint_path(adapter)
@@ -469,6 +534,7 @@ class LocalTrainer:
             "adapter_state": {n: p.detach().cpu().clone() for n, p in params},
             "optimizer": optimizer.state_dict(),
             "rng": _get_rng(self.device),
+            "early": judge.state() if judge is not None else None,
             **{k: v for k, v in state.items()},
         }
         tmp = path.with_suffix(".tmp")
@@ -491,12 +557,71 @@ class LocalTrainer:
             for name, param in params:
                 param.copy_(payload["adapter_state"][name].to(param.device))
         optimizer.load_state_dict(payload["optimizer"])
-        return {k: payload[k] for k in ("step", "loss_first", "margin_first", "loss_last", "margin_last", "rng")}
+        return {k: payload[k] for k in ("step", "loss_first", "margin_first", "loss_last", "margin_last", "rng", "early")}
 
     def _clear_checkpoint(self, adapter: str) -> None:
         path = self._checkpoint_path(adapter)
         if path is not None and path.is_file():
             path.unlink()
+
+
+class _HeldoutJudge:
+    """Early stopping on held-out pairs: scores the adapter now and then, keeps the best weights.
+
+    The reference log-probs of the held-out pairs are computed once, like the training
+    pairs'; each evaluation then costs one no-grad forward over the held-out replies.
+    """
+
+    def __init__(self, trainer: LocalTrainer, adapter: str, reference_adapters: Sequence[str],
+                 heldout: Sequence[PreferencePair]) -> None:
+        self.trainer, self.adapter, self.reference = trainer, adapter, list(reference_adapters)
+        self.encoded = trainer._encode_pairs(heldout)
+        self.ref_chosen, self.ref_rejected = trainer._reference_logprobs(self.encoded, self.reference)
+        self.first: HeldoutScore | None = None
+        self.best: HeldoutScore | None = None
+        self.best_step = 0
+        self.best_weights: list = []
+        self.bad_evals = 0
+
+    def score(self) -> HeldoutScore:
+        """The held-out score of the adapter's current weights."""
+        trainer = self.trainer
+        trainer.model.eval()
+        activate(trainer.model, active=[*self.reference, self.adapter], trainable=self.adapter)
+        chosen, rejected = trainer._pair_logprobs(self.encoded)
+        out = dpo_loss(chosen, rejected, self.ref_chosen, self.ref_rejected, trainer.config.beta)
+        return HeldoutScore.of(out.margins)
+
+    def evaluate(self, step: int, params) -> bool:
+        """Score at ``step``; True when ``patience`` evaluations in a row brought no improvement."""
+        current = self.score()
+        if self.first is None:
+            self.first = current
+        if self.best is None or current.loss < self.best.loss - 1e-4:
+            self.best, self.best_step, self.bad_evals = current, step, 0
+            self.best_weights = [p.detach().clone() for _, p in params]
+        else:
+            self.bad_evals += 1
+        return self.bad_evals >= self.trainer.config.patience
+
+    def state(self) -> dict:
+        return {"first": self.first, "best": self.best, "best_step": self.best_step,
+                "best_weights": [w.cpu() for w in self.best_weights], "bad_evals": self.bad_evals}
+
+    def restore(self, state: dict) -> None:
+        device = self.trainer.device
+        self.first, self.best, self.best_step = state["first"], state["best"], state["best_step"]
+        self.best_weights = [w.to(device) for w in state["best_weights"]]
+        self.bad_evals = state["bad_evals"]
+
+    def summary(self) -> dict:
+        """The ``TrainResult`` fields this judge fills."""
+        return {
+            "heldout_pairs": len(self.encoded), "best_step": self.best_step,
+            "heldout_loss_first": self.first.loss, "heldout_loss_best": self.best.loss,
+            "heldout_accuracy_first": self.first.accuracy, "heldout_accuracy_best": self.best.accuracy,
+            "heldout_margin_first": self.first.margin, "heldout_margin_best": self.best.margin,
+        }
 
 
 def _check_adapters(model, adapter: str, reference_adapters: Sequence[str]) -> list[str]:

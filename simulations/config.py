@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
+from fedpal.client.generator import DEFAULT_MODE, MODES
 from fedpal.common.errors import FedpalError
 from fedpal.common.generation import PLACEMENTS
 
@@ -31,7 +32,8 @@ class SimulationConfig:
     retrieval and fedpal methods put the user's stated preferences (``prompt`` or
     ``system``). ``train_in_context``: the federated clients train their personal adapter
     with them there too, as fedpal's replies are generated (the shared adapter and the
-    local-only baseline train on bare prompts, as they are evaluated).
+    local-only baseline train on bare prompts, as they are evaluated). ``fedpal_mode``: the
+    generation mode of the fedpal method (``fedpal generate``'s default unless set).
     """
 
     preset: str = "custom"
@@ -70,6 +72,7 @@ class SimulationConfig:
     clipping_norm: float = 1.0
     delta: float = 1e-5
     secagg: bool = True
+    fedpal_mode: str = DEFAULT_MODE
     w_shared: float = 1.0
     w_personal: float = 1.0
     population_shared_weight: float = 0.3
@@ -100,6 +103,8 @@ class SimulationConfig:
             raise FedpalError("lora_top_layers must be 0 (all layers) or a positive number of last layers")
         if self.retrieval_in not in PLACEMENTS:
             raise FedpalError(f"retrieval_in must be one of {', '.join(PLACEMENTS)}, not '{self.retrieval_in}'")
+        if self.fedpal_mode not in MODES:
+            raise FedpalError(f"fedpal_mode must be one of {', '.join(MODES)}, not '{self.fedpal_mode}'")
         if self.precision not in ("int4", "fp32"):
             raise FedpalError(f"precision must be int4 or fp32, not '{self.precision}'")
 

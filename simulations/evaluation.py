@@ -9,11 +9,15 @@ same way and tests can check the arithmetic on hand-made matrices:
   model's reply to the same prompt *for that user* (ties count one half), the
   deterministic counterpart of asking the user which one they prefer;
 - the *cross-user matrix* ``M[i, j]`` is user ``i``'s mean utility of the replies produced
-  with user ``j``'s adapters. Personalization works when each row peaks on its diagonal.
+  with user ``j``'s adapters. Personalization works when each row peaks on its diagonal;
+- *intervals* are percentile bootstraps over held-out prompts (every user keeps their
+  row; prompts are resampled with replacement), the standard error is the bootstrap's
+  standard deviation: a prompt is the unit that varies between runs.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
@@ -21,6 +25,8 @@ import numpy as np
 
 from fedpal.simulations.attributes import attribute_matrix
 from fedpal.simulations.users import SimulatedUser
+
+BOOTSTRAP_SAMPLES = 2000
 
 
 @dataclass(frozen=True)
@@ -37,12 +43,15 @@ class BaselineResult:
     minority_utility: float | None
     per_user_utility: tuple[float, ...]
     per_user_win_rate: tuple[float, ...]
+    win_rate_ci: tuple[float, float] = (math.nan, math.nan)
+    win_rate_se: float = math.nan
+    mean_utility_ci: tuple[float, float] = (math.nan, math.nan)
 
     def to_dict(self) -> dict[str, object]:
         """JSON-ready form for ``results.json`` (tuples become lists)."""
         data = asdict(self)
-        data["per_user_utility"] = list(self.per_user_utility)
-        data["per_user_win_rate"] = list(self.per_user_win_rate)
+        for key in ("per_user_utility", "per_user_win_rate", "win_rate_ci", "mean_utility_ci"):
+            data[key] = list(getattr(self, key))
         return data
 
 
@@ -75,6 +84,23 @@ def win_rates(utilities: np.ndarray, base_utilities: np.ndarray) -> np.ndarray:
     return np.where(ties, 0.5, wins).mean(axis=1)
 
 
+def bootstrap(
+    utilities: np.ndarray, base_utilities: np.ndarray, samples: int = BOOTSTRAP_SAMPLES, seed: int = 0
+) -> dict[str, np.ndarray]:
+    """Win rate and mean utility over ``samples`` resamplings of the prompts (columns)."""
+    utilities = np.asarray(utilities, dtype=np.float64)
+    wins = np.where(np.isclose(utilities, base_utilities, rtol=0.0, atol=1e-12), 0.5, (utilities > base_utilities) * 1.0)
+    columns = np.random.default_rng(seed).integers(0, utilities.shape[1], size=(samples, utilities.shape[1]))
+    return {"win_rate": wins[:, columns].mean(axis=(0, 2)), "mean_utility": utilities[:, columns].mean(axis=(0, 2))}
+
+
+def interval(values: np.ndarray, level: float = 0.95) -> tuple[float, float]:
+    """The central ``level`` percentile interval of bootstrap ``values``."""
+    tail = 100 * (1 - level) / 2
+    low, high = np.percentile(values, [tail, 100 - tail])
+    return float(low), float(high)
+
+
 def summarize_baseline(
     name: str,
     utilities: np.ndarray,
@@ -84,10 +110,12 @@ def summarize_baseline(
     """Reduce a method's utility table to the numbers reported for it.
 
     The mean utility averages users (each user's prompts first) so a user with more
-    prompts does not count more; the worst user is the lowest per-user mean.
+    prompts does not count more; the worst user is the lowest per-user mean. Intervals
+    and the standard error come from :func:`bootstrap`.
     """
     per_user = np.asarray(utilities, dtype=np.float64).mean(axis=1)
     per_user_wins = win_rates(utilities, base_utilities)
+    resampled = bootstrap(utilities, base_utilities)
     minority = np.asarray(minority_mask, dtype=bool)
     if minority.shape != per_user.shape:
         raise ValueError("minority_mask needs one entry per user")
@@ -99,6 +127,9 @@ def summarize_baseline(
         minority_utility=float(per_user[minority].mean()) if minority.any() else None,
         per_user_utility=tuple(float(x) for x in per_user),
         per_user_win_rate=tuple(float(x) for x in per_user_wins),
+        win_rate_ci=interval(resampled["win_rate"]),
+        win_rate_se=float(resampled["win_rate"].std()),
+        mean_utility_ci=interval(resampled["mean_utility"]),
     )
 
 

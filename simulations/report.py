@@ -12,7 +12,9 @@ Required keys (:data:`REQUIRED_KEYS`)::
     clients_per_round             int
     bytes_per_client_round        int    bytes one client uploads in one round
     baselines                     {name: {"mean_utility", "win_rate_vs_base",
-                                          "worst_user_utility"}}   floats in [0, 1]
+                                          "worst_user_utility"}}   floats in [0, 1];
+                                  optional per baseline: "win_rate_ci" [lo, hi],
+                                  "win_rate_se", "mean_utility_ci" [lo, hi] (bootstrap)
     cross_user_diagonal_best_fraction  float
     curves                        {"rounds": CURVE, "pairs": CURVE}, either may be absent
                                   CURVE = {"x": [numbers], "series": {name: [mean utility]}}
@@ -22,7 +24,8 @@ Required keys (:data:`REQUIRED_KEYS`)::
     epsilon_per_round             [float | None]  cumulative epsilon after each round
 
 Optional keys read when present: ``seed`` (int); ``base_baseline`` (name of the base
-method, default ``"base"``); per baseline ``minority_utility`` (float or None);
+method, default ``"base"``); ``ablations`` ([str], methods that are parts of fedpal, not
+baselines to beat); per baseline ``minority_utility`` (float or None);
 ``user_ids`` ([str], heat-map labels, default ``user-0``...); ``minority_users`` ([str],
 ids marked with ``*``); ``wall_time_s`` (float); ``notes`` ([str], lines appended to the
 report, e.g. what limits the results); ``headroom`` (from
@@ -62,8 +65,9 @@ REQUIRED_KEYS: tuple[str, ...] = (
 )
 BASELINE_KEYS: tuple[str, ...] = ("mean_utility", "win_rate_vs_base", "worst_user_utility")
 FEDPAL_BASELINE = "fedpal"
-WIN_RATE_TARGET = 0.7
-"""The issue's bar for fedpal in the default preset; the report says whether it was met."""
+WIN_RATE_TARGET = 0.8
+"""The bar for fedpal in the default preset (the personalization issue's); the report says
+whether it was met."""
 
 
 @dataclass(frozen=True)
@@ -142,12 +146,12 @@ def _privacy_line(results: Mapping[str, Any]) -> str:
     )
 
 
-def _verdict(baselines: Mapping[str, Mapping[str, float]]) -> list[str]:
+def _verdict(baselines: Mapping[str, Mapping[str, float]], ablations=(), base: str = "base") -> list[str]:
     """Plain statements of whether fedpal met the bar, from the numbers alone."""
     if FEDPAL_BASELINE not in baselines:
         return []
     ours = baselines[FEDPAL_BASELINE]
-    others = {n: b for n, b in baselines.items() if n != FEDPAL_BASELINE}
+    others = {n: b for n, b in baselines.items() if n != FEDPAL_BASELINE and n not in ablations}
     met = ours["win_rate_vs_base"] >= WIN_RATE_TARGET
     lines = [
         f"- fedpal win rate vs base: {_pct(ours['win_rate_vs_base'])} "
@@ -161,7 +165,25 @@ def _verdict(baselines: Mapping[str, Mapping[str, float]]) -> list[str]:
                 if not lost
                 else f"- fedpal's {label} is not above: {', '.join(lost)}."
             )
+        rivals = {n: b for n, b in others.items() if n != base and b.get("win_rate_ci")}
+        if ours.get("win_rate_ci") and rivals:
+            best = max(rivals, key=lambda n: rivals[n]["win_rate_vs_base"])
+            apart = ours["win_rate_ci"][0] > rivals[best]["win_rate_ci"][1]
+            lines.append(
+                f"- 95% intervals of the win rate: fedpal {_interval(ours['win_rate_ci'])}, best other baseline "
+                f"({best}) {_interval(rivals[best]['win_rate_ci'])}: **{'apart' if apart else 'overlapping'}**."
+            )
+    if ours.get("minority_utility") is not None and baselines.get(base, {}).get("minority_utility") is not None:
+        below = ours["minority_utility"] < baselines[base]["minority_utility"]
+        lines.append(
+            f"- minority users: fedpal {_fmt(ours['minority_utility'])} vs base {_fmt(baselines[base]['minority_utility'])}"
+            f" mean utility: **{'below' if below else 'not below'} base**."
+        )
     return lines
+
+
+def _interval(ci) -> str:
+    return f"[{_pct(ci[0])}, {_pct(ci[1])}]"
 
 
 def _headroom(headroom: Mapping[str, Any] | None) -> list[str]:
@@ -198,18 +220,19 @@ def _markdown(results: Mapping[str, Any], files: ReportFiles) -> str:
         "",
         "## Baselines (held-out prompts)",
         "",
-        "| method | mean utility | win rate vs base | worst user | minority |",
+        "| method | mean utility | win rate vs base (95% interval) | worst user | minority |",
         "|---|---|---|---|---|",
     ]
     for name, b in baselines.items():
+        ci = f" {_interval(b['win_rate_ci'])}" if b.get("win_rate_ci") else ""
         table.append(
-            f"| {name} | {_fmt(b['mean_utility'])} | {_pct(b['win_rate_vs_base'])} | "
+            f"| {name} | {_fmt(b['mean_utility'])} | {_pct(b['win_rate_vs_base'])}{ci} | "
             f"{_fmt(b['worst_user_utility'])} | {_fmt(b.get('minority_utility'))} |"
         )
     if baselines:
         best = max(baselines, key=lambda n: baselines[n]["mean_utility"])
         table += ["", f"Highest mean utility: **{best}**."]
-    table += _verdict(baselines)
+    table += _verdict(baselines, results.get("ablations") or (), results.get("base_baseline", "base"))
     table += _headroom(results.get("headroom"))
     n_users = len(results["cross_user_matrix"])
     fraction = results["cross_user_diagonal_best_fraction"]

@@ -48,12 +48,15 @@ from fedpal.simulations.users import SimulatedUser, choose_favourite, label_cand
 log = logging.getLogger("fedpal.simulations")
 
 BASELINES = ("base", "retrieval", "local", "shared", "fedpal")
+ABLATIONS = ("fedpal_merge",)
+METHODS = BASELINES + ABLATIONS
 BASELINE_LABELS = {
     "base": "base model",
     "retrieval": "retrieval only (stated preferences in the prompt)",
     "local": "local-only personal adapter (no federation)",
     "shared": "shared adapter only (FedAvg)",
-    "fedpal": "fedpal (shared + personal + retrieval)",
+    "fedpal": "fedpal (shared + personal + retrieval, `fedpal generate --retrieval` at its default mode)",
+    "fedpal_merge": "ablation: fedpal's adapters and retrieval, merge mode (no reranking)",
 }
 PASSPHRASE_ENV = "FEDPAL_PASSPHRASE"
 
@@ -277,30 +280,31 @@ class SimulationRun:
         return self._trainer_model[1]
 
     def train_local(self, round_index: int) -> None:
-        """The local-only baseline: a personal adapter per user, no federation, same step budget."""
+        """The local-only baseline: a personal adapter per user, no federation, same step budget,
+        through the same flow as a federated client's personal adapter (held-out check, guard)."""
         from fedpal.client.memory import PreferenceMemory
-        from fedpal.client.trainer import LocalTrainer, TrainConfig
-        from fedpal.common.adapters import arrays_to_adapter, load_adapter, save_adapter
+        from fedpal.client.personalize import Personalizer, TrainingData
+        from fedpal.client.trainer import TrainConfig
+        from fedpal.common.adapters import arrays_to_adapter, load_adapter
 
         model = self.trainer_model()
         base, _, fresh_personal = self._trainer_model
         c = self.config
+        config = TrainConfig(objective=c.objective, learning_rate=c.learning_rate, beta=c.dpo_beta,
+                             batch_size=c.batch_size, max_length=c.max_length, checkpoint_every=0)
         advance = self.progress(f"local-only adapters, round {round_index}", len(self.users))
         for index in range(len(self.users)):
             home = self.local_home(index)
             with PreferenceMemory.open(home.root) as memory:
-                pairs, examples = memory.preference_pairs(), memory.sft_examples()
+                data = TrainingData.from_memory(memory)
             if (home.adapter_dir(PERSONAL) / "adapter_config.json").is_file():
                 load_adapter(model, PERSONAL, home.adapter_dir(PERSONAL))
             else:
                 arrays_to_adapter(model, PERSONAL, fresh_personal)
-            config = TrainConfig(
-                objective=c.objective, steps=c.local_steps + c.personal_steps, learning_rate=c.learning_rate,
-                beta=c.dpo_beta, batch_size=c.batch_size, max_length=c.max_length,
-                seed=c.seed * 1_000_003 + round_index * 7919 + index, checkpoint_every=0,
+            Personalizer(base, model, home, config, checkpoints=False).train(
+                PERSONAL, data, seed=c.seed * 1_000_003 + round_index * 7919 + index,
+                steps=c.local_steps + c.personal_steps, progress=False,
             )
-            LocalTrainer(base, model, config).train(PERSONAL, pairs, examples, progress=False)
-            save_adapter(model, PERSONAL, home.adapter_dir(PERSONAL))
             advance()
 
     # -- evaluation --------------------------------------------------------------------
@@ -311,54 +315,52 @@ class SimulationRun:
             from fedpal.client.generator import PersonalizedGenerator
             from fedpal.client.onnx_export import DEFAULT_MAX_RANK, export_model
 
-            export = export_model(
-                self.config.model,
-                self.config.precision,
-                self.adapter_config.target_modules,
-                max_rank=max(DEFAULT_MAX_RANK, 2 * self.config.lora_rank),
-            )
+            c = self.config
+            export = export_model(c.model, c.precision, self.adapter_config.target_modules,
+                                  max_rank=max(DEFAULT_MAX_RANK, 2 * c.lora_rank))
             self._generator = PersonalizedGenerator(export)
+            for index in range(len(self.users)):  # as `fedpal export --home` records it for a user
+                for home in (self.home(index), self.local_home(index)):
+                    home.record_export(c.model, c.precision, export.max_rank, export.execution_provider, export.key)
         return self._generator
 
     def replies(self, prompts: Sequence[str], methods: Sequence[str], label: str) -> dict[str, list[list[str]]]:
-        """Greedy replies per method, per user, per prompt (base and shared are made once for all)."""
+        """Greedy replies per method, per user, per prompt, each through ``generate_for`` (what
+        ``fedpal generate`` runs); base and shared are the same for every user and made once."""
         from fedpal.client.generator import DecodeOptions
-        from fedpal.client.memory import PreferenceMemory
-        from fedpal.common.generation import place_preferences
 
         generator = self.generator()
-        options = DecodeOptions(max_new_tokens=self.config.reply_tokens)
+        c = self.config
+        options = DecodeOptions(max_new_tokens=c.reply_tokens)
         n_users = len(self.users)
-        per_user = [m for m in methods if m in ("retrieval", "local", "fedpal")]
+        per_user = [m for m in methods if m not in ("base", "shared")]
         total = len(prompts) * (sum(m in methods for m in ("base", "shared")) + n_users * len(per_user))
         advance = self.progress(label, total)
+        calls = {
+            "base": lambda i: (self.home(i), dict(mode="base")),
+            "shared": lambda i: (self.home(i), dict(mode="merge", w_shared=1.0, w_personal=0.0)),
+            "retrieval": lambda i: (self.home(i), dict(mode="base", retrieval=True)),
+            "local": lambda i: (self.local_home(i), dict(mode="merge", w_shared=0.0, w_personal=1.0)),
+            "fedpal": lambda i: (self.home(i), dict(mode=c.fedpal_mode, retrieval=True, w_shared=c.w_shared,
+                                                    w_personal=c.w_personal)),
+            "fedpal_merge": lambda i: (self.home(i), dict(mode="merge", retrieval=True, w_shared=c.w_shared,
+                                                          w_personal=c.w_personal)),
+        }
 
-        def run(adapter: Any, contexts: Sequence[tuple[str, str | None]]) -> list[str]:
+        def run(method: str, index: int) -> list[str]:
+            home, how = calls[method](index)
             out = []
-            for prompt, system in contexts:
-                out.append(generator.generate(prompt, adapter=adapter, options=options, system=system).text)
+            for prompt in prompts:
+                out.append(generator.generate_for(home, prompt, options=options, retrieval_in=c.retrieval_in, **how).text)
                 advance()
             return out
 
-        bare = [(prompt, None) for prompt in prompts]
         result: dict[str, list[list[str]]] = {}
-        if "base" in methods:
-            result["base"] = [run(None, bare)] * n_users
-        if "shared" in methods:
-            result["shared"] = [run(generator.user_adapter(self.home(0), 1.0, 0.0), bare)] * n_users
+        for method in ("base", "shared"):
+            if method in methods:
+                result[method] = [run(method, 0)] * n_users
         for method in per_user:
-            result[method] = []
-        for index in range(n_users):
-            home = self.home(index)
-            with PreferenceMemory.open(home.root) as memory:
-                contexts = [place_preferences(p, None, memory.stated_preferences(p), self.config.retrieval_in) for p in prompts]
-            if "retrieval" in per_user:
-                result["retrieval"].append(run(None, contexts))
-            if "local" in per_user:
-                result["local"].append(run(generator.user_adapter(self.local_home(index), 0.0, 1.0), bare))
-            if "fedpal" in per_user:
-                adapter = generator.user_adapter(home, self.config.w_shared, self.config.w_personal)
-                result["fedpal"].append(run(adapter, contexts))
+            result[method] = [run(method, index) for index in range(n_users)]
         return result
 
     def curve_point(self) -> dict[str, float]:
@@ -376,9 +378,9 @@ class SimulationRun:
 
     def evaluate(self) -> dict[str, list[list[str]]]:
         """Replies of every baseline to every held-out prompt (kept in ``replies.json``)."""
-        replies = self.replies(self.heldout, BASELINES, "held-out replies, all baselines")
+        replies = self.replies(self.heldout, METHODS, "held-out replies, all baselines")
         (self.out / "replies.json").write_text(
-            json.dumps({"prompts": self.heldout, "replies": {m: replies[m] for m in BASELINES}}, indent=1)
+            json.dumps({"prompts": self.heldout, "replies": {m: replies[m] for m in METHODS}}, indent=1)
         )
         return replies
 
@@ -393,7 +395,7 @@ class SimulationRun:
         """The ``results.json`` dictionary (schema in ``fedpal.simulations.report``)."""
         c = self.config
         base_replies = replies["base"][0]
-        baselines = {name: evaluate_baseline(name, self.users, replies[name], base_replies) for name in BASELINES}
+        baselines = {name: evaluate_baseline(name, self.users, replies[name], base_replies) for name in METHODS}
         matrix = cross_user_matrix(self.users, replies["fedpal"])
         metrics = self.federation_metrics()
         epsilons = [m.get("epsilon") for m in metrics]
@@ -412,6 +414,7 @@ class SimulationRun:
             "bytes_per_client_round": int(round(float(np.mean(uploads)))) if uploads else 0,
             "baselines": {name: result.to_dict() for name, result in baselines.items()},
             "base_baseline": "base",
+            "ablations": list(ABLATIONS),
             "cross_user_diagonal_best_fraction": diagonal_best_fraction(matrix),
             "cross_user_matrix": matrix.tolist(),
             "curves": {

@@ -14,7 +14,7 @@ from fedpal.common.errors import FedpalError
 from fedpal.simulations.config import PRESETS, load_config
 from fedpal.simulations.report import REQUIRED_KEYS
 from fedpal.server.server_app import load_global_adapter
-from fedpal.simulations.runner import BASELINES, simulate
+from fedpal.simulations.runner import METHODS, simulate
 
 SMALL = replace(PRESETS["quick"], users=3, clients_per_round=3, rounds=1, train_prompts=4, heldout_prompts=3,
                 curve_prompts=2, local_steps=2, personal_steps=2)
@@ -34,7 +34,7 @@ def test_quick_preset_writes_results_report_and_plots(quick_run):
     results = json.loads((out / "results.json").read_text())
     assert set(REQUIRED_KEYS) <= set(results)
     assert results["preset"] == "quick" and results["users"] == 4 and results["rounds"] == 2
-    assert set(results["baselines"]) == set(BASELINES)
+    assert set(results["baselines"]) == set(METHODS)
     for row in results["baselines"].values():
         assert 0.0 <= row["mean_utility"] <= 1.0 and 0.0 <= row["win_rate_vs_base"] <= 1.0
     assert results["baselines"]["base"]["win_rate_vs_base"] == pytest.approx(0.5)
@@ -57,6 +57,26 @@ def test_quick_preset_really_federated(quick_run):
     assert [r["round"] for r in rounds] == [1, 2], "the second round resumed from the first round's checkpoint"
     assert all(r["clients_summed"] == 4 and r["secagg"] and r["dp"] for r in rounds)
     assert all(r["global_change_norm"] > 0 for r in rounds)
+
+
+def test_fedpal_replies_are_what_fedpal_generate_gives_the_user(quick_run):
+    """The simulation measures the code users run: `fedpal generate --retrieval` at its defaults,
+    in a separate process, answers user 1's held-out prompts exactly as results.json scored them."""
+    import os
+
+    from fedpal.simulations.config import PRESETS
+
+    out, _ = quick_run
+    stored = json.loads((out / "replies.json").read_text())
+    env = {**os.environ, "FEDPAL_PASSPHRASE": "fedpal-simulation-0"}
+    for prompt, expected in list(zip(stored["prompts"], stored["replies"]["fedpal"][1]))[:2]:
+        done = subprocess.run(
+            [sys.executable, "-m", "fedpal.common.cli", "generate", "--home", str(out / "users" / "1"), "--prompt", prompt,
+             "--retrieval", "--max-new-tokens", str(PRESETS["quick"].reply_tokens), "--json"],
+            capture_output=True, text=True, timeout=300, env=env,
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert json.loads(done.stdout.strip().splitlines()[-1])["text"] == expected
 
 
 def test_memories_are_encrypted_and_hold_the_interactions(quick_run):

@@ -353,14 +353,15 @@ def test_cli_trains_from_the_memory_and_saves_adapters(tmp_path):
         memory.add_pair(pair.prompt, pair.chosen, pair.rejected)
     env = {**os.environ, "FEDPAL_PASSPHRASE": "correct horse"}
     common = ["--home", str(home), "--model", "tiny", "--steps", "3", "--batch-size", "2",
-              "--max-length", "64", "--learning-rate", "0.005", "--json"]
+              "--max-length", "64", "--learning-rate", "0.005", "--objective", "dpo",
+              "--holdout", "0", "--no-guard", "--json"]
 
     first = cli(*common, "--adapter", "both", env=env)
     assert first.returncode == 0, first.stderr
     summary = json.loads(first.stdout.strip().splitlines()[-1])
     assert {"pairs", "steps", "device", "loss_first", "loss_last", "seconds", "adapter_dir"} <= summary.keys()
     assert summary["pairs"] == 6 and summary["steps"] == 6 and summary["device"] == "cpu"
-    assert [r["adapter"] for r in summary["runs"]] == ["shared", "personal"]
+    assert [r["adapter"] for r in summary["runs"]] == ["shared", "personal"] and summary["activated"]
     for name in ("shared", "personal"):
         assert (home / "adapters" / name / "adapter_model.safetensors").is_file()
     assert summary["adapter_dir"] == str(home / "adapters" / "personal")

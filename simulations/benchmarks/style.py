@@ -1,174 +1,228 @@
-"""Does a personal adapter trained by DPO on ~32 pairs change what the model writes?
+"""The style suite: does `fedpal train` at its defaults make the model write the way each user wants?
 
-``python -m fedpal.simulations.benchmarks.style [--model default]``:
+``python -m fedpal.simulations.benchmarks.style [--model default] [--out DIR]``:
 
-1. For training prompts of the built-in pool, the base model answers plainly, greedily
-   (the rejected reply). The chosen reply is either the plain reply's sentences rewritten
-   as "- " lines (``--chosen reformatted``, the default: same content, only the form
-   differs; works with models that ignore instructions) or the base model's own answer
-   when asked for a bulleted list (``--chosen instructed``, on-policy). Pairs whose chosen
-   reply has a bullet list and whose rejected reply has none are kept, up to ``--pairs``.
-2. The personal adapter is trained with fedpal's ``LocalTrainer`` (DPO, plus SFT on the
-   chosen replies unless ``--objective dpo``; reference = base + the untouched shared adapter).
-3. On held-out prompts the user never rated, asked plainly, the greedy replies of the
-   base model and of base + adapters are compared: the share with a bullet list.
+1. the base model answers training prompts plainly (greedy, through ONNX Runtime); for
+   each single-preference user of :mod:`fedpal.simulations.stylesuite` (bullets, concise,
+   warm, question, example, summary) the plain reply is rejected and the same reply
+   edited toward the preference is chosen: ~40 pairs per user, in an encrypted memory;
+2. ``fedpal train --home H --json`` runs as a user would run it: no options but the home
+   and the model, so every training setting is the default (held-out early stopping,
+   objective, guard);
+3. on unseen prompts, ``fedpal generate``'s own path (``PersonalizedGenerator.generate_for``
+   in its default mode) answers as the base model and as the personalized model; the
+   suite reports how often each shows the preference, and the fluency of both
+   (repeated 3-grams, distinct bigrams: the degeneration guard's measures).
 
-Prints the two rates and a few replies; ``--json`` for the figures.
-
-Measured 2026-11-22 on the project machine (2 CPU cores, SmolLM2-135M-Instruct, 32
-reformatted pairs, 24 steps of 4 pairs, 24 held-out prompts, 80 new tokens): DPO + SFT on
-the chosen replies (``--objective both``, the default) took bulleted greedy replies from
-0/24 to 23/24, fluent ("- To make tomato sauce from scratch, you will need to start by
-boiling the tomatoes." ...), training 141 s. Pure DPO (``--objective dpo``) overfits
-the form: loss 0.693 -> 0.006 but replies collapse into "- -- -- --" and only 1/24 counts
-as a list. ``--chosen instructed`` (the base model asked for a list) left only 5 usable
-pairs: the 135M model rarely follows that instruction.
+Writes ``style.json``, ``style.md`` and ``style.png`` into ``--out``; ``--json`` prints the
+figures. ``--quick`` runs the tiny model on few prompts (a pipeline check for CI).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
-import re
+import random
+import subprocess
+import sys
 import time
 from datetime import datetime, timezone
+from pathlib import Path
 
-_BULLET = re.compile(r"^\s*[-*•]\s+\S", re.MULTILINE)
-BULLETED = "Answer with a bulleted list of three to five points, each line starting with '- '."
-
-
-def is_bulleted(text: str) -> bool:
-    """At least two lines that start with a dash, star or bullet sign."""
-    return len(_BULLET.findall(text)) >= 2
+PASSPHRASE = "fedpal style suite"
 
 
-def as_bullets(text: str) -> str:
-    """The sentences of ``text`` as a dash list (the "reformatted" chosen reply)."""
-    sentences = [s.strip() for s in re.split(r"(?<=[.!?])\s+|\n+", text) if s.strip()]
-    if len(sentences) < 2:  # one long sentence (or a random model's words): three chunks of words
-        words = text.split()
-        third = max(len(words) // 3, 1)
-        sentences = [" ".join(words[i: i + third]) for i in range(0, len(words), third)]
-    return "\n".join(f"- {s}" for s in sentences)
+def _replies(generator, prompts, options, home=None, mode="base", progress=None) -> list[str]:
+    out = []
+    for prompt in prompts:
+        if home is None:
+            out.append(generator.generate(prompt, options=options).text)
+        else:
+            out.append(generator.generate_for(home, prompt, mode=mode, passphrase=PASSPHRASE, options=options).text)
+        if progress:
+            progress()
+    return out
 
 
-def generate_batch(base, model, prompts: list[str], max_new_tokens: int, batch_size: int = 8) -> list[str]:
-    """Greedy replies, left-padded batches (CPU throughput is several times one-by-one)."""
-    import torch
+def _fluency(replies: list[str]) -> dict[str, float]:
+    from fedpal.client.guard import distinct, repetition
 
-    from fedpal.common.generation import chat_input_ids
+    n = max(len(replies), 1)
+    return {"repetition": sum(map(repetition, replies)) / n, "distinct2": sum(map(distinct, replies)) / n}
 
-    tok = base.tokenizer
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    replies = []
-    for start in range(0, len(prompts), batch_size):
-        rows = [chat_input_ids(tok, p) for p in prompts[start: start + batch_size]]
-        width = max(len(r) for r in rows)
-        ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=base.device)
-        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=base.device)
-        with torch.no_grad():
-            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                                 do_sample=False, pad_token_id=pad, eos_token_id=tok.eos_token_id)
-        replies += [tok.decode(row[width:], skip_special_tokens=True).strip() for row in out]
-    return replies
+
+def _train(home: Path, model: str) -> tuple[dict, float]:
+    """``fedpal train`` at its defaults, in its own process as a user runs it."""
+    env = {**os.environ, "FEDPAL_PASSPHRASE": PASSPHRASE}
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "fedpal.common.cli", "train", "--home", str(home), "--model", model,
+                           "--json"], capture_output=True, text=True, env=env)
+    seconds = time.perf_counter() - start
+    if done.returncode != 0:
+        raise RuntimeError(f"fedpal train failed for {home}: {done.stderr.strip().splitlines()[-1:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1]), seconds
 
 
 def run(args: argparse.Namespace) -> dict:
-    import torch
+    from rich.progress import Progress
 
-    from fedpal.client.trainer import LocalTrainer, TrainConfig
-    from fedpal.common.adapters import PERSONAL, SHARED, AdapterConfig, activate, attach_adapters
-    from fedpal.common.errors import FedpalError
-    from fedpal.common.models import load_base_model
-    from fedpal.common.types import PreferencePair, SFTExample
+    from fedpal.client.generator import DEFAULT_MODE, DecodeOptions, PersonalizedGenerator
+    from fedpal.client.home import ClientHome
+    from fedpal.client.memory import PreferenceMemory
+    from fedpal.client.onnx_export import export_model
     from fedpal.simulations.prompts import sample_prompts
+    from fedpal.simulations.stylesuite import STYLE_USERS, STYLE_USERS_BY_NAME
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    start = time.perf_counter()
-    base = load_base_model(args.model, device=args.device)
-    model = attach_adapters(base.model, AdapterConfig(rank=args.rank, alpha=2.0 * args.rank))
-    candidates = sample_prompts("train", args.candidates, seed=args.seed)
-    held_out = sample_prompts("heldout", args.eval_prompts, seed=args.seed)
+    users = STYLE_USERS if args.users == "all" else [STYLE_USERS_BY_NAME[n] for n in args.users.split(",")]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    mode = args.mode or DEFAULT_MODE
+    started = time.perf_counter()
+    generator = PersonalizedGenerator(export_model(args.model, args.precision))
+    pair_options = DecodeOptions(max_new_tokens=args.pair_tokens)
+    options = DecodeOptions(max_new_tokens=args.max_new_tokens)
+    train_prompts = sample_prompts("train", args.candidates, args.seed)
+    heldout = sample_prompts("heldout", args.eval_prompts, args.seed)
+    extras_needed = {u.extra_request for u in users if u.extra_request}
+    report: dict = {"model": args.model, "precision": args.precision, "mode": mode, "users": {}}
+    with Progress(transient=True, disable=args.json) as bars:
+        task = bars.add_task("base replies", total=len(train_prompts) * (1 + len(extras_needed)) + len(heldout))
+        step = lambda: bars.advance(task)  # noqa: E731
+        plain = _replies(generator, train_prompts, pair_options, progress=step)
+        extras = {request: _replies(generator, [f"{p}\n\n{request}" for p in train_prompts], pair_options, progress=step)
+                  for request in extras_needed}
+        base_replies = _replies(generator, heldout, options, progress=step)
+        for user in users:
+            rng = random.Random(f"{args.seed}:{user.name}")
+            extra = extras.get(user.extra_request, [""] * len(train_prompts))
+            pairs = []
+            for prompt, reply, more in zip(train_prompts, plain, extra):
+                chosen = user.edit(prompt, reply, more, rng)
+                if reply.strip() and chosen != reply and user.shows(chosen) and not user.shows(reply):
+                    pairs.append((prompt, chosen, reply))
+            pairs = pairs[: args.pairs]
+            home = ClientHome.at(out / "homes" / user.name)
+            with PreferenceMemory.open(home.root, passphrase=PASSPHRASE) as memory:
+                memory.forget(everything=True)
+            with PreferenceMemory.open(home.root, passphrase=PASSPHRASE) as memory:
+                for prompt, chosen, rejected in pairs:
+                    memory.add_pair(prompt, chosen, rejected, tags=("style-suite",))
+            for stale in (home.adapters, home.root / "kept-aside", home.runtime):
+                if stale.exists():
+                    import shutil
 
-    with model.disable_adapter():
-        plain = generate_batch(base, model, candidates, args.max_new_tokens)
-        if args.chosen == "instructed":
-            chosen = generate_batch(base, model, [f"{p}\n\n{BULLETED}" for p in candidates], args.max_new_tokens)
-        else:
-            chosen = [as_bullets(r) for r in plain]
-        base_replies = generate_batch(base, model, held_out, args.max_new_tokens)
-    pairs = [PreferencePair(p, c, r) for p, c, r in zip(candidates, chosen, plain)
-             if is_bulleted(c) and not is_bulleted(r)][: args.pairs]
-    if not pairs:
-        raise FedpalError(f"no usable pairs from {len(candidates)} prompts with --chosen {args.chosen}; "
-                          "try the other --chosen or more --candidates")
-    generated = time.perf_counter()
+                    shutil.rmtree(stale)
+            bars.update(task, description=f"{user.name}: fedpal train", completed=0, total=1)
+            summary, seconds = _train(home.root, args.model)
+            bars.update(task, description=f"{user.name}: replies", completed=0, total=len(heldout))
+            tuned = _replies(generator, heldout, options, home=home, mode=mode, progress=step)
+            base_rate = sum(map(user.shows, base_replies)) / len(heldout)
+            tuned_rate = sum(map(user.shows, tuned)) / len(heldout)
+            report["users"][user.name] = {
+                "kind": user.kind, "wants": user.wants, "pairs": len(pairs),
+                "base_rate": base_rate, "personalized_rate": tuned_rate, "rise": tuned_rate - base_rate,
+                "base_fluency": _fluency(base_replies), "personalized_fluency": _fluency(tuned),
+                "train_seconds": round(seconds, 1), "activated": summary["activated"],
+                "train": summary["runs"][-1]["train"],
+                "guard": summary["runs"][-1]["guard"],
+                "reason": summary["runs"][-1]["reason"],
+                "examples": [{"prompt": p, "base": b, "personalized": t}
+                             for p, b, t in list(zip(heldout, base_replies, tuned))[: args.show]],
+                "replies": tuned,
+            }
+    rises = [u["rise"] for u in report["users"].values()]
+    report.update({
+        "pairs_per_user": args.pairs, "eval_prompts": len(heldout), "max_new_tokens": args.max_new_tokens,
+        "mean_rise": sum(rises) / len(rises), "min_rise": min(rises),
+        "base_replies": base_replies, "heldout_prompts": heldout,
+        "seconds_total": round(time.perf_counter() - started, 1),
+        "machine": f"{platform.platform()}, {os.cpu_count()} cpus",
+        "load_average": os.getloadavg(),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    })
+    (out / "style.json").write_text(json.dumps(report, indent=1))
+    _write_markdown(report, out / "style.md")
+    _plot(report, out / "style.png")
+    return report
 
-    trainer = LocalTrainer(base, model, TrainConfig(
-        objective=args.objective, steps=args.steps, batch_size=args.batch_size, max_length=args.max_length,
-        learning_rate=args.learning_rate, beta=args.beta, seed=args.seed, checkpoint_every=0,
-    ))
-    examples = [SFTExample(p.prompt, p.chosen) for p in pairs] if args.objective != "dpo" else []
-    result = trainer.train(PERSONAL, pairs, examples, reference_adapters=[SHARED], progress=not args.json)
-    trained = time.perf_counter()
 
-    activate(model, [SHARED, PERSONAL])
-    tuned_replies = generate_batch(base, model, held_out, args.max_new_tokens)
-    base_rate = sum(map(is_bulleted, base_replies)) / len(held_out)
-    tuned_rate = sum(map(is_bulleted, tuned_replies)) / len(held_out)
-    return {
-        "model": args.model, "chosen_from": args.chosen, "objective": args.objective, "device": result.device, "pairs": len(pairs), "candidates": len(candidates),
-        "eval_prompts": len(held_out), "steps": result.steps, "stopped": result.stopped,
-        "loss_first": result.loss_first, "loss_last": result.loss_last,
-        "reward_margin_first": result.reward_margin_first, "reward_margin_last": result.reward_margin_last,
-        "base_bulleted_rate": base_rate, "tuned_bulleted_rate": tuned_rate,
-        "pair_bulleted_rate_chosen": sum(map(is_bulleted, chosen)) / len(chosen),
-        "seconds_generating_pairs": round(generated - start, 1), "seconds_training": round(trained - generated, 1),
-        "seconds_total": round(time.perf_counter() - start, 1),
-        "machine": platform.platform(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "examples": [{"prompt": p, "base": b, "tuned": t}
-                     for p, b, t in list(zip(held_out, base_replies, tuned_replies))[: args.show]],
-    }
+def _write_markdown(report: dict, path: Path) -> None:
+    lines = [
+        f"# Style suite ({report['model']}, {report['date']})",
+        "",
+        f"`fedpal train` at its defaults on ~{report['pairs_per_user']} edited pairs per user; replies to "
+        f"{report['eval_prompts']} unseen prompts through `fedpal generate`'s path (mode {report['mode']}, "
+        f"greedy, {report['max_new_tokens']} new tokens). Machine: {report['machine']}, load {report['load_average'][0]:.2f}.",
+        "",
+        "| user | kind | pairs | preference rate base -> personalized | repetition base -> personalized "
+        "| distinct-2 base -> personalized | training s | activated |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, u in report["users"].items():
+        bf, pf = u["base_fluency"], u["personalized_fluency"]
+        lines.append(
+            f"| {name} | {u['kind']} | {u['pairs']} | {u['base_rate']:.2f} -> **{u['personalized_rate']:.2f}** "
+            f"| {bf['repetition']:.3f} -> {pf['repetition']:.3f} | {bf['distinct2']:.3f} -> {pf['distinct2']:.3f} "
+            f"| {u['train_seconds']:.0f} | {'yes' if u['activated'] else 'no: ' + u['reason']} |"
+        )
+    lines += ["", f"Mean rise {report['mean_rise']:.2f}, smallest {report['min_rise']:.2f}.", ""]
+    for name, u in report["users"].items():
+        for ex in u["examples"][:1]:
+            lines += [f"**{name}** — {ex['prompt']}", "", f"- base: {ex['base'][:240]!r}",
+                      f"- personalized: {ex['personalized'][:240]!r}", ""]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def _plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(report["users"])
+    base = [report["users"][n]["base_rate"] for n in names]
+    tuned = [report["users"][n]["personalized_rate"] for n in names]
+    x = range(len(names))
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    ax.bar([i - 0.2 for i in x], base, width=0.4, label="base model")
+    ax.bar([i + 0.2 for i in x], tuned, width=0.4, label="after fedpal train")
+    ax.set_xticks(list(x), names)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("replies showing the preference")
+    ax.set_title(f"Style suite, {report['model']}: {report['eval_prompts']} unseen prompts per user")
+    ax.legend(loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="default")
-    parser.add_argument("--chosen", choices=("instructed", "reformatted"), default="reformatted")
-    parser.add_argument("--candidates", type=int, default=48, help="training prompts to build pairs from")
-    parser.add_argument("--pairs", type=int, default=32)
-    parser.add_argument("--eval-prompts", type=int, default=24, help="held-out prompts")
-    parser.add_argument("--steps", type=int, default=24, help="24 x 4 = three passes over 32 pairs")
-    parser.add_argument("--objective", choices=("dpo", "both"), default="both",
-                        help="both: DPO plus SFT on the chosen replies, which keeps them fluent (pure DPO on few pairs degenerates)")
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--max-length", type=int, default=192)
-    parser.add_argument("--max-new-tokens", type=int, default=80)
-    parser.add_argument("--rank", type=int, default=8)
-    parser.add_argument("--learning-rate", type=float, default=5e-4)
-    parser.add_argument("--beta", type=float, default=0.1)
+    parser.add_argument("--precision", default="int4", choices=("int4", "fp32"))
+    parser.add_argument("--users", default="all", help="comma-separated names, or all")
+    parser.add_argument("--candidates", type=int, default=56, help="training prompts to build pairs from")
+    parser.add_argument("--pairs", type=int, default=40)
+    parser.add_argument("--eval-prompts", type=int, default=24, help="unseen prompts")
+    parser.add_argument("--pair-tokens", type=int, default=96, help="new tokens of the replies pairs are built from")
+    parser.add_argument("--max-new-tokens", type=int, default=128, help="new tokens of evaluated replies (generate's default)")
+    parser.add_argument("--mode", default=None, help="generation mode (default: fedpal generate's)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default=None)
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--show", type=int, default=3, help="example replies to print")
+    parser.add_argument("--out", default="runs/style")
+    parser.add_argument("--show", type=int, default=3, help="example replies kept per user")
+    parser.add_argument("--quick", action="store_true", help="tiny model, 2 users, few prompts (pipeline check)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.model, args.precision, args.users = "tiny", "fp32", "bullets,summary"
+        args.candidates, args.pairs, args.eval_prompts, args.pair_tokens, args.max_new_tokens = 16, 12, 4, 24, 24
     report = run(args)
     if args.json:
-        print(json.dumps(report, indent=2))
+        print(json.dumps({k: v for k, v in report.items() if k not in ("base_replies",)}, indent=1))
         return report
-    print(f"{report['model']} on {report['device']}: {report['pairs']} pairs ({report['chosen_from']}) "
-          f"(from {report['candidates']} prompts), {report['steps']} {report['objective']} steps, "
-          f"loss {report['loss_first']:.3f} -> {report['loss_last']:.3f}, "
-          f"margin {report['reward_margin_first']:.2f} -> {report['reward_margin_last']:.2f}")
-    print(f"bulleted greedy replies on {report['eval_prompts']} held-out prompts: "
-          f"base {report['base_bulleted_rate']:.0%} -> personal adapter {report['tuned_bulleted_rate']:.0%}")
-    print(f"time: pairs {report['seconds_generating_pairs']}s, training {report['seconds_training']}s, "
-          f"total {report['seconds_total']}s ({report['date']})")
-    for ex in report["examples"]:
-        print(f"\n> {ex['prompt']}\n[base] {ex['base'][:300]}\n[tuned] {ex['tuned'][:300]}")
+    print((Path(args.out) / "style.md").read_text())
     return report
 
 

@@ -1,0 +1,204 @@
+"""The degeneration guard: a newly trained adapter must still write like a language model.
+
+A preference loss can reach zero while the replies collapse: a user's pairs that differ
+in one form (a dash, a greeting, a length) are separated fastest by repeating that form,
+and the model ends up writing "- -- -- --" or one phrase until the token limit. Neither
+the training loss nor the held-out preference accuracy sees this, because both score the
+user's replies, never the model's own. So before an adapter is activated, the guard makes
+the model answer a few probe prompts greedily with the current adapters and with the new
+one, and compares the two sets of replies:
+
+- *repetition*: the share of word 3-grams of a reply that repeat an earlier one;
+- *distinct-2*: the share of a reply's word bigrams that are distinct;
+- *length*: mean reply tokens, and how many replies run into the token limit;
+- *base NLL*: the base model's negative log-likelihood per token of the replies, i.e. how
+  unlike ordinary text they are, whatever adapter wrote them.
+
+The new adapter is refused when any of them moves past its threshold (``GuardConfig``).
+The thresholds are relative to the current replies, so a user's style (a list is more
+repetitive than prose, a short reply shorter) moves them a little and a collapse a lot.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
+
+from fedpal.common.errors import FedpalError
+
+if TYPE_CHECKING:
+    from peft import PeftModel
+
+    from fedpal.common.models import BaseModel
+
+_WORD = re.compile(r"\w+|[^\w\s]")
+
+PROBE_PROMPTS = (
+    "How can I make my mornings less rushed?",
+    "What should I pack for a weekend hiking trip?",
+    "Can you explain how a credit score works?",
+    "Give me some tips for writing a clear email to my manager.",
+    "How do I keep basil growing on a windowsill?",
+    "What is a good way to start learning to code?",
+)
+"""Everyday prompts used when the user's own held-out prompts are too few."""
+
+
+@dataclass(frozen=True)
+class GuardConfig:
+    """When a freshly trained adapter counts as degenerate (each bound is against the current replies)."""
+
+    probes: int = 4
+    """How many prompts the replies are compared on (the user's held-out ones first)."""
+    max_new_tokens: int = 48
+    """Greedy tokens per probe reply."""
+    max_repetition_rise: float = 0.2
+    """Largest allowed rise of the mean repeated-3-gram share (0-1)."""
+    max_distinct2_drop: float = 0.2
+    """Largest allowed fall of the mean distinct-bigram share (0-1)."""
+    max_length_ratio: float = 2.5
+    """Largest allowed ratio of mean reply tokens, new over current."""
+    max_nll_rise: float = 1.5
+    """Largest allowed rise of the base model's mean NLL per reply token (nats)."""
+
+    def __post_init__(self) -> None:
+        checks = [
+            ("probes", self.probes >= 1, "at least 1"),
+            ("max_new_tokens", self.max_new_tokens >= 8, "at least 8"),
+            ("max_repetition_rise", 0 <= self.max_repetition_rise <= 1, "between 0 and 1"),
+            ("max_distinct2_drop", 0 <= self.max_distinct2_drop <= 1, "between 0 and 1"),
+            ("max_length_ratio", self.max_length_ratio >= 1, "at least 1"),
+            ("max_nll_rise", self.max_nll_rise >= 0, "0 or more"),
+        ]
+        for name, ok, want in checks:
+            if not ok:
+                raise FedpalError(f"guard setting {name}={getattr(self, name)!r} must be {want}")
+
+
+def words(text: str) -> list[str]:
+    """Lower-cased words and punctuation marks: the units repetition is counted in."""
+    return _WORD.findall(text.lower())
+
+
+def repetition(text: str, n: int = 3) -> float:
+    """Share of the word ``n``-grams of ``text`` that already occurred earlier in it (0: none)."""
+    grams = _ngrams(words(text), n)
+    return 1.0 - len(set(grams)) / len(grams) if grams else 0.0
+
+
+def distinct(text: str, n: int = 2) -> float:
+    """Share of the word ``n``-grams of ``text`` that are distinct (1: no repeats; 1 for very short texts)."""
+    grams = _ngrams(words(text), n)
+    return len(set(grams)) / len(grams) if grams else 1.0
+
+
+def _ngrams(tokens: Sequence[str], n: int) -> list[tuple[str, ...]]:
+    return [tuple(tokens[i: i + n]) for i in range(len(tokens) - n + 1)]
+
+
+@dataclass(frozen=True)
+class Fluency:
+    """How a set of replies reads: means over the replies."""
+
+    repetition: float
+    distinct2: float
+    mean_tokens: float
+    at_limit: float
+    """Share of replies that ran into the token limit."""
+    base_nll: float
+    """The base model's NLL per reply token (nats)."""
+
+    @classmethod
+    def of(cls, texts: Sequence[str], token_counts: Sequence[int], limit: int, nll: float) -> "Fluency":
+        n = max(len(texts), 1)
+        return cls(
+            repetition=sum(map(repetition, texts)) / n,
+            distinct2=sum(map(distinct, texts)) / n,
+            mean_tokens=sum(token_counts) / n,
+            at_limit=sum(c >= limit for c in token_counts) / n,
+            base_nll=nll,
+        )
+
+
+@dataclass(frozen=True)
+class GuardReport:
+    """The guard's verdict on one adapter: the figures before and after, and why it was refused."""
+
+    prompts: int
+    before: Fluency
+    after: Fluency
+    reasons: tuple[str, ...]
+    replies: tuple[str, ...]
+    """The new adapter's probe replies (what a user would have seen)."""
+
+    @property
+    def degenerate(self) -> bool:
+        return bool(self.reasons)
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["degenerate"] = self.degenerate
+        data["reasons"] = list(self.reasons)
+        data["replies"] = list(self.replies)
+        return data
+
+
+def verdict(before: Fluency, after: Fluency, config: GuardConfig) -> tuple[str, ...]:
+    """The thresholds ``after`` crosses against ``before``, in words (empty: it passes)."""
+    reasons = []
+    if after.repetition - before.repetition > config.max_repetition_rise:
+        reasons.append(f"repetition {before.repetition:.2f} -> {after.repetition:.2f}")
+    if before.distinct2 - after.distinct2 > config.max_distinct2_drop:
+        reasons.append(f"distinct-2 {before.distinct2:.2f} -> {after.distinct2:.2f}")
+    if after.mean_tokens > config.max_length_ratio * max(before.mean_tokens, 1.0):
+        reasons.append(f"reply length {before.mean_tokens:.0f} -> {after.mean_tokens:.0f} tokens")
+    if after.base_nll - before.base_nll > config.max_nll_rise:
+        reasons.append(f"base-model NLL {before.base_nll:.2f} -> {after.base_nll:.2f} nats/token")
+    return tuple(reasons)
+
+
+class DegenerationGuard:
+    """Greedy probe replies of one peft model under two adapter activations, compared."""
+
+    def __init__(self, base: "BaseModel", model: "PeftModel", config: GuardConfig | None = None) -> None:
+        self.base, self.model, self.config = base, model, config or GuardConfig()
+
+    def probes(self, prompts: Sequence[tuple[str, str | None]]) -> list[tuple[str, str | None]]:
+        """The user's (prompt, system) pairs first, topped up with :data:`PROBE_PROMPTS`."""
+        chosen = list(dict.fromkeys(prompts))[: self.config.probes]
+        for prompt in PROBE_PROMPTS:
+            if len(chosen) >= self.config.probes:
+                break
+            chosen.append((prompt, None))
+        return chosen
+
+    def measure(self, probes: Sequence[tuple[str, str | None]], active: Sequence[str]) -> tuple[Fluency, list[str]]:
+        """Replies to ``probes`` with the adapters ``active`` (none: the base model), and their fluency."""
+        from fedpal.common.adapters import activate
+        from fedpal.common.generation import generate_replies, reply_nll
+
+        self.model.eval()
+        if active:
+            activate(self.model, active=list(active), trainable=None)
+            replies = generate_replies(self.base, self.model, probes, self.config.max_new_tokens)
+        else:
+            with self.model.disable_adapter():
+                replies = generate_replies(self.base, self.model, probes, self.config.max_new_tokens)
+        texts = [text for text, _ in replies]
+        with self.model.disable_adapter():
+            nll = reply_nll(self.base, self.model, probes, [ids for _, ids in replies])
+        counts = [len(ids) for _, ids in replies]
+        return Fluency.of(texts, counts, self.config.max_new_tokens, nll), texts
+
+    def compare(self, before: Fluency, probes: Sequence[tuple[str, str | None]], active: Sequence[str]) -> GuardReport:
+        """The new activation's replies against the ``before`` figures (from :meth:`measure`)."""
+        after, texts = self.measure(probes, active)
+        return GuardReport(len(probes), before, after, verdict(before, after, self.config), tuple(texts))
+
+
+def finite(value: float) -> float | None:
+    """JSON-safe: ``None`` for NaN or infinity."""
+    return value if math.isfinite(value) else None
