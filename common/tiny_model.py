@@ -46,13 +46,13 @@ def _corpus(seed: int, lines: int = 1500) -> list[str]:
 
 
 def build_tiny_model(target: Path, seed: int = 0) -> Path:
-    """Write a tiny Llama + tokenizer Hugging Face folder at ``target`` (atomically)."""
+    """Write a tiny Llama + tokenizer Hugging Face folder at ``target`` (atomically); a built one is found without importing torch."""
+    if (target / "config.json").is_file():
+        return target
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    if (target / "config.json").is_file():
-        return target
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
