@@ -7,12 +7,25 @@ checkpoints. Only the shared adapter's update ever leaves, and not from this fol
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from fedpal.common.errors import FedpalError
 
 EXPORT_RECORD = "export.json"
+HOME_ENV = "FEDPAL_USER_HOME"
+"""Where the commands look for the home when ``--home`` is not given."""
+HOME_ENTRIES = ("memory.sqlite", "adapters", "runtime", "training", "kept-aside")
+"""What a folder holds once fedpal has used it as a home (any one of them makes it one)."""
+CREATE_HINT = "`fedpal memory add --home {root} ...` or `fedpal memory import --home {root} FILE` creates one"
+
+
+def home_path(root: Path | str | None) -> Path:
+    """``--home`` as an absolute path; an empty value (which would mean the current folder) is refused."""
+    if root is None or not str(root).strip():
+        raise FedpalError(f"--home is empty: name the home folder (or set {HOME_ENV})")
+    return Path(str(root)).expanduser().resolve()
 
 
 @dataclass(frozen=True)
@@ -26,6 +39,59 @@ class ClientHome:
         path = Path(root).expanduser().resolve()
         path.mkdir(parents=True, exist_ok=True)
         return cls(path)
+
+    @classmethod
+    def existing(cls, root: Path | str | None) -> "ClientHome":
+        """The home at ``root``, which must already be one; creates nothing.
+
+        A mistyped ``--home`` must not become a new, empty home that silently answers
+        without the user's adapters or binds a new memory to whatever passphrase is set.
+        """
+        path = home_path(root)
+        if not path.exists():
+            raise FedpalError(f"no fedpal home at {path}; {CREATE_HINT.format(root=path)}")
+        if not path.is_dir():
+            raise FedpalError(f"{path} is a file, not a fedpal home folder")
+        if not os.access(path, os.R_OK | os.X_OK):
+            raise FedpalError(f"cannot read the fedpal home {path}: permission denied")
+        if not any((path / entry).exists() for entry in HOME_ENTRIES):
+            raise FedpalError(f"{path} is not a fedpal home (no memory, adapters or export in it); "
+                              f"{CREATE_HINT.format(root=path)}")
+        return cls(path)
+
+    @classmethod
+    def planned(cls, root: Path | str | None) -> "ClientHome":
+        """The home at ``root``, existing or to be created by :meth:`create`; checks that it can be.
+
+        Nothing is created here, so a command can check all its other input first.
+        """
+        path = home_path(root)
+        if path.exists() and not path.is_dir():
+            raise FedpalError(f"{path} is a file, not a fedpal home folder")
+        ancestor = path
+        while not ancestor.exists():
+            ancestor = ancestor.parent
+        if not ancestor.is_dir():
+            raise FedpalError(f"cannot create the fedpal home {path}: {ancestor} is a file")
+        if not os.access(ancestor, os.W_OK | os.X_OK):
+            raise FedpalError(f"cannot write to {ancestor}: permission denied")
+        return cls(path)
+
+    def create(self) -> Path | None:
+        """Create the home's folder (and missing parents); returns the top-most folder created, None if it existed."""
+        top = None
+        for folder in [self.root, *self.root.parents]:
+            if folder.exists():
+                break
+            top = folder
+        self.root.mkdir(parents=True, exist_ok=True)
+        return top
+
+    def writable(self) -> "ClientHome":
+        """This home, checked to accept new files (adapters, the export record, the memory)."""
+        if not os.access(self.root, os.W_OK | os.X_OK):
+            raise FedpalError(f"cannot write to the fedpal home {self.root}: permission denied")
+        return self
 
     @property
     def memory_db(self) -> Path:

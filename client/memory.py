@@ -24,6 +24,7 @@ Forgetting
 
 from __future__ import annotations
 
+import codecs
 import json
 import math
 import os
@@ -31,7 +32,7 @@ import sqlite3
 import time
 import uuid
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import datetime
@@ -75,6 +76,17 @@ KIND_FIELDS: dict[str, tuple[str, ...]] = {
 }
 TURN_ROLES = ("system", "user", "assistant", "tool")
 SFT_MIN_SCORE = 4
+MAX_FIELD_CHARS = 100_000
+"""Longest text field of a record (prompt, reply, stated preference...): about 25k tokens, far
+more than a small model reads, so only a mistake (a pasted file) is refused."""
+MAX_TAG_CHARS = 1_000
+MAX_TAGS = 100
+RETRIEVAL_MAX_BYTES = 1_000
+"""Most UTF-8 bytes of stated preferences that retrieval adds to a request (about 250 tokens
+of English; a byte-level tokenizer never makes more tokens than bytes), so the user's
+request and the reply always keep room in the model's context."""
+PREFERENCE_MAX_BYTES = 400
+"""A longer stated preference is cut (at a word) when retrieval adds it."""
 _PAD_TO = 128
 _MAX_ID_CHARS = 200
 
@@ -112,13 +124,15 @@ class Record:
         return {"kind": self.kind, **self.fields, "tags": list(self.tags), "id": self.id, "created": self.created}
 
 
-def _check_text(name: str, value: Any) -> str:
+def _check_text(name: str, value: Any, limit: int = MAX_FIELD_CHARS) -> str:
     if not isinstance(value, str):
         raise ValueError(f"'{name}' must be a string, got {type(value).__name__}")
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:
         raise ValueError(f"'{name}' is not valid Unicode text (lone surrogate)") from None
+    if len(value) > limit:
+        raise ValueError(f"'{name}' is {len(value):,} characters long; the limit is {limit:,}")
     return value
 
 
@@ -146,10 +160,69 @@ def _validated(kind: Any, fields: dict[str, Any], tags: Any) -> tuple[str, dict[
         raise ValueError(f"'role' must be one of {', '.join(TURN_ROLES)}, got {clean['role']!r}")
     if isinstance(tags, str) or not isinstance(tags, (list, tuple)):
         raise ValueError("'tags' must be a list of strings")
-    clean_tags = [_check_text("tags", tag) for tag in tags]
+    if len(tags) > MAX_TAGS:
+        raise ValueError(f"a record has at most {MAX_TAGS} tags, not {len(tags)}")
+    clean_tags = [_check_text("tags", tag, MAX_TAG_CHARS) for tag in tags]
     if any(tag == "" for tag in clean_tags):
         raise ValueError("tags must not be empty strings")
     return kind, clean, clean_tags
+
+
+def check_record(kind: Any, fields: dict[str, Any], tags: Any = ()) -> None:
+    """Raise a ``FedpalError`` saying what is wrong with this record (kind, fields, tags, sizes)."""
+    try:
+        _validated(kind, fields, list(tags) if isinstance(tags, tuple) else tags)
+    except ValueError as err:
+        raise FedpalError(str(err)) from None
+
+
+def content_problem(kind: str, fields: dict[str, Any]) -> str | None:
+    """Why a well-formed record would teach nothing (None if it is fine).
+
+    The memory API stores such records (a program may log whatever happened), but a person
+    adding or importing one has made a mistake worth hearing about: an empty stated
+    preference, a pair whose two replies are the same, an edit that changed nothing.
+    """
+    if kind == "stated" and not fields["text"].strip():
+        return "the stated preference is empty"
+    if kind == "turn" and not fields["text"].strip():
+        return "the turn's text is empty"
+    if "prompt" in fields and not fields["prompt"].strip():
+        return f"the {kind}'s prompt is empty"
+    if kind == "pair" and fields["chosen"] == fields["rejected"]:
+        return "chosen and rejected are the same reply: a pair needs two different ones"
+    if kind == "edit" and fields["edited"] == fields["response"]:
+        return "the edited reply is the same as the response: nothing was corrected"
+    return None
+
+
+def fit_preferences(texts: Iterable[str], max_bytes: int = RETRIEVAL_MAX_BYTES,
+                    each_bytes: int = PREFERENCE_MAX_BYTES) -> list[str]:
+    """``texts`` in order, each cut to ``each_bytes`` and all together at most ``max_bytes`` of UTF-8.
+
+    A preference that no longer fits is left out and the next (shorter) one tried, so the
+    most relevant preferences that fit are the ones the model sees.
+    """
+    kept: list[str] = []
+    left = max_bytes
+    for text in texts:
+        text = _cut_utf8(" ".join(text.split()), each_bytes)
+        size = len(text.encode("utf-8")) + (1 if kept else 0)
+        if text and size <= left:
+            kept.append(text)
+            left -= size
+    return kept
+
+
+def _cut_utf8(text: str, limit: int) -> str:
+    """``text`` if it fits in ``limit`` UTF-8 bytes, else its longest whole-word start that does, plus "…"."""
+    if len(text.encode("utf-8")) <= limit:
+        return text
+    room = limit - len("…".encode("utf-8"))
+    head = text.encode("utf-8")[:room].decode("utf-8", errors="ignore")
+    if " " in head.strip():
+        head = head.rstrip()[: head.rstrip().rfind(" ")]
+    return head.rstrip() + "…"
 
 
 def _epoch(value: float | datetime | None) -> float | None:
@@ -163,12 +236,35 @@ def _resolve_passphrase(passphrase: str | None, path: Path) -> str:
         passphrase = os.environ.get(PASSPHRASE_ENV)
     if passphrase is None:
         raise FedpalError(
-            f"the preference memory at {path} needs a passphrase: set {PASSPHRASE_ENV}, type it when asked, "
-            "or keep the key in the OS keyring (use_keyring=True / --keyring)"
+            f"the preference memory at {path} needs a passphrase: set {PASSPHRASE_ENV}, give --passphrase-file FILE, "
+            "or run in a terminal to type it"
         )
     if passphrase == "":
         raise FedpalError("the memory passphrase must not be empty")
     return passphrase
+
+
+@dataclass(frozen=True)
+class ParsedRecord:
+    """One checked line of a JSONL file, ready to store (``record_id``/``created`` None: new ones)."""
+
+    line: int
+    record_id: str | None
+    kind: str
+    created: float | None
+    fields: dict[str, Any]
+    tags: list[str]
+
+
+@dataclass(frozen=True)
+class ImportReport:
+    """What an import did: records added, records skipped because their id was already stored,
+    and how many of the added ones carried an id (came from an export, so may be records
+    forgotten here since)."""
+
+    added: int
+    duplicates: int
+    with_ids: int
 
 
 @dataclass
@@ -221,13 +317,14 @@ class PreferenceMemory:
         only matter when the memory is created; later opens use what the file records.
         A wrong passphrase raises ``WrongPassphraseError`` and writes nothing.
         """
-        path = ClientHome.at(home).memory_db
+        path = ClientHome(Path(home).expanduser().resolve()).memory_db
         ranker = ranker or BM25Ranker()
         existed = path.exists() and path.stat().st_size > 0
         if not existed and not use_keyring:
             _resolve_passphrase(passphrase, path)
         if not existed and use_keyring and not keyring_available():
             raise FedpalError("no OS keyring is available here; use a passphrase (FEDPAL_PASSPHRASE) instead")
+        ClientHome.at(path.parent)  # created only now: a refused open leaves no empty folder behind
         conn = cls._connect(path)
         try:
             meta = cls._read_meta(conn)
@@ -514,9 +611,14 @@ class PreferenceMemory:
             order += [i for i, _ in snapshot.index.search(prompt, others, k - len(order))] if others else []
         return [records[i] for i in order[:k]]
 
-    def stated_preferences(self, prompt: str | None = None, k: int = 5) -> list[str]:
-        """Texts of up to ``k`` stated preferences: most relevant to ``prompt`` first, else newest first."""
-        return [r.fields["text"] for r in self.retrieve(prompt or "", k, kinds=["stated"])]
+    def stated_preferences(self, prompt: str | None = None, k: int = 5, max_bytes: int = RETRIEVAL_MAX_BYTES) -> list[str]:
+        """Texts of up to ``k`` stated preferences: most relevant to ``prompt`` first, else newest first.
+
+        Together they take at most ``max_bytes`` of UTF-8 (see :func:`fit_preferences`): what
+        retrieval adds to a request must leave the request and the reply room in the model's
+        context, however long a preference someone stored.
+        """
+        return fit_preferences((r.fields["text"] for r in self.retrieve(prompt or "", k, kinds=["stated"])), max_bytes)
 
     # ------------------------------------------------------------------ training views
 
@@ -612,6 +714,31 @@ class PreferenceMemory:
         kind, fields, tags = _validated(kind, obj, tags)
         return record_id, kind, None if created is None else float(created), fields, tags
 
+    @classmethod
+    def parse_jsonl(cls, path: Path | str) -> list[ParsedRecord]:
+        """Read and check every line of a JSONL file without touching any memory.
+
+        Blank lines are skipped and a UTF-8 byte order mark (as some editors write) is
+        allowed; any bad line raises a ``FedpalError`` naming its number.
+        """
+        path = Path(path)
+        try:
+            data = path.read_bytes()
+        except OSError as err:
+            raise FedpalError(f"cannot read {path}: {err.strerror}") from None
+        if data.startswith(codecs.BOM_UTF8):
+            data = data[len(codecs.BOM_UTF8):]
+        parsed = []
+        seen_ids: set[str] = set()
+        for number, raw in enumerate(data.split(b"\n"), start=1):
+            if not raw.strip():
+                continue
+            try:
+                parsed.append(ParsedRecord(number, *cls._parse_line(raw.rstrip(b"\r"), seen_ids)))
+            except ValueError as err:
+                raise FedpalError(f"{path}:{number}: {err} (nothing was imported)") from None
+        return parsed
+
     def import_jsonl(self, path: Path | str) -> int:
         """Add the records of a JSONL file in one transaction; returns how many were new.
 
@@ -619,34 +746,32 @@ class PreferenceMemory:
         whose id is already stored is skipped, so re-importing a backup is harmless. Any
         bad line aborts the whole import with its line number; nothing is written.
         """
-        path = Path(path)
-        try:
-            data = path.read_bytes()
-        except OSError as err:
-            raise FedpalError(f"cannot read {path}: {err.strerror}") from None
-        parsed = []
-        seen_ids: set[str] = set()
-        for number, raw in enumerate(data.split(b"\n"), start=1):
-            if not raw.strip():
-                continue
-            try:
-                parsed.append(self._parse_line(raw.rstrip(b"\r"), seen_ids))
-            except ValueError as err:
-                raise FedpalError(f"{path}:{number}: {err} (nothing was imported)") from None
+        return self.import_records(self.parse_jsonl(path)).added
+
+    def import_records(self, parsed: Sequence[ParsedRecord], on_record: Callable[[], None] | None = None) -> ImportReport:
+        """Store records checked by :meth:`parse_jsonl`, all in one transaction.
+
+        A record whose id is already stored is skipped (and counted). A record that
+        carries an id but is not stored is added even if it was here once and forgotten:
+        the memory keeps no trace of what it forgot, so a backup restores it. ``on_record``
+        is called after each record is sealed (a progress bar).
+        """
         now = time.time()
-        added = 0
         with self._transaction(write=True) as conn:
-            existing = {row[0] for row in conn.execute("SELECT id FROM records")} if seen_ids else set()
+            with_ids = [p.record_id for p in parsed if p.record_id is not None]
+            existing = {row[0] for row in conn.execute("SELECT id FROM records")} if with_ids else set()
             rows = []
-            for record_id, kind, created, fields, tags in parsed:
-                if record_id in existing:
+            for item in parsed:
+                if item.record_id in existing:
                     continue
-                record_id = record_id or uuid.uuid4().hex
-                rows.append((record_id, kind, now if created is None else created,
-                             self._seal(record_id, kind, fields, tags)))
+                record_id = item.record_id or uuid.uuid4().hex
+                rows.append((record_id, item.kind, now if item.created is None else item.created,
+                             self._seal(record_id, item.kind, item.fields, item.tags)))
+                if on_record is not None:
+                    on_record()
             conn.executemany("INSERT INTO records (id, kind, created, sealed) VALUES (?, ?, ?, ?)", rows)
-            added = len(rows)
-        return added
+        restored = sum(1 for item in parsed if item.record_id is not None and item.record_id not in existing)
+        return ImportReport(added=len(rows), duplicates=len(parsed) - len(rows), with_ids=restored)
 
     def export_jsonl(self, path: Path | str, *, skip_corrupt: bool = False) -> int:
         """Write every record, decrypted, as JSONL (file mode 0600); returns the count.
@@ -671,12 +796,15 @@ class PreferenceMemory:
     # ------------------------------------------------------------------ forgetting
 
     def forget(self, ids: Iterable[str] | str | None = None, *, since: float | datetime | None = None,
-               until: float | datetime | None = None, tag: str | None = None, everything: bool = False) -> int:
+               until: float | datetime | None = None, tag: str | None = None, everything: bool = False,
+               unknown_ids_ok: bool = True) -> int:
         """Delete records and return how many went.
 
         Criteria combine (ids AND ``since <= created < until`` AND tag); naive datetimes
         are local time. ``everything`` deletes all records and replaces the data key, so
-        no copy of the old file can be opened again even with the passphrase.
+        no copy of the old file can be opened again even with the passphrase. With
+        ``unknown_ids_ok=False`` an id that names no record (a typo) raises before anything
+        is deleted.
         """
         if everything:
             if ids is not None or since is not None or until is not None or tag is not None:
@@ -688,6 +816,11 @@ class PreferenceMemory:
         lo, hi = _epoch(since), _epoch(until)
         unreadable: list[str] = []
         with self._transaction(write=True) as conn:
+            if wanted is not None and not unknown_ids_ok:
+                stored = {row[0] for row in conn.execute("SELECT id FROM records")}
+                unknown = sorted(wanted - stored)
+                if unknown:
+                    raise FedpalError(f"no record with id {', '.join(unknown)} (nothing was forgotten)")
             rows = conn.execute(
                 "SELECT seq, id, kind, created, sealed FROM records WHERE created >= ? AND created < ?",
                 (-math.inf if lo is None else lo, math.inf if hi is None else hi)).fetchall()

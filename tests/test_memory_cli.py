@@ -62,11 +62,11 @@ def test_add_list_search_export_import(home: str, tmp_path: Path):
 
 
 def test_bad_input_is_one_line_and_exit_2(home: str, tmp_path: Path):
-    one_line_error(fedpal("list", "--home", home), "no preference memory")
+    one_line_error(fedpal("list", "--home", home), "no fedpal home")
     assert not Path(home, "memory.sqlite").exists()
     one_line_error(fedpal("add", "rating", "p", "r", "9", "--home", home), "1 to 5")
     one_line_error(fedpal("add", "pair", "p", "c", "--home", home), "PROMPT CHOSEN REJECTED")
-    one_line_error(fedpal("add", "opinion", "x", "--home", home), "unknown kind")
+    one_line_error(fedpal("add", "opinion", "x", "--home", home), "'opinion' is not one of")
     assert fedpal("add", "stated", "first", "--home", home).returncode == 0
 
     bad = tmp_path / "bad.jsonl"
