@@ -137,11 +137,37 @@ def base_fingerprint(model_path: Path) -> str:
     return hasher.hexdigest()[:16]
 
 
+def check_provider(execution_provider: str) -> None:
+    """Refuse an execution provider this machine cannot run: an export for it would never load.
+
+    CPU is always there; CUDA needs ONNX Runtime GenAI's CUDA build and an NVIDIA GPU,
+    which ``onnxruntime_genai.is_cuda_available()`` reports.
+    """
+    if execution_provider not in PROVIDERS:
+        raise FedpalError(f"execution provider must be one of {', '.join(PROVIDERS)}, not '{execution_provider}'")
+    if execution_provider == "cuda":
+        import onnxruntime_genai as og
+
+        if not og.is_cuda_available():
+            raise FedpalError("this machine has no CUDA execution provider for ONNX Runtime GenAI "
+                              "(it needs an NVIDIA GPU and the onnxruntime-genai-cuda package); use --provider cpu")
+
+
+def check_loads(info: ExportInfo) -> ExportInfo:
+    """Load the export once with ONNX Runtime GenAI: a model that cannot load must not be recorded as a user's."""
+    import onnxruntime_genai as og
+
+    try:
+        og.Model(str(info.path))
+    except Exception as err:  # ORT GenAI raises plain RuntimeErrors
+        raise FedpalError(f"the export at {info.path} does not load here: {str(err).splitlines()[0]}") from None
+    return info
+
+
 def _check_options(precision: str, execution_provider: str, max_rank: int, target_modules: Sequence[str]) -> None:
     if precision not in PRECISIONS:
         raise FedpalError(f"precision must be one of {', '.join(PRECISIONS)}, not '{precision}'")
-    if execution_provider not in PROVIDERS:
-        raise FedpalError(f"execution provider must be one of {', '.join(PROVIDERS)}, not '{execution_provider}'")
+    check_provider(execution_provider)
     if max_rank < 1:
         raise FedpalError(f"max rank must be at least 1, not {max_rank}")
     if not target_modules:
@@ -168,12 +194,20 @@ def find_export(
     target_modules: Sequence[str] | None = None,
     max_rank: int = DEFAULT_MAX_RANK,
     execution_provider: str = "cpu",
+    home: Path | str | None = None,
 ) -> ExportInfo:
-    """The cached export for these settings; missing or stale is a one-line ``FedpalError``."""
+    """The cached export for these settings; missing or stale is a one-line ``FedpalError``.
+
+    ``home``: the user's home, named in the hint so the suggested command runs as printed.
+    """
     folder = export_dir(model, precision, target_modules, max_rank, execution_provider)
     if not folder.exists():
+        where = f" --home {home}" if home is not None else ""
         raise FedpalError(
-            f"no {precision} export of model '{model}' for these adapters yet; run: fedpal export --model {model} --precision {precision}"
+            f"no {precision} export of model '{model}' for these adapters yet; "
+            f"run: fedpal export{where} --model {model} --precision {precision}"
+            + (f" --provider {execution_provider}" if execution_provider != "cpu" else "")
+            + (f" --max-rank {max_rank}" if max_rank != DEFAULT_MAX_RANK else "")
         )
     return check_export(ExportInfo.read(folder))
 

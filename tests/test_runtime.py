@@ -331,7 +331,8 @@ def test_cli_generate_json_line(export, users):
     )
     assert result.exit_code == 0, result.output
     line = json.loads(result.output.strip().splitlines()[-1])
-    assert set(line) == {"text", "tokens", "seconds", "mode"} and line["mode"] == "merge" and 0 < line["tokens"] <= 5
+    assert set(line) == {"text", "tokens", "seconds", "mode", "adapters"} and line["mode"] == "merge" and 0 < line["tokens"] <= 5
+    assert line["adapters"] == {"shared": 1.0, "personal": 1.0}
 
 
 @pytest.mark.slow
