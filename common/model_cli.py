@@ -7,17 +7,21 @@ import time
 
 import typer
 
-app = typer.Typer(help="Prepare and check base models.", no_args_is_help=True)
+app = typer.Typer(help="Prepare and check base models.", no_args_is_help=True, suggest_commands=False)
 
 MODEL_HELP = "'default' (SmolLM2-135M-Instruct, embedded), 'tiny' (random, for tests), a local folder or a hub id."
 
 
 @app.command()
-def prepare(model: str = typer.Option("default", help=MODEL_HELP)) -> None:
+def prepare(
+    model: str = typer.Option("default", help=MODEL_HELP),
+    as_json: bool = typer.Option(False, "--json", help='Print {"model", "path"}.'),
+) -> None:
     """Convert or build the model into the cache (FEDPAL_HOME) and print its folder."""
     from fedpal.common.models import resolve_model_path
 
-    typer.echo(str(resolve_model_path(model)))
+    path = resolve_model_path(model)
+    typer.echo(json.dumps({"model": model, "path": str(path)}) if as_json else str(path))
 
 
 @app.command()

@@ -18,7 +18,7 @@ import typer
 
 from fedpal.common.errors import FedpalError
 
-app = typer.Typer(help="Run and inspect the federation (Flower ServerApp).", no_args_is_help=True)
+app = typer.Typer(help="Run and inspect the federation (Flower ServerApp).", no_args_is_help=True, suggest_commands=False)
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 
@@ -101,20 +101,82 @@ def run_command(
 
 
 @app.command()
-def status(run_dir: Path = typer.Argument(..., help="A run folder (holds metrics.jsonl).")) -> None:
+def status(
+    run_dir: Path = typer.Argument(..., help="A run folder (holds metrics.jsonl; `fedpal server run --run-dir` names it)."),
+    as_json: bool = typer.Option(False, "--json", help='Print {"run_dir", "rounds": [metrics lines], "partial_last_line"}.'),
+) -> None:
     """Rounds done, privacy spent and traffic of a run, from its metrics file."""
+    rounds, partial = read_metrics(run_dir)
+    if as_json:
+        typer.echo(json.dumps({"run_dir": str(run_dir.resolve()), "rounds": rounds, "partial_last_line": partial}))
+        return
+    if not rounds:
+        typer.echo("no round finished yet")
+    for line in rounds:
+        typer.echo(_round_summary(line))
+    if partial:
+        typer.echo("warning: the last line of metrics.jsonl is incomplete (a round being written, or the server "
+                   "stopped while writing it); it was left out", err=True)
+
+
+def read_metrics(run_dir: Path) -> tuple[list[dict], bool]:
+    """The JSON lines of a run's ``metrics.jsonl``, and whether an unfinished last line was left out.
+
+    The server appends one line per round, so a crash can leave the last one cut short:
+    that is reported, not fatal. A damaged line anywhere else is an error naming it.
+    """
+    if run_dir.exists() and not run_dir.is_dir():
+        raise FedpalError(f"{run_dir} is a file; give the run folder that holds metrics.jsonl")
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         raise FedpalError(f"{run_dir} has no metrics.jsonl: not a fedpal run folder, or no round finished yet")
-    lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    for line in lines:
-        if "stopped" in line:
-            typer.echo(f"stopped before round {line['round']}: {line['stopped']} (epsilon {line['epsilon']:.3f})")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise FedpalError(f"{path} is not UTF-8 text (byte {err.start}): not a fedpal metrics file") from None
+    lines = text.split("\n")
+    last = max((i for i, raw in enumerate(lines) if raw.strip()), default=-1)
+    rounds, partial = [], False
+    for index, raw in enumerate(lines):
+        if not raw.strip():
             continue
-        eps = f"epsilon {line['epsilon']:.3f}" if line.get("epsilon") is not None else "no DP"
-        state = "ok" if line["aggregated"] else f"NOT AGGREGATED: {line.get('error', '')}"
-        typer.echo(
-            f"round {line['round']}: {state}; {line['clients_summed']} clients, {eps}, "
-            f"{line['seconds']:.1f} s, up {line['bytes_up_per_client'] / 1e3:.1f} kB / down "
-            f"{line['bytes_down_per_client'] / 1e3:.1f} kB per client"
-        )
+        try:
+            line = json.loads(raw)
+        except ValueError as err:
+            if index == last and not text.endswith("\n"):
+                partial = True
+                continue
+            raise FedpalError(f"{path}:{index + 1}: not a JSON line ({err}); the metrics file is damaged") from None
+        problem = _metrics_problem(line)
+        if problem:
+            raise FedpalError(f"{path}:{index + 1}: {problem}; the metrics file is damaged or not fedpal's")
+        rounds.append(line)
+    return rounds, partial
+
+
+def _metrics_problem(line: object) -> str | None:
+    """What keeps a metrics line from being shown (None: nothing)."""
+    if not isinstance(line, dict):
+        return f"expected a JSON object, got {type(line).__name__}"
+    needed = {"round": int, "epsilon": (int, float, type(None))}
+    if "stopped" not in line:
+        needed.update({"aggregated": bool, "clients_summed": int, "seconds": (int, float),
+                       "bytes_up_per_client": (int, float), "bytes_down_per_client": (int, float)})
+    for key, kind in needed.items():
+        if key not in line:
+            return f"missing '{key}'"
+        if isinstance(line[key], bool) and kind is not bool or not isinstance(line[key], kind):
+            return f"'{key}' has the wrong type ({type(line[key]).__name__})"
+    return None
+
+
+def _round_summary(line: dict) -> str:
+    eps = f"epsilon {line['epsilon']:.3f}" if line.get("epsilon") is not None else "no DP"
+    if "stopped" in line:
+        return f"stopped before round {line['round']}: {line['stopped']} ({eps})"
+    state = "ok" if line["aggregated"] else f"NOT AGGREGATED: {line.get('error', '')}"
+    return (
+        f"round {line['round']}: {state}; {line['clients_summed']} clients, {eps}, "
+        f"{line['seconds']:.1f} s, up {line['bytes_up_per_client'] / 1e3:.1f} kB / down "
+        f"{line['bytes_down_per_client'] / 1e3:.1f} kB per client"
+    )
