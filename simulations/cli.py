@@ -4,15 +4,21 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 from collections.abc import Callable, Iterator
+from enum import Enum
 from pathlib import Path
 
 import typer
 
+from fedpal.common.errors import FedpalError
+
+Preset = Enum("Preset", {name: name for name in ("quick", "default", "large")}, type=str)
+
 
 def simulate(
     out: Path = typer.Option(..., "--out", help="Folder for results.json, report.md and the PNG plots."),
-    preset: str = typer.Option("quick", help="quick (tiny model, < 2 min), default (SmolLM2-135M, 8 users), large (GPU or cluster)."),
+    preset: Preset = typer.Option("quick", help="quick (tiny model, < 2 min), default (SmolLM2-135M, 8 users), large (GPU or cluster)."),
     config: Path = typer.Option(None, "--config", help="TOML or JSON file overriding preset settings (see fedpal.simulations.config)."),
     as_json: bool = typer.Option(False, "--json", help="Print results.json instead of the summary table."),
 ) -> None:
@@ -24,7 +30,8 @@ def simulate(
 
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
-    settings = load_config(preset, config)
+    settings = load_config(getattr(preset, "value", preset), config)
+    _check_before_running(settings, out)
     with _progress() as progress:
         results = run(settings, out, progress)
     if as_json:
@@ -45,6 +52,28 @@ def simulate(
     console.print(f"own adapters best for {results['cross_user_diagonal_best_fraction']:.0%} of users; "
                   f"{results['bytes_per_client_round']} bytes up per client-round; {results['wall_time_s']} s")
     console.print(f"wrote {out / 'results.json'}, {out / 'report.md'} and plots")
+
+
+def _check_before_running(settings, out: Path) -> None:
+    """Everything the run would trip over later, checked before candidates or homes are written.
+
+    The federation's run config is built and checked exactly as the run will build it,
+    and a local model folder is looked up; a hub id is left to the run.
+    """
+    from fedpal.common.models import DEFAULT, TINY, resolve_model_path
+    from fedpal.server.strategy import FederationSettings
+    from fedpal.simulations.runner import SimulationRun
+
+    if out.exists() and not out.is_dir():
+        raise FedpalError(f"--out {out} is a file; name a folder for the results")
+    ancestor = out
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
+        raise FedpalError(f"cannot write under {ancestor}: choose another --out")
+    FederationSettings.from_run_config(SimulationRun(settings, out).federation_overrides(1))
+    if settings.model not in (DEFAULT, TINY) and (Path(settings.model).expanduser().exists() or settings.model.count("/") != 1):
+        resolve_model_path(settings.model)
 
 
 def _fmt(value: float | None) -> str:

@@ -8,14 +8,18 @@ of the chosen preset.
 from __future__ import annotations
 
 import json
+import math
 import tomllib
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
 from fedpal.client.generator import DEFAULT_MODE, MODES
+from fedpal.client.trainer import OBJECTIVES
 from fedpal.common.errors import FedpalError
 from fedpal.common.generation import PLACEMENTS
+from fedpal.server.strategy import STRATEGIES
+from fedpal.simulations.styles import STYLES_BY_NAME
 
 
 @dataclass(frozen=True)
@@ -80,7 +84,7 @@ class SimulationConfig:
     stated_fraction: float = 0.5
 
     def check(self) -> None:
-        """One clear line for the first setting that cannot work."""
+        """One clear line for the first setting that cannot work, before anything is generated or written."""
         if self.users < 2:
             raise FedpalError("a simulation needs at least 2 users (the cross-user matrix compares them)")
         if not 1 <= self.clients_per_round <= self.users:
@@ -95,6 +99,36 @@ class SimulationConfig:
             raise FedpalError("heldout_prompts must be at least 1 and curve_prompts between 1 and heldout_prompts")
         if len(self.styles) < 2:
             raise FedpalError("at least two styles are needed to make preference pairs")
+        unknown = [style for style in self.styles if style not in STYLES_BY_NAME]
+        if unknown:
+            raise FedpalError(f"unknown style '{unknown[0]}'; known styles: {', '.join(STYLES_BY_NAME)}")
+        if self.strategy not in STRATEGIES:
+            raise FedpalError(f"strategy must be one of {', '.join(STRATEGIES)}, not '{self.strategy}'")
+        if self.objective not in OBJECTIVES:
+            raise FedpalError(f"objective must be one of {', '.join(OBJECTIVES)}, not '{self.objective}'")
+        positive = ("pairs_per_prompt", "candidate_tokens", "reply_tokens", "lora_rank", "batch_size")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise FedpalError(f"{name} must be at least 1, not {getattr(self, name)}")
+        if self.max_length < 8:
+            raise FedpalError(f"max_length must be at least 8 tokens, not {self.max_length}")
+        if self.local_steps < 0 or self.personal_steps < 0:
+            raise FedpalError("local_steps and personal_steps must not be negative")
+        for name in ("learning_rate", "lora_alpha", "dpo_beta", "clipping_norm"):
+            if not math.isfinite(getattr(self, name)) or getattr(self, name) <= 0:
+                raise FedpalError(f"{name} must be a positive number, not {getattr(self, name)}")
+        if not math.isfinite(self.noise_multiplier) or self.noise_multiplier < 0 or (self.dp and self.noise_multiplier == 0):
+            raise FedpalError(f"noise_multiplier must be positive with dp on (0 or more without), not {self.noise_multiplier}")
+        if not 0 < self.delta < 1:
+            raise FedpalError(f"delta must be between 0 and 1, not {self.delta}")
+        for name in ("population_shared_weight", "minority_fraction", "stated_fraction"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise FedpalError(f"{name} must be between 0 and 1, not {getattr(self, name)}")
+        for name in ("w_shared", "w_personal"):
+            if not math.isfinite(getattr(self, name)):
+                raise FedpalError(f"{name} must be a finite number, not {getattr(self, name)}")
+        if not [t for t in self.lora_targets.split(",") if t.strip()]:
+            raise FedpalError("lora_targets must name at least one module, e.g. 'q_proj,v_proj'")
         if self.candidate_source not in ("model", "synthetic"):
             raise FedpalError(f"candidate_source must be 'model' (the base model in each style) or 'synthetic' (templates), not '{self.candidate_source}'")
         if self.labelling not in ("favourite", "pairs"):
@@ -171,13 +205,17 @@ def load_config(preset: str = "quick", config_file: Path | str | None = None) ->
 
 
 def _read_overrides(path: Path) -> dict[str, Any]:
+    if path.is_dir():
+        raise FedpalError(f"config file {path} is a folder")
     if not path.is_file():
         raise FedpalError(f"config file {path} not found")
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8-sig")
         data = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
     except (ValueError, tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
         raise FedpalError(f"config file {path} is not valid {'JSON' if path.suffix == '.json' else 'TOML'}: {err}") from None
+    if not isinstance(data, dict):
+        raise FedpalError(f"config file {path} must hold an object of settings, not a {type(data).__name__}")
     known = {f.name: f for f in fields(SimulationConfig)}
     unknown = sorted(set(data) - set(known))
     if unknown:
@@ -186,6 +224,8 @@ def _read_overrides(path: Path) -> dict[str, Any]:
     for key, value in data.items():
         default = getattr(PRESETS["quick"], key)
         if isinstance(default, tuple):
+            if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+                raise FedpalError(f"config file {path}: '{key}' must be a list of names, like {json.dumps(list(default[:2]))}")
             value = tuple(value)
         elif isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
