@@ -84,7 +84,10 @@ class ClientHome:
             if folder.exists():
                 break
             top = folder
-        self.root.mkdir(parents=True, exist_ok=True)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise FedpalError(f"cannot create the fedpal home {self.root}: {err.strerror}") from None
         return top
 
     def writable(self) -> "ClientHome":

@@ -91,11 +91,14 @@ def train(
     passphrase = read_passphrase(passphrase, passphrase_file, ask=source == "passphrase")
     with PreferenceMemory.open(client.root, passphrase=passphrase) as memory:
         data = TrainingData.from_memory(memory, retrieval_in if retrieval else None, holdout)
-    if objective != "sft" and not (data.pairs or data.heldout):
+    if not (data.pairs or (objective == "sft" and data.examples)):
+        if data.heldout:
+            raise FedpalError(f"--holdout {holdout:g} holds out every prompt of the memory, leaving nothing to train "
+                              "on; lower --holdout or add pairs for more prompts")
+        if objective == "sft":
+            raise FedpalError(f"nothing to train on in the memory at {client.root}: SFT needs pairs or replies rated "
+                              f"4-5; add some with {ADD_HINT}")
         raise FedpalError(f"no preference pairs to train on in the memory at {client.root}; add some with {ADD_HINT}")
-    if objective == "sft" and not (data.pairs or data.heldout or data.examples):
-        raise FedpalError(f"nothing to train on in the memory at {client.root}: SFT needs pairs or replies rated "
-                          f"4-5; add some with {ADD_HINT}")
     if objective == "dpo":
         data = replace(data, examples=())
 

@@ -101,7 +101,7 @@ def main() -> None:
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     _register_commands()
     try:
-        code = app(standalone_mode=False)
+        code = app(prog_name="fedpal", standalone_mode=False)
     except FedpalError as err:
         print(f"error: {one_line(str(err))}", file=sys.stderr)
         sys.exit(2)
