@@ -46,8 +46,12 @@ def resolve_device(device: str | None = None) -> "torch.device":
             chosen = torch.device(wanted)
         except RuntimeError as err:
             raise FedpalError(f"unknown device '{wanted}': {err}") from None
+        if chosen.type not in ("cpu", "cuda"):
+            raise FedpalError(f"device '{wanted}' is not supported: fedpal trains and generates on cpu or cuda[:N]")
         if chosen.type == "cuda" and not torch.cuda.is_available():
             raise FedpalError(f"device '{wanted}' was asked for but CUDA is not available here")
+        if chosen.type == "cuda" and chosen.index is not None and chosen.index >= torch.cuda.device_count():
+            raise FedpalError(f"device '{wanted}' does not exist: this machine has {torch.cuda.device_count()} CUDA device(s)")
         return chosen
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 

@@ -13,7 +13,7 @@ _OWN_VARS = ("FEDPAL_PASSPHRASE", "FEDPAL_PASSPHRASE_FILE", "FEDPAL_USER_HOME")
 
 
 def fedpal(*args: str, passphrase: str | None = PASSPHRASE, env: dict[str, str] | None = None,
-           input: str | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+           input: str | None = None, timeout: float = 300, cwd: Path | None = None) -> subprocess.CompletedProcess:
     """``fedpal ARGS`` in a fresh process: no terminal on stdin, wide output (rich does not wrap help)."""
     environment = {k: v for k, v in os.environ.items() if k not in _OWN_VARS}
     environment["COLUMNS"] = "250"
@@ -22,7 +22,7 @@ def fedpal(*args: str, passphrase: str | None = PASSPHRASE, env: dict[str, str] 
     environment.update(env or {})
     return subprocess.run([sys.executable, "-m", "fedpal.common.cli", *args], env=environment, input=input,
                           stdin=None if input is not None else subprocess.DEVNULL, capture_output=True, text=True,
-                          timeout=timeout)
+                          timeout=timeout, cwd=cwd)
 
 
 def user_error(result: subprocess.CompletedProcess, *needles: str) -> str:
@@ -34,6 +34,17 @@ def user_error(result: subprocess.CompletedProcess, *needles: str) -> str:
     for needle in needles:
         assert needle in lines[0], (needle, lines[0])
     return lines[0]
+
+
+def no_traceback(result: subprocess.CompletedProcess) -> None:
+    """Whatever the input: success, or the contract's one ``error:`` line (after any warnings and notes)."""
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert result.returncode in (0, 2), (result.returncode, result.stderr[-3000:])
+    if result.returncode == 2:
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        errors = [line for line in lines if line.startswith("error: ")]
+        assert len(errors) == 1 and lines[-1] == errors[0], result.stderr[-3000:]
+        assert all(line.startswith(("error: ", "warning: ", "note: ")) for line in lines), result.stderr[-3000:]
 
 
 def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
