@@ -317,3 +317,31 @@ def test_comforts_home_from_the_environment_passphrase_from_a_file_counts(built,
     assert ok(fedpal("memory", "list", "--home", str(empty))).stdout.strip() == "the memory is empty"
     prepared = json.loads(ok(fedpal("model", "prepare", "--model", "tiny", "--json")).stdout)
     assert prepared["model"] == "tiny" and Path(prepared["path"], "config.json").is_file()
+
+
+def test_comforts_encrypted_backup_and_restore_of_a_home(built, tmp_path):
+    home = built["home"]
+    backup = tmp_path / "me.backup"
+    made = json.loads(ok(fedpal("backup", str(backup), "--home", str(home), "--json")).stdout)
+    assert made["memory"] and made["files"] >= 4 and backup.stat().st_mode & 0o777 == 0o600
+    sealed = backup.read_bytes()
+    assert b"adapter_config" not in sealed and b"I like short answers" not in sealed  # nothing readable inside
+    user_error(fedpal("backup", str(backup), "--home", str(home)), "exists; add --force")
+    assert backup.read_bytes() == sealed
+
+    wrong = tmp_path / "wrong"
+    user_error(fedpal("restore", str(backup), "--home", str(wrong), passphrase="not it"), "wrong passphrase")
+    user_error(fedpal("restore", str(backup), "--home", str(home)), "never over one")
+    damaged = tmp_path / "damaged.backup"
+    damaged.write_bytes(sealed[:-1] + bytes([sealed[-1] ^ 1]))
+    user_error(fedpal("restore", str(damaged), "--home", str(wrong)), "damaged")
+    assert not wrong.exists() and not [p for p in tmp_path.iterdir() if "restore" in p.name]
+
+    copy = tmp_path / "restored"
+    ok(fedpal("restore", str(backup), "--home", str(copy)))
+    listed = [ok(fedpal("memory", "list", "--home", str(h), "--json")).stdout for h in (home, copy)]
+    assert listed[0] == listed[1]
+    for name in ("adapters/personal/adapter_model.safetensors", "runtime/export.json"):
+        assert (copy / name).read_bytes() == (home / name).read_bytes()
+    assert json.loads(ok(fedpal("generate", "--home", str(copy), "--prompt", "hi", "--max-new-tokens", "2",
+                                "--json")).stdout)["adapters"] == {"personal": 1.0}
