@@ -37,7 +37,7 @@ import numpy as np
 
 from fedpal.common.adapters import AdapterConfig
 from fedpal.common.config import fedpal_home
-from fedpal.common.errors import FedpalError
+from fedpal.common.errors import FedpalError, first_line
 from fedpal.common.models import resolve_model_path
 
 EXPORT_FORMAT = 2
@@ -160,7 +160,7 @@ def check_loads(info: ExportInfo) -> ExportInfo:
     try:
         og.Model(str(info.path))
     except Exception as err:  # ORT GenAI raises plain RuntimeErrors
-        raise FedpalError(f"the export at {info.path} does not load here: {str(err).splitlines()[0]}") from None
+        raise FedpalError(f"the export at {info.path} does not load here: {first_line(err)}") from None
     return info
 
 
@@ -296,7 +296,7 @@ def _template_adapter(model_path: Path, targets: tuple[str, ...], out: Path) -> 
         base = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
         peft_model = get_peft_model(base, config.lora_config())
     except ValueError as err:
-        raise FedpalError(f"cannot put LoRA on {list(targets)} of {model_path}: {str(err).splitlines()[0]}") from None
+        raise FedpalError(f"cannot put LoRA on {list(targets)} of {model_path}: {first_line(err)}") from None
     peft_model.save_pretrained(str(out))
     return out
 

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from fedpal.common.errors import FedpalError
+from fedpal.common.errors import FedpalError, first_line
 
 if TYPE_CHECKING:
     import torch
@@ -260,7 +260,7 @@ def read_adapter_files(directory: Path | str) -> tuple[dict, dict[str, np.ndarra
     try:
         arrays = {k: v.float().numpy() for k, v in load_file(str(weights_path)).items()}
     except Exception as err:  # safetensors has its own error types for bad files
-        raise FedpalError(f"corrupt adapter weights {weights_path}: {str(err).splitlines()[0]}") from None
+        raise FedpalError(f"corrupt adapter weights {weights_path}: {first_line(err)}") from None
     return config, arrays
 
 

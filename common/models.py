@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from fedpal.common.config import fedpal_home
 from fedpal.common.default_model import DEFAULT_MODEL_NAME, convert_default_model
-from fedpal.common.errors import FedpalError
+from fedpal.common.errors import FedpalError, first_line
 from fedpal.common.tiny_model import build_tiny_model
 
 if TYPE_CHECKING:
@@ -130,4 +130,4 @@ def _check_weights(path: Path) -> None:
             with safe_open(str(shard), framework="pt") as handle:
                 handle.keys()
         except Exception as err:  # safetensors raises its own error types for bad headers
-            raise FedpalError(f"corrupt weights file {shard}: {str(err).splitlines()[0]}") from None
+            raise FedpalError(f"corrupt weights file {shard}: {first_line(err)}") from None
