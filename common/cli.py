@@ -88,12 +88,6 @@ def _os_message(err: OSError) -> str:
     return f"{err.strerror or err}{where}"
 
 
-def fail(message: str) -> "typer.Exit":
-    """Print ``message`` as the one ``error:`` line; the caller raises the returned exit (status 2)."""
-    print(f"error: {one_line(message)}", file=sys.stderr)
-    return typer.Exit(2)
-
-
 def main() -> None:
     """Run the CLI: user errors of any origin become one ``error:`` line on stderr and exit status 2."""
     # Libraries' notices of their own future changes (transformers, torch) are not the user's business.
