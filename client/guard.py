@@ -9,7 +9,9 @@ the model answer a few probe prompts greedily with the current adapters and with
 one, and compares the two sets of replies:
 
 - *repetition*: the share of word 3-grams of a reply that repeat an earlier one;
-- *distinct-2*: the share of a reply's word bigrams that are distinct;
+- *distinct-2*: the share of a reply's word bigrams that are distinct (punctuation marks
+  count as words, so "- -- --" repeats; a word over 16 letters counts as 4-letter pieces,
+  so a collapse without spaces, "dddddddd...", repeats too);
 - *length*: mean reply tokens, and how many replies run into the token limit;
 - *base NLL*: the base model's negative log-likelihood per token of the replies, i.e. how
   unlike ordinary text they are, whatever adapter wrote them.
@@ -21,7 +23,6 @@ repetitive than prose, a short reply shorter) moves them a little and a collapse
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
     from fedpal.common.models import BaseModel
 
 _WORD = re.compile(r"\w+|[^\w\s]")
+LONG_WORD = 16
 
 PROBE_PROMPTS = (
     "How can I make my mornings less rushed?",
@@ -80,7 +82,10 @@ class GuardConfig:
 
 def words(text: str) -> list[str]:
     """Lower-cased words and punctuation marks: the units repetition is counted in."""
-    return _WORD.findall(text.lower())
+    units = []
+    for unit in _WORD.findall(text.lower()):
+        units += [unit[i: i + 4] for i in range(0, len(unit), 4)] if len(unit) > LONG_WORD else [unit]
+    return units
 
 
 def repetition(text: str, n: int = 3) -> float:
@@ -90,13 +95,14 @@ def repetition(text: str, n: int = 3) -> float:
 
 
 def distinct(text: str, n: int = 2) -> float:
-    """Share of the word ``n``-grams of ``text`` that are distinct (1: no repeats; 1 for very short texts)."""
+    """Share of the word ``n``-grams of ``text`` that are distinct (1: no repeats, also for texts
+    too short to have any)."""
     grams = _ngrams(words(text), n)
     return len(set(grams)) / len(grams) if grams else 1.0
 
 
-def _ngrams(tokens: Sequence[str], n: int) -> list[tuple[str, ...]]:
-    return [tuple(tokens[i: i + n]) for i in range(len(tokens) - n + 1)]
+def _ngrams(units: Sequence[str], n: int) -> list[tuple[str, ...]]:
+    return [tuple(units[i: i + n]) for i in range(len(units) - n + 1)]
 
 
 @dataclass(frozen=True)
@@ -113,6 +119,7 @@ class Fluency:
 
     @classmethod
     def of(cls, texts: Sequence[str], token_counts: Sequence[int], limit: int, nll: float) -> "Fluency":
+        """From the replies, their lengths in tokens, the token limit and their base NLL."""
         n = max(len(texts), 1)
         return cls(
             repetition=sum(map(repetition, texts)) / n,
@@ -187,18 +194,13 @@ class DegenerationGuard:
         else:
             with self.model.disable_adapter():
                 replies = generate_replies(self.base, self.model, probes, self.config.max_new_tokens)
-        texts = [text for text, _ in replies]
+        texts, ids = [text for text, _ in replies], [tokens for _, tokens in replies]
         with self.model.disable_adapter():
-            nll = reply_nll(self.base, self.model, probes, [ids for _, ids in replies])
-        counts = [len(ids) for _, ids in replies]
-        return Fluency.of(texts, counts, self.config.max_new_tokens, nll), texts
+            nll = reply_nll(self.base, self.model, probes, ids)
+        return Fluency.of(texts, list(map(len, ids)), self.config.max_new_tokens, nll), texts
 
     def compare(self, before: Fluency, probes: Sequence[tuple[str, str | None]], active: Sequence[str]) -> GuardReport:
         """The new activation's replies against the ``before`` figures (from :meth:`measure`)."""
         after, texts = self.measure(probes, active)
         return GuardReport(len(probes), before, after, verdict(before, after, self.config), tuple(texts))
 
-
-def finite(value: float) -> float | None:
-    """JSON-safe: ``None`` for NaN or infinity."""
-    return value if math.isfinite(value) else None

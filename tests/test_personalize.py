@@ -60,6 +60,7 @@ def test_repetition_and_distinct_separate_a_loop_from_prose():
     assert repetition(prose) == 0.0 and distinct(prose) == 1.0
     assert repetition(loop) > 0.8 and distinct(loop) < 0.2
     assert repetition("") == 0.0 and distinct("hi") == 1.0
+    assert repetition("d" * 40) > 0.8  # a collapse without spaces
 
 
 def test_verdict_names_each_threshold_crossed():

@@ -31,6 +31,8 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+import numpy as np
+
 PASSPHRASE = "fedpal style suite"
 
 
@@ -78,7 +80,7 @@ def run(args: argparse.Namespace) -> dict:
     users = STYLE_USERS if args.users == "all" else [STYLE_USERS_BY_NAME[n] for n in args.users.split(",")]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    mode = args.mode or DEFAULT_MODE
+    modes = list(dict.fromkeys([DEFAULT_MODE] + [m for m in (args.modes or "").split(",") if m]))
     started = time.perf_counter()
     generator = PersonalizedGenerator(export_model(args.model, args.precision))
     pair_options = DecodeOptions(max_new_tokens=args.pair_tokens)
@@ -86,11 +88,15 @@ def run(args: argparse.Namespace) -> dict:
     train_prompts = sample_prompts("train", args.candidates, args.seed)
     heldout = sample_prompts("heldout", args.eval_prompts, args.seed)
     extras_needed = {u.extra_request for u in users if u.extra_request}
-    report: dict = {"model": args.model, "precision": args.precision, "mode": mode, "users": {}}
+    report: dict = {"model": args.model, "precision": args.precision, "mode": DEFAULT_MODE, "users": {}}
     with Progress(transient=True, disable=args.json) as bars:
         task = bars.add_task("base replies", total=len(train_prompts) * (1 + len(extras_needed)) + len(heldout))
         step = lambda: bars.advance(task)  # noqa: E731
         plain = _replies(generator, train_prompts, pair_options, progress=step)
+        if args.template_replies:  # the random tiny model writes no text: template replies stand in
+            from fedpal.simulations.styles import synthetic_reply
+
+            plain = [synthetic_reply(p, "plain", np.random.default_rng([args.seed, i])) for i, p in enumerate(train_prompts)]
         extras = {request: _replies(generator, [f"{p}\n\n{request}" for p in train_prompts], pair_options, progress=step)
                   for request in extras_needed}
         base_replies = _replies(generator, heldout, options, progress=step)
@@ -116,11 +122,14 @@ def run(args: argparse.Namespace) -> dict:
                     shutil.rmtree(stale)
             bars.update(task, description=f"{user.name}: fedpal train", completed=0, total=1)
             summary, seconds = _train(home.root, args.model)
-            bars.update(task, description=f"{user.name}: replies", completed=0, total=len(heldout))
-            tuned = _replies(generator, heldout, options, home=home, mode=mode, progress=step)
+            bars.update(task, description=f"{user.name}: replies", completed=0, total=len(heldout) * len(modes))
+            by_mode = {mode: _replies(generator, heldout, options, home=home, mode=mode, progress=step) for mode in modes}
+            tuned = by_mode[DEFAULT_MODE]
             base_rate = sum(map(user.shows, base_replies)) / len(heldout)
             tuned_rate = sum(map(user.shows, tuned)) / len(heldout)
             report["users"][user.name] = {
+                "modes": {mode: {"rate": sum(map(user.shows, replies)) / len(heldout), **_fluency(replies)}
+                          for mode, replies in by_mode.items()},
                 "kind": user.kind, "wants": user.wants, "pairs": len(pairs),
                 "base_rate": base_rate, "personalized_rate": tuned_rate, "rise": tuned_rate - base_rate,
                 "base_fluency": _fluency(base_replies), "personalized_fluency": _fluency(tuned),
@@ -168,6 +177,14 @@ def _write_markdown(report: dict, path: Path) -> None:
             f"| {u['train_seconds']:.0f} | {'yes' if u['activated'] else 'no: ' + u['reason']} |"
         )
     lines += ["", f"Mean rise {report['mean_rise']:.2f}, smallest {report['min_rise']:.2f}.", ""]
+    others = [m for m in next(iter(report["users"].values()))["modes"] if m != report["mode"]]
+    if others:
+        lines += ["Other generation modes, same adapters (preference rate, repetition, distinct-2):", ""]
+        for name, u in report["users"].items():
+            lines.append(f"- {name}: " + "; ".join(
+                f"{m} {u['modes'][m]['rate']:.2f} / {u['modes'][m]['repetition']:.3f} / {u['modes'][m]['distinct2']:.3f}"
+                for m in others))
+        lines.append("")
     for name, u in report["users"].items():
         for ex in u["examples"][:1]:
             lines += [f"**{name}** — {ex['prompt']}", "", f"- base: {ex['base'][:240]!r}",
@@ -208,15 +225,17 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--eval-prompts", type=int, default=24, help="unseen prompts")
     parser.add_argument("--pair-tokens", type=int, default=96, help="new tokens of the replies pairs are built from")
     parser.add_argument("--max-new-tokens", type=int, default=128, help="new tokens of evaluated replies (generate's default)")
-    parser.add_argument("--mode", default=None, help="generation mode (default: fedpal generate's)")
+    parser.add_argument("--modes", default="", help="other generation modes to score beside fedpal generate's default (e.g. rerank)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="runs/style")
     parser.add_argument("--show", type=int, default=3, help="example replies kept per user")
-    parser.add_argument("--quick", action="store_true", help="tiny model, 2 users, few prompts (pipeline check)")
+    parser.add_argument("--template-replies", action="store_true",
+                        help="build pairs from template replies instead of the model's (for the random tiny model)")
+    parser.add_argument("--quick", action="store_true", help="tiny model, 2 users, few prompts, template pairs (pipeline check)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     if args.quick:
-        args.model, args.precision, args.users = "tiny", "fp32", "bullets,summary"
+        args.model, args.precision, args.users, args.template_replies = "tiny", "fp32", "bullets,summary", True
         args.candidates, args.pairs, args.eval_prompts, args.pair_tokens, args.max_new_tokens = 16, 12, 4, 24, 24
     report = run(args)
     if args.json:
