@@ -357,6 +357,11 @@ class PersonalizedGenerator:
                 self._memo.popitem(last=False)
         return reply
 
+    def clear_memo(self) -> None:
+        """Forget memoised replies and features (benchmarks time real work with it)."""
+        self._memo.clear()
+        self._features.clear()
+
     def _adapter_key(self, adapter: Adapter) -> tuple | None:
         if adapter is None:
             return None

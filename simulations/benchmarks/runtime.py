@@ -135,6 +135,7 @@ def _measure(scratch: Path, model: str, precision: str, new_tokens: int, repeats
         shutil.copyfile(other, copies[-1])
     cold = statistics.median(swap_to(path) for path in copies)
     warm = statistics.median(swap_to(path) for path in [adapter, other] * repeats)
+    merge_s, rerank_s, drafts = _rerank_cost(generator, homes[0], options, repeats)
     return {
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {platform.system()}",
@@ -149,11 +150,36 @@ def _measure(scratch: Path, model: str, precision: str, new_tokens: int, repeats
         "onnx_no_adapter_tok_s": round(base_rate, 1),
         "speedup_vs_pytorch": round(onnx_rate / torch_rate, 2),
         "tokens_per_run": {"pytorch": torch_tokens, "onnx_adapter": onnx_tokens, "onnx_no_adapter": base_tokens},
+        "merge_reply_s": round(merge_s, 3),
+        "rerank_reply_s": round(rerank_s, 3),
+        "rerank_drafts": drafts,
+        "rerank_cost_vs_merge": round(rerank_s / merge_s, 2),
         "adapter_swap_cold_ms": round(cold, 2),
         "adapter_swap_warm_ms": round(warm, 3),
         "adapter_convert_ms": round(convert_ms, 1),
         "export_s_cached_or_built": round(export_s, 1),
     }
+
+
+def _rerank_cost(generator, home, options, repeats: int) -> tuple[float, float, int]:
+    """Median seconds of one reply in merge and in rerank mode (reward fitted beforehand, memo cleared)."""
+    from fedpal.client.generator import REGISTERS
+    from fedpal.client.memory import PreferenceMemory
+
+    os.environ.setdefault("FEDPAL_PASSPHRASE", "fedpal benchmark")
+    with PreferenceMemory.open(home.root) as memory:
+        for i in range(8):
+            memory.add_pair(f"{PROMPT} ({i})", "- Pack light.\n- Check the weather.\n- Tell someone your route.",
+                            "Pack light and check the weather before you go, and tell someone your route.")
+    generator.user_reward(home)  # fitted once, as after the first rerank reply
+    times: dict[str, list[float]] = {"merge": [], "rerank": []}
+    for _ in range(repeats):
+        for mode in times:
+            generator.clear_memo()
+            start = time.perf_counter()
+            generator.generate_for(home, PROMPT, mode=mode, options=options, w_shared=0.0)
+            times[mode].append(time.perf_counter() - start)
+    return statistics.median(times["merge"]), statistics.median(times["rerank"]), 2 + len(REGISTERS)
 
 
 def table(result: dict) -> str:
@@ -167,6 +193,9 @@ def table(result: dict) -> str:
         (f"ONNX {result['precision']} + personal LoRA (fedpal)", f"{result['onnx_adapter_tok_s']} tok/s"),
         (f"ONNX {result['precision']}, no adapter", f"{result['onnx_no_adapter_tok_s']} tok/s"),
         ("speed-up, ONNX + LoRA vs PyTorch + LoRA", f"{result['speedup_vs_pytorch']}x"),
+        ("one reply, merge mode", f"{result['merge_reply_s']} s"),
+        (f"one reply, rerank mode ({result['rerank_drafts']} drafts + scoring)",
+         f"{result['rerank_reply_s']} s ({result['rerank_cost_vs_merge']}x merge)"),
         ("adapter swap, first load of a user's file", f"{result['adapter_swap_cold_ms']} ms"),
         ("adapter swap, between loaded users", f"{result['adapter_swap_warm_ms']} ms"),
         ("peft -> ONNX adapter conversion", f"{result['adapter_convert_ms']} ms"),
