@@ -161,6 +161,7 @@ class PersonalizedGenerator:
             home.adapter_targets(),
             int(record.get("max_rank", DEFAULT_MAX_RANK)),
             record.get("provider", "cpu"),
+            home=home.root,
         ))
 
     # -- prompts ---------------------------------------------------------------------------

@@ -51,11 +51,11 @@ OBJECTIVES = ("dpo", "sft", "both")
 CHECKPOINT_VERSION = 1
 NO_PAIRS = (
     "no preference pairs to train on: add some to the memory first "
-    "(rate or correct replies in chat, or PreferenceMemory.add_pair(prompt, chosen, rejected))"
+    "(/rate and /pick in `fedpal chat`, or `fedpal memory add pair PROMPT CHOSEN REJECTED`)"
 )
 NO_EXAMPLES = (
     "nothing to train on: SFT needs examples or preference pairs in the memory "
-    "(PreferenceMemory.add_pair(prompt, chosen, rejected) gives both)"
+    "(`fedpal memory add pair PROMPT CHOSEN REJECTED` gives both)"
 )
 
 Encoded = tuple[list[int], list[int]]

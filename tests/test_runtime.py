@@ -285,9 +285,11 @@ def test_bad_input_is_one_line_error(generator, export, users, tmp_path, tiny_pa
     with pytest.raises(FedpalError) as err:
         convert_adapters(export, [(half, 1.0), (half, 1.0)], tmp_path / "h.onnx_adapter")
     cases.append(err)
-    with pytest.raises(FedpalError) as err:
-        generator.generate_for(ClientHome.at(tmp_path / "nobody"), PROMPT, mode="merge")
-    cases.append(err)
+    # merge for a user with nothing trained (or nothing that passed the guard) is the base model
+    untrained = generator.generate_for(ClientHome.at(tmp_path / "nobody"), PROMPT, mode="merge",
+                                       options=DecodeOptions(max_new_tokens=4))
+    assert untrained.mode == "base" and untrained.token_ids == generator.generate(
+        PROMPT, None, DecodeOptions(max_new_tokens=4)).token_ids
     with pytest.raises(FedpalError) as err:
         generator.generate_for(ClientHome.at(tmp_path / "nobody"), PROMPT, mode="fusion", w_shared=0.0, w_personal=0.5)
     assert "no personal adapter" in str(err.value)
