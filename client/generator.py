@@ -43,6 +43,7 @@ from fedpal.common.generation import chat_input_ids, place_preferences
 if TYPE_CHECKING:
     import onnxruntime_genai as og
 
+    from fedpal.client.memory import PreferenceMemory
     from fedpal.client.reward import RewardModel
 
 MODES = ("base", "merge", "fusion", "rerank")
@@ -131,6 +132,7 @@ class PersonalizedGenerator:
         self._memo: OrderedDict[tuple, Reply] = OrderedDict()
         self._features: OrderedDict[tuple, np.ndarray] = OrderedDict()
         self._rewards: dict[tuple, "RewardModel | None"] = {}
+        self._memories: dict[tuple[str, str | None], "PreferenceMemory"] = {}
 
     @classmethod
     def open(
@@ -391,24 +393,41 @@ class PersonalizedGenerator:
             self._features.popitem(last=False)
         return features
 
+    def memory(self, home: ClientHome, passphrase: str | None = None) -> "PreferenceMemory | None":
+        """The user's memory, opened once per generator (None: the home has no memory yet).
+
+        Unlocking costs an Argon2id derivation (~0.1-0.2 s), more than a short reply; the open
+        memory sees later writes from any process (it reloads when SQLite's data version moves).
+        """
+        from fedpal.client.memory import PreferenceMemory
+
+        if PreferenceMemory.key_source(home.root) is None:
+            return None  # no memory yet: nothing stated, and opening would create one
+        key = (str(home.root), passphrase)
+        if key not in self._memories:
+            self._memories[key] = PreferenceMemory.open(home.root, passphrase=passphrase)
+        return self._memories[key]
+
+    def stated_preferences(self, home: ClientHome, prompt: str, passphrase: str | None = None, k: int = 5) -> list[str]:
+        """The user's ``k`` stated preferences most relevant to ``prompt``, from their encrypted memory."""
+        memory = self.memory(home, passphrase)
+        return list(memory.stated_preferences(prompt, k=k)) if memory is not None else []
+
     def user_reward(self, home: ClientHome, passphrase: str | None = None) -> "RewardModel | None":
         """The reward model of the user in ``home``, fitted on their memory's pairs (None: too few pairs).
 
         It is saved beside the runtime adapters with a fingerprint of the pairs, and
         refitted only when the memory's pairs change.
         """
-        from fedpal.client.memory import PreferenceMemory
         from fedpal.client.reward import MIN_PAIRS, REWARD_FILE, RewardModel, fit_reward, pairs_fingerprint
 
-        db = home.memory_db
-        if PreferenceMemory.key_source(home.root) is None:
+        memory = self.memory(home, passphrase)
+        if memory is None:
             return None
-        stat = db.stat()
-        version = (str(home.root), stat.st_mtime_ns, stat.st_size)
+        version = (str(home.root), memory.version())
         if version in self._rewards:
             return self._rewards[version]
-        with PreferenceMemory.open(home.root, passphrase=passphrase) as memory:
-            pairs = memory.preference_pairs()
+        pairs = memory.preference_pairs()
         triples = [(p.prompt, p.chosen, p.rejected) for p in pairs]
         fingerprint = pairs_fingerprint(triples)
         path = home.runtime / self.export.key / REWARD_FILE
@@ -494,7 +513,7 @@ class PersonalizedGenerator:
             raise FedpalError("the prompt is empty")
         asked = (prompt, system)
         if retrieval:
-            prompt, system = place_preferences(prompt, system, retrieve_preferences(home, prompt, passphrase), retrieval_in)
+            prompt, system = place_preferences(prompt, system, self.stated_preferences(home, prompt, passphrase), retrieval_in)
         label = mode + ("+retrieval" if retrieval else "")
         if mode == "rerank":
             reply = self.rerank(home, *asked, (prompt, system), options, w_shared, w_personal, passphrase, label)
@@ -523,16 +542,6 @@ def _trained(home: ClientHome, w_shared: float, w_personal: float) -> bool:
     """Whether the home has an adapter with a non-zero weight to answer with."""
     return any(weight and (home.adapter_dir(name) / CONFIG_FILE).is_file()
                for name, weight in ((SHARED, w_shared), (PERSONAL, w_personal)))
-
-
-def retrieve_preferences(home: ClientHome, prompt: str, passphrase: str | None = None, k: int = 5) -> list[str]:
-    """The user's ``k`` stated preferences most relevant to ``prompt``, from their encrypted memory."""
-    from fedpal.client.memory import PreferenceMemory
-
-    if PreferenceMemory.key_source(home.root) is None:
-        return []  # no memory yet: nothing stated, and opening would create one
-    with PreferenceMemory.open(home.root, passphrase=passphrase) as memory:
-        return list(memory.stated_preferences(prompt, k=k))
 
 
 def _log_softmax(logits: np.ndarray) -> np.ndarray:

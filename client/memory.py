@@ -535,9 +535,13 @@ class PreferenceMemory:
 
     # ------------------------------------------------------------------ reading
 
+    def version(self) -> tuple[int, int]:
+        """A value that changes whenever the records change, through this connection or any other
+        (SQLite's data version plus this connection's own writes): a cache key for derived data."""
+        return (self._db().execute("PRAGMA data_version").fetchone()[0], self._writes)
+
     def _load(self, force: bool = False) -> _Snapshot:
-        conn = self._db()
-        version = (conn.execute("PRAGMA data_version").fetchone()[0], self._writes)
+        version = self.version()
         if not force and self._snapshot is not None and self._snapshot.version == version:
             return self._snapshot
         records: list[Record] = []
