@@ -19,9 +19,12 @@ BATCHES = (32, 16, 8, 4, 2, 1)
 # Share of free memory the trainer may plan to use: the OS, the browser and the runtime
 # keep the rest.
 SAFE_SHARE = {"cuda": 0.7, "cpu": 0.4}
-# On a CPU, time rather than memory is the limit: a bigger batch only makes a step slower.
-CPU_MAX_BATCH = 8
-CPU_MAX_LENGTH = 512
+# On a CPU, time rather than memory is the limit: a bigger batch or a longer sequence only
+# makes a step slower. 4 x 256 was measured on the default model (2 cores, style suite):
+# a preference pair of ~128-token replies fits, and 24 steps took ~3 minutes, where the
+# 2 x 512 this profile chose before took 2.5-6 minutes per user.
+CPU_MAX_BATCH = 4
+CPU_MAX_LENGTH = 256
 
 
 @dataclass(frozen=True)

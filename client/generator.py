@@ -35,7 +35,7 @@ import numpy as np
 
 from fedpal.client.home import ClientHome
 from fedpal.client.onnx_adapters import ADAPTER_SUFFIX, convert_adapters
-from fedpal.client.onnx_export import DEFAULT_MAX_RANK, ExportInfo, check_export, find_export
+from fedpal.client.onnx_export import DEFAULT_MAX_RANK, DEFAULT_PRECISION, ExportInfo, check_export, find_export
 from fedpal.common.adapters import CONFIG_FILE, PERSONAL, SHARED
 from fedpal.common.errors import FedpalError
 from fedpal.common.generation import chat_input_ids, place_preferences
@@ -138,7 +138,7 @@ class PersonalizedGenerator:
     def open(
         cls,
         model: str = "default",
-        precision: str = "int4",
+        precision: str = DEFAULT_PRECISION,
         target_modules: Sequence[str] | None = None,
         max_rank: int = DEFAULT_MAX_RANK,
         execution_provider: str = "cpu",
@@ -159,7 +159,7 @@ class PersonalizedGenerator:
         record = record or {}
         return cls(find_export(
             model or record.get("model", "default"),
-            precision or record.get("precision", "int4"),
+            precision or record.get("precision", DEFAULT_PRECISION),
             home.adapter_targets(),
             int(record.get("max_rank", DEFAULT_MAX_RANK)),
             record.get("provider", "cpu"),

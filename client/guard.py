@@ -53,14 +53,20 @@ PROBE_PROMPTS = (
 class GuardConfig:
     """When a freshly trained adapter counts as degenerate (each bound is against the current replies)."""
 
-    probes: int = 4
+    probes: int = 8
     """How many prompts the replies are compared on (the user's held-out ones first)."""
-    max_new_tokens: int = 48
+    max_new_tokens: int = 64
     """Greedy tokens per probe reply."""
-    max_repetition_rise: float = 0.2
+    max_repetition_rise: float = 0.1
     """Largest allowed rise of the mean repeated-3-gram share (0-1)."""
-    max_distinct2_drop: float = 0.2
-    """Largest allowed fall of the mean distinct-bigram share (0-1)."""
+    max_distinct2_drop: float = 0.1
+    """Largest allowed fall of the mean distinct-bigram share (0-1).
+
+    Both bounds and the probe size were set on the default model (style suite, 2026-12-01):
+    an "add an example" adapter that repeated itself on unseen prompts (repetition 0.12 ->
+    0.39 over 36 replies of 128 tokens) read 0.04 -> 0.35 on 8 probes of 64 tokens but only
+    0.04 -> 0.22 on 4 of 48, under the old 0.2 bound; a fluent bulleted-list adapter read
+    0.06 -> 0.08 (distinct-2 0.89 -> 0.87). 8 x 64 costs ~8 s per measurement on 2 cores."""
     max_length_ratio: float = 2.5
     """Largest allowed ratio of mean reply tokens, new over current."""
     max_nll_rise: float = 1.5

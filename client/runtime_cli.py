@@ -20,7 +20,7 @@ import typer
 
 from fedpal.client.cli_common import PASSPHRASE_FILE, choices, home_option, plain, read_passphrase
 from fedpal.client.generator import DEFAULT_MODE, MODES
-from fedpal.client.onnx_export import DEFAULT_MAX_RANK, PRECISIONS, PROVIDERS
+from fedpal.client.onnx_export import DEFAULT_MAX_RANK, DEFAULT_PRECISION, PRECISIONS, PROVIDERS
 from fedpal.common.errors import FedpalError
 from fedpal.common.generation import PLACEMENTS
 
@@ -36,7 +36,7 @@ Provider = choices("Provider", PROVIDERS)
 
 HOME = home_option("The client's home folder (adapters, memory, runtime files).")
 MODEL = typer.Option(None, "--model", help="'default', 'tiny', a local folder or a hub id (default: the home's export).")
-PRECISION = typer.Option(None, "--precision", help="Default: the home's export, else int4.")
+PRECISION = typer.Option(None, "--precision", help=f"Default: the home's export, else {DEFAULT_PRECISION}.")
 PASSPHRASE = typer.Option(None, "--passphrase", envvar="FEDPAL_PASSPHRASE", show_envvar=True,
                           help="Memory passphrase (for --retrieval, rerank and ratings); --passphrase-file keeps it off the command line.")
 MODE_HELP = ("base, merge (shared + personal in one adapter), fusion (per-token mix) or rerank "
@@ -56,7 +56,7 @@ SEED = typer.Option(None, "--seed", min=0, max=2**31 - 1, help="Sampling seed: s
 def export(
     home: str = HOME,
     model: Annotated[str, typer.Option("--model", help="'default', 'tiny', a local folder or a hub id.")] = "default",
-    precision: Annotated[Precision, typer.Option("--precision", help="int4 (fast, LoRA stays float) or fp32.")] = "int4",
+    precision: Annotated[Precision, typer.Option("--precision", help="int8 (keeps trained styles), int4 (fastest; rounding blurs styles) or fp32; LoRA stays float.")] = DEFAULT_PRECISION,
     max_rank: Annotated[int, typer.Option("--max-rank", min=1, help="Largest adapter rank (merges add ranks) the export accepts.")] = DEFAULT_MAX_RANK,
     provider: Annotated[Provider, typer.Option("--provider", help="Execution provider; cuda needs an NVIDIA GPU and onnxruntime-genai-cuda.")] = "cpu",
     force: Annotated[bool, typer.Option("--force", help="Rebuild even if a matching export is cached.")] = False,
@@ -303,7 +303,7 @@ def _find_export(client: "ClientHome", model: str | None, precision: str | None,
     record = record or {}
     info = find_export(
         model or record.get("model", "default"),
-        precision or record.get("precision", "int4"),
+        precision or record.get("precision", DEFAULT_PRECISION),
         client.adapter_targets(),
         int(record.get("max_rank", DEFAULT_MAX_RANK)),
         record.get("provider", "cpu"),

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from fedpal.client.generator import DEFAULT_MODE, MODES
+from fedpal.client.onnx_export import DEFAULT_PRECISION, PRECISIONS
 from fedpal.client.trainer import OBJECTIVES
 from fedpal.common.errors import FedpalError
 from fedpal.common.generation import PLACEMENTS
@@ -139,8 +140,8 @@ class SimulationConfig:
             raise FedpalError(f"retrieval_in must be one of {', '.join(PLACEMENTS)}, not '{self.retrieval_in}'")
         if self.fedpal_mode not in MODES:
             raise FedpalError(f"fedpal_mode must be one of {', '.join(MODES)}, not '{self.fedpal_mode}'")
-        if self.precision not in ("int4", "fp32"):
-            raise FedpalError(f"precision must be int4 or fp32, not '{self.precision}'")
+        if self.precision not in PRECISIONS:
+            raise FedpalError(f"precision must be one of {', '.join(PRECISIONS)}, not '{self.precision}'")
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -153,7 +154,7 @@ PRESETS: dict[str, SimulationConfig] = {
     "default": SimulationConfig(
         preset="default",
         model="default",
-        precision="int4",
+        precision=DEFAULT_PRECISION,
         candidate_source="model",
         users=8,
         rounds=3,
@@ -175,7 +176,7 @@ PRESETS: dict[str, SimulationConfig] = {
     "large": SimulationConfig(
         preset="large",
         model="default",
-        precision="int4",
+        precision=DEFAULT_PRECISION,
         candidate_source="model",
         users=32,
         rounds=10,

@@ -50,6 +50,7 @@ log = logging.getLogger("fedpal.simulations")
 BASELINES = ("base", "retrieval", "local", "shared", "fedpal")
 ABLATIONS = ("fedpal_merge",)
 METHODS = BASELINES + ABLATIONS
+"""Every method a run can score; ``Experiment.methods`` is the subset a config scores."""
 BASELINE_LABELS = {
     "base": "base model",
     "retrieval": "retrieval only (stated preferences in the prompt)",
@@ -376,11 +377,16 @@ class SimulationRun:
             if name in ("fedpal", "shared", "local")
         }
 
+    def methods(self) -> tuple[str, ...]:
+        """The baselines, and the merge ablation when fedpal answers in another mode (in merge
+        mode it would repeat fedpal's replies at the cost of a third of the evaluation)."""
+        return BASELINES + tuple(m for m in ABLATIONS if self.config.fedpal_mode != "merge")
+
     def evaluate(self) -> dict[str, list[list[str]]]:
         """Replies of every baseline to every held-out prompt (kept in ``replies.json``)."""
-        replies = self.replies(self.heldout, METHODS, "held-out replies, all baselines")
+        replies = self.replies(self.heldout, self.methods(), "held-out replies, all baselines")
         (self.out / "replies.json").write_text(
-            json.dumps({"prompts": self.heldout, "replies": {m: replies[m] for m in METHODS}}, indent=1)
+            json.dumps({"prompts": self.heldout, "replies": {m: replies[m] for m in self.methods()}}, indent=1)
         )
         return replies
 
@@ -395,7 +401,7 @@ class SimulationRun:
         """The ``results.json`` dictionary (schema in ``fedpal.simulations.report``)."""
         c = self.config
         base_replies = replies["base"][0]
-        baselines = {name: evaluate_baseline(name, self.users, replies[name], base_replies) for name in METHODS}
+        baselines = {name: evaluate_baseline(name, self.users, replies[name], base_replies) for name in self.methods()}
         matrix = cross_user_matrix(self.users, replies["fedpal"])
         metrics = self.federation_metrics()
         epsilons = [m.get("epsilon") for m in metrics]
@@ -414,7 +420,7 @@ class SimulationRun:
             "bytes_per_client_round": int(round(float(np.mean(uploads)))) if uploads else 0,
             "baselines": {name: result.to_dict() for name, result in baselines.items()},
             "base_baseline": "base",
-            "ablations": list(ABLATIONS),
+            "ablations": [name for name in ABLATIONS if name in self.methods()],
             "cross_user_diagonal_best_fraction": diagonal_best_fraction(matrix),
             "cross_user_matrix": matrix.tolist(),
             "curves": {

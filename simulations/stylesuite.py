@@ -113,29 +113,41 @@ STYLE_USERS: tuple[StyleUser, ...] = (
         shows=lambda reply: "!" in (sentences(reply) or [""])[0],
     ),
     StyleUser(
-        "question", "engagement", "a follow-up question at the end",
+        "question", "engagement", "a follow-up question (asked at the end)",
         edit=lambda prompt, reply, extra, rng: f"{_prose(complete(reply))} {rng.choice(FOLLOW_UPS)}",
-        shows=lambda reply: complete(reply).endswith("?") or reply.rstrip().endswith("?"),
+        shows=lambda reply: any(sentence.endswith("?") for sentence in sentences(reply)),
     ),
     StyleUser(
-        "example", "content", "a concrete example (\"For example, ...\")",
-        edit=lambda prompt, reply, extra, rng: (
-            f"{_prose(complete(reply))} For example, {_lower_first(_first_sentences(complete(extra) or extra, 30))}"
-        ),
+        "example", "content", "a concrete example right after the main point (\"For example, ...\")",
+        edit=lambda prompt, reply, extra, rng: _example_second(complete(reply), extra),
         shows=lambda reply: bool(_EXAMPLE.search(reply)),
         extra_request="Give one short, concrete example for this, in one sentence.",
     ),
     StyleUser(
         "summary", "format", "a one-line summary first (\"In short: ...\")",
-        edit=lambda prompt, reply, extra, rng: (
-            f"In short: {_first_sentences(complete(reply), 20)}\n\n{_prose(complete(reply))}"
-        ),
+        edit=lambda prompt, reply, extra, rng: _summary_first(complete(reply)),
         shows=lambda reply: reply.lstrip().lower().startswith("in short"),
     ),
 )
 """Six users, six kinds of preference."""
 
 STYLE_USERS_BY_NAME = {user.name: user for user in STYLE_USERS}
+
+
+def _example_second(text: str, extra: str) -> str:
+    """The main point, then "For example, <the base model's example>", then the rest."""
+    parts = sentences(text) or [text]
+    example = _lower_first(_first_sentences(complete(extra) or extra, 30)).rstrip(".") + "."
+    return " ".join([parts[0], f"For example, {example}", *parts[1:]])
+
+
+def _summary_first(text: str) -> str:
+    """"In short: <the first sentence>", then the rest of the reply (nothing said twice)."""
+    parts = sentences(text)
+    if not parts:
+        return text
+    rest = " ".join(parts[1:])
+    return f"In short: {parts[0]}" + (f"\n\n{rest}" if rest else "")
 
 
 def _lower_first(text: str) -> str:

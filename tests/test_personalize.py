@@ -65,7 +65,7 @@ def test_repetition_and_distinct_separate_a_loop_from_prose():
 
 def test_verdict_names_each_threshold_crossed():
     fine = Fluency(repetition=0.05, distinct2=0.95, mean_tokens=40, at_limit=0.2, base_nll=2.0)
-    assert verdict(fine, replace(fine, repetition=0.2, mean_tokens=60), GuardConfig()) == ()
+    assert verdict(fine, replace(fine, repetition=0.12, mean_tokens=60), GuardConfig()) == ()
     broken = Fluency(repetition=0.9, distinct2=0.1, mean_tokens=120, at_limit=1.0, base_nll=4.0)
     reasons = verdict(fine, broken, GuardConfig())
     assert len(reasons) == 4 and reasons[0].startswith("repetition 0.05 -> 0.90")

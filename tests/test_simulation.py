@@ -14,7 +14,7 @@ from fedpal.common.errors import FedpalError
 from fedpal.simulations.config import PRESETS, load_config
 from fedpal.simulations.report import REQUIRED_KEYS
 from fedpal.server.server_app import load_global_adapter
-from fedpal.simulations.runner import METHODS, simulate
+from fedpal.simulations.runner import BASELINES, simulate
 
 SMALL = replace(PRESETS["quick"], users=3, clients_per_round=3, rounds=1, train_prompts=4, heldout_prompts=3,
                 curve_prompts=2, local_steps=2, personal_steps=2)
@@ -34,7 +34,7 @@ def test_quick_preset_writes_results_report_and_plots(quick_run):
     results = json.loads((out / "results.json").read_text())
     assert set(REQUIRED_KEYS) <= set(results)
     assert results["preset"] == "quick" and results["users"] == 4 and results["rounds"] == 2
-    assert set(results["baselines"]) == set(METHODS)
+    assert set(results["baselines"]) == set(BASELINES), "merge mode: no merge ablation repeating fedpal"
     for row in results["baselines"].values():
         assert 0.0 <= row["mean_utility"] <= 1.0 and 0.0 <= row["win_rate_vs_base"] <= 1.0
     assert results["baselines"]["base"]["win_rate_vs_base"] == pytest.approx(0.5)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from fedpal.client.device_profile import profile_device
+from fedpal.client.device_profile import CPU_MAX_BATCH, CPU_MAX_LENGTH, profile_device
 from fedpal.client.dpo import IGNORE, dpo_loss, encode_reply, sequence_logprobs
 from fedpal.client.trainer import LocalTrainer, TrainConfig
 from fedpal.common.adapters import PERSONAL, SHARED, AdapterConfig, adapter_to_arrays, attach_adapters
@@ -120,7 +120,7 @@ def test_reply_logprobs_match_a_plain_full_forward():
 
 def test_device_profile_fits_memory_and_honours_overrides(tiny_base):
     roomy = profile_device(tiny_base.model, "cpu", free_bytes=64 << 30)
-    assert (roomy.max_length, roomy.batch_size) == (512, 8)  # capped on CPU for step time
+    assert (roomy.max_length, roomy.batch_size) == (CPU_MAX_LENGTH, CPU_MAX_BATCH)  # capped on CPU for step time
     tight = profile_device(tiny_base.model, "cpu", free_bytes=1 << 20)
     assert (tight.max_length, tight.batch_size, tight.rank) == (128, 1, 4) and "may not fit" in tight.reason
     mid = profile_device(tiny_base.model, "cpu", free_bytes=64 << 20)

@@ -21,6 +21,8 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from fedpal.client.onnx_export import DEFAULT_PRECISION, PRECISIONS
+
 PROMPT = "Write a detailed list of ten tips for planning a long hiking trip in the mountains."
 
 
@@ -58,7 +60,7 @@ def _timed(engines: dict, repeats: int) -> dict[str, tuple[float, int]]:
     return {name: (statistics.median(rates[name]), int(statistics.median(counts[name]))) for name in engines}
 
 
-def run(model: str = "default", precision: str = "int4", new_tokens: int = 60, repeats: int = 5) -> dict:
+def run(model: str = "default", precision: str = DEFAULT_PRECISION, new_tokens: int = 60, repeats: int = 5) -> dict:
     """Measure and return the figures (also printed as a table by ``main``); user folders are temporary."""
     with tempfile.TemporaryDirectory(prefix="fedpal-bench-") as scratch:
         return _measure(Path(scratch), model, precision, new_tokens, repeats)
@@ -211,7 +213,7 @@ def table(result: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="default")
-    parser.add_argument("--precision", default="int4", choices=["int4", "fp32"])
+    parser.add_argument("--precision", default=DEFAULT_PRECISION, choices=PRECISIONS)
     parser.add_argument("--new-tokens", type=int, default=60)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--json", dest="json_out", type=Path, help="Also write the figures to this JSON file.")

@@ -33,6 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
+from fedpal.client.onnx_export import DEFAULT_PRECISION, PRECISIONS
+
 PASSPHRASE = "fedpal style suite"
 
 
@@ -49,10 +51,15 @@ def _replies(generator, prompts, options, home=None, mode="base", progress=None)
 
 
 def _fluency(replies: list[str]) -> dict[str, float]:
+    """Repeated word 3-grams and distinct word bigrams (words only: a list's dashes are layout, not
+    repetition; the guard, which looks for collapses like "- -- --", counts punctuation too)."""
+    import re
+
     from fedpal.client.guard import distinct, repetition
 
     n = max(len(replies), 1)
-    return {"repetition": sum(map(repetition, replies)) / n, "distinct2": sum(map(distinct, replies)) / n}
+    plain = [" ".join(re.findall(r"\w+", reply)) for reply in replies]
+    return {"repetition": sum(map(repetition, plain)) / n, "distinct2": sum(map(distinct, plain)) / n}
 
 
 def _train(home: Path, model: str) -> tuple[dict, float]:
@@ -218,7 +225,7 @@ def _plot(report: dict, path: Path) -> None:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="default")
-    parser.add_argument("--precision", default="int4", choices=("int4", "fp32"))
+    parser.add_argument("--precision", default=DEFAULT_PRECISION, choices=PRECISIONS)
     parser.add_argument("--users", default="all", help="comma-separated names, or all")
     parser.add_argument("--candidates", type=int, default=56, help="training prompts to build pairs from")
     parser.add_argument("--pairs", type=int, default=40)
