@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 
 import typer
 
-from fedpal.client.cli_common import PASSPHRASE_FILE, home_option, read_passphrase
+from fedpal.client.cli_common import PASSPHRASE_FILE, check_output_file, home_option, read_passphrase
 from fedpal.common.errors import FedpalError
 
 AS_JSON = typer.Option(False, "--json", help='Print {"file", "files", "memory", "bytes"}.')
@@ -32,14 +31,7 @@ def backup(
     from fedpal.client.memory import PASSPHRASE_ENV, PreferenceMemory
 
     client = ClientHome.existing(home)
-    if file.is_dir():
-        raise FedpalError(f"{file} is a folder: name the backup file to write, e.g. {file / 'fedpal-home.backup'}")
-    if not file.parent.is_dir():
-        raise FedpalError(f"cannot write {file}: folder {file.parent} does not exist")
-    if file.exists() and not force:
-        if not sys.stdin.isatty():
-            raise FedpalError(f"{file} exists; add --force to replace it")
-        typer.confirm(f"{file} exists. Replace it?", abort=True)
+    check_output_file(file, force, "fedpal-home.backup")
     source = PreferenceMemory.key_source(client.root)
     if source == "keyring":
         raise FedpalError("this memory's key lives in the OS keyring, which a backup cannot carry; "

@@ -8,6 +8,7 @@ in a terminal, a hidden prompt.
 
 from __future__ import annotations
 
+import os
 import sys
 from enum import Enum
 from pathlib import Path
@@ -85,3 +86,17 @@ def read_passphrase(
     if ask and sys.stdin.isatty():
         return typer.prompt("Memory passphrase", hide_input=True, confirmation_prompt=confirm)
     return None
+
+
+def check_output_file(path: Path, force: bool, example_name: str, shown: str | None = None) -> None:
+    """Refuse to write ``path`` where that would fail or silently replace a file: a folder, a
+    missing parent folder, or an existing file without ``force`` (asked in a terminal)."""
+    shown = shown or str(path)
+    if shown.endswith(("/", os.sep)) or path.is_dir():
+        raise FedpalError(f"{shown} is a folder: name the file to write, e.g. {path / example_name}")
+    if not path.parent.is_dir():
+        raise FedpalError(f"cannot write {shown}: folder {path.parent} does not exist")
+    if path.exists() and not force:
+        if not sys.stdin.isatty():
+            raise FedpalError(f"{shown} exists; add --force to replace it")
+        typer.confirm(f"{shown} exists. Replace it?", abort=True)

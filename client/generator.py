@@ -110,6 +110,23 @@ class Reply:
         return json.dumps(data)
 
 
+def home_export(home: ClientHome, model: str | None = None, precision: str | None = None) -> ExportInfo:
+    """The export ``home`` answers with: the one ``fedpal export`` recorded there, unless ``model``
+    or ``precision`` name another (cached) one. Reads manifests only: no model is loaded."""
+    record = home.export_record()
+    if record is None and model is None and precision is None:
+        raise FedpalError(f"no export for {home.root} yet; run: fedpal export --home {home.root}")
+    record = record or {}
+    return find_export(
+        model or record.get("model", "default"),
+        precision or record.get("precision", DEFAULT_PRECISION),
+        home.adapter_targets(),
+        int(record.get("max_rank", DEFAULT_MAX_RANK)),
+        record.get("provider", "cpu"),
+        home=home.root,
+    )
+
+
 class PersonalizedGenerator:
     """One loaded ORT GenAI model that generates for any user, hot-swapping their adapter files."""
 
@@ -152,19 +169,7 @@ class PersonalizedGenerator:
     ) -> "PersonalizedGenerator":
         """The generator a user's home answers with: the export ``fedpal export`` recorded there,
         unless ``model`` or ``precision`` name another (cached) one."""
-        home = home if isinstance(home, ClientHome) else ClientHome.at(home)
-        record = home.export_record()
-        if record is None and model is None and precision is None:
-            raise FedpalError(f"no export for {home.root} yet; run: fedpal export --home {home.root}")
-        record = record or {}
-        return cls(find_export(
-            model or record.get("model", "default"),
-            precision or record.get("precision", DEFAULT_PRECISION),
-            home.adapter_targets(),
-            int(record.get("max_rank", DEFAULT_MAX_RANK)),
-            record.get("provider", "cpu"),
-            home=home.root,
-        ))
+        return cls(home_export(home if isinstance(home, ClientHome) else ClientHome.at(home), model, precision))
 
     # -- prompts ---------------------------------------------------------------------------
 

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 import typer
 
-from fedpal.client.cli_common import PASSPHRASE_FILE, choices, home_option, plain, read_passphrase
+from fedpal.client.cli_common import PASSPHRASE_FILE, check_output_file, choices, home_option, plain, read_passphrase
 from fedpal.client.home import ClientHome
 from fedpal.common.errors import FedpalError
 
@@ -348,14 +348,7 @@ def export(
     """Write every record, decrypted, as JSONL (the format `import` reads)."""
     if file != "-":
         target = Path(file).expanduser()
-        if file.endswith(("/", os.sep)) or target.is_dir():
-            raise FedpalError(f"{file} is a folder: name the file to write, e.g. {target / 'memory.jsonl'}")
-        if not target.parent.is_dir():
-            raise FedpalError(f"cannot write {file}: folder {target.parent} does not exist")
-        if target.exists() and not force:
-            if not sys.stdin.isatty():
-                raise FedpalError(f"{file} exists; add --force to replace it")
-            typer.confirm(f"{file} exists. Replace it?", abort=True)
+        check_output_file(target, force, "memory.jsonl", shown=file)
     with _memory(home, passphrase_file) as memory:
         if file == "-":
             for record in memory.records(strict=not skip_corrupt):

@@ -295,20 +295,9 @@ def _options(max_new_tokens: int, sample: bool, temperature: float, top_p: float
 def _find_export(client: "ClientHome", model: str | None, precision: str | None, max_new_tokens: int) -> "ExportInfo":
     """The export this home answers with (its record, or the one ``--model``/``--precision`` name), checked
     against this machine and ``--max-new-tokens`` from its manifest alone: no model is loaded yet."""
-    from fedpal.client.onnx_export import find_export
+    from fedpal.client.generator import home_export
 
-    record = client.export_record()
-    if record is None and model is None and precision is None:
-        raise FedpalError(f"no export for {client.root} yet; run: fedpal export --home {client.root} --model MODEL")
-    record = record or {}
-    info = find_export(
-        model or record.get("model", "default"),
-        precision or record.get("precision", DEFAULT_PRECISION),
-        client.adapter_targets(),
-        int(record.get("max_rank", DEFAULT_MAX_RANK)),
-        record.get("provider", "cpu"),
-        home=client.root,
-    )
+    info = home_export(client, model, precision)
     if max_new_tokens >= info.context_length:
         raise FedpalError(f"--max-new-tokens {max_new_tokens} does not fit the model's context of "
                           f"{info.context_length} tokens (prompt included)")

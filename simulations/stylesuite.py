@@ -47,8 +47,9 @@ def complete(text: str) -> str:
 
 
 def as_bullets(text: str) -> str:
-    """The sentences of ``text`` as a dash list (the structure user's edit)."""
-    items = sentences(text)
+    """The sentences of ``text`` as a dash list (the structure user's edit); fragments without two
+    words (a list's "1." split off its item, a lone "**") are dropped, as a person would."""
+    items = [s for s in sentences(text) if len(re.findall(r"[^\W\d_]{2,}", s)) >= 2]
     if len(items) < 2:  # one long sentence (or a random model's words): three chunks of words
         words = text.split()
         third = max(len(words) // 3, 1)
@@ -74,10 +75,6 @@ def _first_sentences(text: str, limit: int = 25) -> str:
     short = " ".join(out) if out else text
     words = short.split()
     return short if len(words) <= limit else " ".join(words[:limit]).rstrip(",;:") + "."
-
-
-def _prose(text: str) -> str:
-    return " ".join(sentences(text))
 
 
 @dataclass(frozen=True)
@@ -109,12 +106,12 @@ STYLE_USERS: tuple[StyleUser, ...] = (
     ),
     StyleUser(
         "warm", "tone", "a warm, enthusiastic opening",
-        edit=lambda prompt, reply, extra, rng: f"{rng.choice(WARM_OPENERS)} {_prose(complete(reply))}",
+        edit=lambda prompt, reply, extra, rng: f"{rng.choice(WARM_OPENERS)} {complete(reply)}",
         shows=lambda reply: "!" in (sentences(reply) or [""])[0],
     ),
     StyleUser(
         "question", "engagement", "a follow-up question (asked at the end)",
-        edit=lambda prompt, reply, extra, rng: f"{_prose(complete(reply))} {rng.choice(FOLLOW_UPS)}",
+        edit=lambda prompt, reply, extra, rng: _then(complete(reply), rng.choice(FOLLOW_UPS)),
         shows=lambda reply: any(sentence.endswith("?") for sentence in sentences(reply)),
     ),
     StyleUser(
@@ -134,20 +131,33 @@ STYLE_USERS: tuple[StyleUser, ...] = (
 STYLE_USERS_BY_NAME = {user.name: user for user in STYLE_USERS}
 
 
+def _split_first(text: str) -> tuple[str, str]:
+    """The first sentence (or line) of ``text`` and the rest as written, lists and line breaks kept:
+    the edits below add to a reply the way a person would, without re-flowing it."""
+    end = re.search(r"[.!?](?=\s)|\n", text)
+    if end is None:
+        return text.strip(), ""
+    return text[: end.end()].strip(), text[end.end():].strip(" ")
+
+
+def _then(text: str, addition: str) -> str:
+    """``addition`` after ``text``: on its own paragraph after a list, else in the same one."""
+    return f"{text}\n\n{addition}" if "\n" in text else f"{text} {addition}"
+
+
 def _example_second(text: str, extra: str) -> str:
     """The main point, then "For example, <the base model's example>", then the rest."""
-    parts = sentences(text) or [text]
+    first, rest = _split_first(text)
     example = _lower_first(_first_sentences(complete(extra) or extra, 30)).rstrip(".") + "."
-    return " ".join([parts[0], f"For example, {example}", *parts[1:]])
+    return f"{first} For example, {example}" + (f" {rest}" if rest else "")
 
 
 def _summary_first(text: str) -> str:
     """"In short: <the first sentence>", then the rest of the reply (nothing said twice)."""
-    parts = sentences(text)
-    if not parts:
+    first, rest = _split_first(text)
+    if not first:
         return text
-    rest = " ".join(parts[1:])
-    return f"In short: {parts[0]}" + (f"\n\n{rest}" if rest else "")
+    return f"In short: {first}" + (f"\n\n{rest.strip()}" if rest.strip() else "")
 
 
 def _lower_first(text: str) -> str:

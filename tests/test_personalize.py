@@ -106,6 +106,27 @@ def test_early_stopping_keeps_the_weights_that_ranked_held_out_pairs_best():
     assert adapter_to_arrays(model, PERSONAL)  # still a well-formed adapter
 
 
+def test_fall_back_restores_each_earlier_held_out_improvement_newest_first():
+    """What the guard walks back through when the best weights degenerate."""
+    from fedpal.client.trainer import EARLIER_KEPT, LocalTrainer, _HeldoutJudge
+    from fedpal.common.adapters import PERSONAL, SHARED
+
+    base, model = _fresh()
+    data = TrainingData.split(style_pairs(24, 3))
+    config = replace(DEFAULT_TRAIN, steps=16, learning_rate=0.01, eval_every=2, patience=8, **FAST)
+    trainer = LocalTrainer(base, model, config)
+    result = trainer.train(PERSONAL, list(data.pairs), [], [SHARED], progress=False, heldout=list(data.heldout))
+    steps = [result.best_step]
+    while (earlier := trainer.fall_back(result)) is not None:
+        assert 0 < earlier.best_step < steps[-1] and "failed a later check" in earlier.note
+        assert earlier.heldout_loss_best > result.heldout_loss_best  # it was an improvement, not the best
+        judge = _HeldoutJudge(LocalTrainer(base, model, config), PERSONAL, [SHARED], list(data.heldout))
+        assert judge.score().loss == pytest.approx(earlier.heldout_loss_best, abs=1e-5)  # the model holds them
+        steps.append(earlier.best_step)
+        result = earlier
+    assert 2 <= len(steps) <= 1 + EARLIER_KEPT, steps
+
+
 def test_an_adapter_that_does_not_improve_held_out_pairs_is_not_activated(tmp_path):
     from fedpal.client.home import ClientHome
     from fedpal.common.adapters import PERSONAL, SHARED

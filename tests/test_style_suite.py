@@ -38,6 +38,10 @@ def test_quick_suite_runs_fedpal_train_and_generate_end_to_end(tmp_path):
         assert user["pairs"] >= 8 and user["train"]["heldout_pairs"] > 0
         assert 0.0 <= user["base_rate"] <= 1.0 and 0.0 <= user["personalized_rate"] <= 1.0
         assert set(user["base_fluency"]) == {"repetition", "distinct2"}
+    checks = report["checks"]
+    assert set(checks) == {"mean_rise", "min_rise", "fluency", "train_seconds"}
+    assert checks["min_rise"]["measured"] == report["min_rise"]
+    assert checks["min_rise"]["holds"] == (report["min_rise"] >= 0.3)
     saved = json.loads((tmp_path / "style.json").read_text())
     assert saved["mean_rise"] == report["mean_rise"]
     assert (tmp_path / "style.png").read_bytes()[:4] == b"\x89PNG" and "Style suite" in (tmp_path / "style.md").read_text()
@@ -57,3 +61,4 @@ def test_fedpal_train_defaults_personalize_every_style_user_on_the_default_model
         assert tuned["repetition"] <= base["repetition"] + 0.05, name
         assert tuned["distinct2"] >= base["distinct2"] - 0.05, name
         assert user["train_seconds"] <= 300, name
+    assert all(check["holds"] for check in report["checks"].values()), report["checks"]

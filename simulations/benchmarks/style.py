@@ -151,7 +151,7 @@ def run(args: argparse.Namespace) -> dict:
     rises = [u["rise"] for u in report["users"].values()]
     report.update({
         "pairs_per_user": args.pairs, "eval_prompts": len(heldout), "max_new_tokens": args.max_new_tokens,
-        "mean_rise": sum(rises) / len(rises), "min_rise": min(rises),
+        "mean_rise": sum(rises) / len(rises), "min_rise": min(rises), "checks": _checks(report["users"]),
         "base_replies": base_replies, "heldout_prompts": heldout,
         "seconds_total": round(time.perf_counter() - started, 1),
         "machine": f"{platform.platform()}, {os.cpu_count()} cpus",
@@ -162,6 +162,25 @@ def run(args: argparse.Namespace) -> dict:
     _write_markdown(report, out / "style.md")
     _plot(report, out / "style.png")
     return report
+
+
+TARGETS = {"mean_rise": 0.5, "min_rise": 0.3, "fluency": 0.05, "train_seconds": 300.0}
+"""The personalization issue's bar for the suite: preference-rate rise on average and for each
+user, the largest loss of fluency against the base model (a rise of repetition or a fall of
+distinct-2; fewer repeats are no loss), training time per user."""
+
+
+def _checks(users: dict) -> dict[str, dict]:
+    """Each target, the measured value and whether it holds."""
+    rises = [u["rise"] for u in users.values()]
+    drift = max(max(u["personalized_fluency"]["repetition"] - u["base_fluency"]["repetition"],
+                    u["base_fluency"]["distinct2"] - u["personalized_fluency"]["distinct2"]) for u in users.values())
+    slowest = max(u["train_seconds"] for u in users.values())
+    measured = {"mean_rise": sum(rises) / len(rises), "min_rise": min(rises), "fluency": drift, "train_seconds": slowest}
+    at_least = {"mean_rise", "min_rise"}
+    return {name: {"target": TARGETS[name], "measured": value,
+                   "holds": value >= TARGETS[name] if name in at_least else value <= TARGETS[name]}
+            for name, value in measured.items()}
 
 
 def _write_markdown(report: dict, path: Path) -> None:
@@ -184,6 +203,10 @@ def _write_markdown(report: dict, path: Path) -> None:
             f"| {u['train_seconds']:.0f} | {'yes' if u['activated'] else 'no: ' + u['reason']} |"
         )
     lines += ["", f"Mean rise {report['mean_rise']:.2f}, smallest {report['min_rise']:.2f}.", ""]
+    words = {"mean_rise": "mean rise at least", "min_rise": "every user's rise at least",
+             "fluency": "largest rise of repetition or fall of distinct-2 at most", "train_seconds": "slowest training (s) at most"}
+    lines += [f"- {words[name]} {c['target']:g}: {c['measured']:.3f} — {'holds' if c['holds'] else 'NOT met'}"
+              for name, c in report["checks"].items()] + [""]
     others = [m for m in next(iter(report["users"].values()))["modes"] if m != report["mode"]]
     if others:
         lines += ["Other generation modes, same adapters (preference rate, repetition, distinct-2):", ""]
