@@ -47,9 +47,12 @@ def complete(text: str) -> str:
 
 
 def as_bullets(text: str) -> str:
-    """The sentences of ``text`` as a dash list (the structure user's edit); fragments without two
-    words (a list's "1." split off its item, a lone "**") are dropped, as a person would."""
-    items = [s for s in sentences(text) if len(re.findall(r"[^\W\d_]{2,}", s)) >= 2]
+    """The sentences of ``text`` as a plain dash list (the structure user's edit): markdown emphasis
+    is dropped and so are fragments without two words (a list's "1." split off its item), as a
+    person would. (Kept, "- **Steps:**" items taught the model to open a line with "- **" and,
+    on a few prompts, to repeat "- **-" to the token limit.)"""
+    plain = [re.sub(r"[*_]{2,}|`", "", s).strip() for s in sentences(text)]
+    items = [s for s in plain if len(re.findall(r"[^\W\d_]{2,}", s)) >= 2]
     if len(items) < 2:  # one long sentence (or a random model's words): three chunks of words
         words = text.split()
         third = max(len(words) // 3, 1)

@@ -37,7 +37,7 @@ def test_quick_suite_runs_fedpal_train_and_generate_end_to_end(tmp_path):
     for user in report["users"].values():
         assert user["pairs"] >= 8 and user["train"]["heldout_pairs"] > 0
         assert 0.0 <= user["base_rate"] <= 1.0 and 0.0 <= user["personalized_rate"] <= 1.0
-        assert set(user["base_fluency"]) == {"repetition", "distinct2"}
+        assert set(user["base_fluency"]) == {"repetition", "distinct2", "collapsed"}
     checks = report["checks"]
     assert set(checks) == {"mean_rise", "min_rise", "fluency", "train_seconds"}
     assert checks["min_rise"]["measured"] == report["min_rise"]

@@ -51,15 +51,14 @@ def _replies(generator, prompts, options, home=None, mode="base", progress=None)
 
 
 def _fluency(replies: list[str]) -> dict[str, float]:
-    """Repeated word 3-grams and distinct word bigrams (words only: a list's dashes are layout, not
-    repetition; the guard, which looks for collapses like "- -- --", counts punctuation too)."""
-    import re
-
+    """Repeated 3-grams and distinct bigrams in the guard's units (words and punctuation), so a
+    list that collapses into "- **-" lines reads as the repetition it is; ``collapsed``: the
+    share of replies more than half repeats."""
     from fedpal.client.guard import distinct, repetition
 
     n = max(len(replies), 1)
-    plain = [" ".join(re.findall(r"\w+", reply)) for reply in replies]
-    return {"repetition": sum(map(repetition, plain)) / n, "distinct2": sum(map(distinct, plain)) / n}
+    return {"repetition": sum(map(repetition, replies)) / n, "distinct2": sum(map(distinct, replies)) / n,
+            "collapsed": sum(repetition(reply) > 0.5 for reply in replies) / n}
 
 
 def _train(home: Path, model: str) -> tuple[dict, float]:
