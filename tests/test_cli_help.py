@@ -77,7 +77,10 @@ def test_version_and_short_help():
 
 @pytest.mark.skipif(shutil.which("fedpal") is None, reason="the fedpal command is not installed")
 def test_shell_completion_script_and_answers():
-    script = subprocess.run(["fedpal", "--show-completion", "bash"], capture_output=True, text=True, timeout=60)
+    # the script `--install-completion` writes; asked for by name, since `--show-completion` guesses the
+    # shell from the parent process (none under nohup or some CI runners)
+    script = subprocess.run(["fedpal"], capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "_FEDPAL_COMPLETE": "source_bash"})
     assert script.returncode == 0 and "_FEDPAL_COMPLETE" in script.stdout
     answer = subprocess.run(["fedpal"], capture_output=True, text=True, timeout=60,
                             env={**os.environ, "_FEDPAL_COMPLETE": "complete_bash",
