@@ -205,7 +205,7 @@ class Personalizer:
         if self.guard is not None and not reason:
             report = self.guard.compare(before, probes, active)
             # the latest held-out improvement that still reads fluently: walk back while the guard refuses
-            while report.degenerate and (earlier := trainer.fall_back(result)) is not None and not _ranks_no_better(earlier):
+            while report.degenerate and (earlier := trainer.fall_back(result)) is not None:
                 result = earlier
                 report = self.guard.compare(before, probes, active)
             if report.degenerate:

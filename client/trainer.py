@@ -622,7 +622,8 @@ class _HeldoutJudge:
         self.best_weights: list = []
         self.bad_evals = 0
         self.earlier: list[tuple[int, HeldoutScore, list]] = []
-        """Improvements before the best one, newest last (at most ``EARLIER_KEPT``; not checkpointed)."""
+        """Improvements before the best one that also rank the pairs better than the first
+        evaluation, newest last (at most ``EARLIER_KEPT``; not checkpointed)."""
 
     def score(self) -> HeldoutScore:
         """The held-out score of the adapter's current weights."""
@@ -641,7 +642,8 @@ class _HeldoutJudge:
         if self.first is None:
             self.first = current
         if self.best is None or current.loss < self.best.loss - 1e-4:
-            if self.best is not None and self.best_step > 0:
+            # an earlier improvement is only worth falling back on if it also ranks the pairs better
+            if self.best is not None and self.best_step > 0 and self.best.preference_loss < self.first.preference_loss:
                 self.earlier = [*self.earlier, (self.best_step, self.best, self.best_weights)][-EARLIER_KEPT:]
             self.best, self.best_step, self.bad_evals = current, step, 0
             self.best_weights = [p.detach().clone() for _, p in params]

@@ -147,10 +147,10 @@ def run(args: argparse.Namespace) -> dict:
                              for p, b, t in list(zip(heldout, base_replies, tuned))[: args.show]],
                 "replies": tuned,
             }
-    rises = [u["rise"] for u in report["users"].values()]
+    checks = _checks(report["users"])
     report.update({
         "pairs_per_user": args.pairs, "eval_prompts": len(heldout), "max_new_tokens": args.max_new_tokens,
-        "mean_rise": sum(rises) / len(rises), "min_rise": min(rises), "checks": _checks(report["users"]),
+        "mean_rise": checks["mean_rise"]["measured"], "min_rise": checks["min_rise"]["measured"], "checks": checks,
         "base_replies": base_replies, "heldout_prompts": heldout,
         "seconds_total": round(time.perf_counter() - started, 1),
         "machine": f"{platform.platform()}, {os.cpu_count()} cpus",
