@@ -71,6 +71,7 @@ class FedpalClient(NumPyClient):
         self.context = context
 
     def fit(self, parameters: list[np.ndarray], config: dict) -> tuple[list[np.ndarray], int, dict]:
+        from fedpal.client.agent import record_round
         from fedpal.client.guard import GuardConfig
         from fedpal.client.home import ClientHome
         from fedpal.client.memory import PreferenceMemory
@@ -108,6 +109,7 @@ class FedpalClient(NumPyClient):
         received = dict(zip(names, parameters))
         arrays_to_adapter(peft, SHARED, received, parts)
         save_adapter(peft, SHARED, home.adapter_dir(SHARED))
+        record_round(home.root, "joined", int(config["round"]))
         personal_dir = home.adapter_dir(PERSONAL)
         if personal_dir.is_dir():
             load_adapter(peft, PERSONAL, personal_dir)
@@ -157,6 +159,28 @@ class FedpalClient(NumPyClient):
             FINGERPRINT_KEY: adapter_fingerprint(update),
         }
         return out, 1 if uniform else max(metrics["examples"], 1), metrics
+
+
+def policy_mod(msg: Message, ctxt: Context, call_next: Callable[[Message, Context], Message]) -> Message:
+    """Decline a train message at once when this node's agent policy says the machine is busy.
+
+    The reply is an error, which the server counts as a dropout; nothing is loaded or
+    trained. Nodes without an agent (simulations) always train.
+    """
+    from flwr.app import Error
+
+    from fedpal.client.agent import policy_verdict, record_round
+
+    home = dict(ctxt.node_config).get("home")
+    if msg.metadata.message_type != "train" or not home:
+        return call_next(msg, ctxt)
+    root = Path(str(home)).expanduser()
+    busy = policy_verdict(root)
+    if busy is None:
+        return call_next(msg, ctxt)
+    log.info("declining this round: %s", busy)
+    record_round(root, "declined", _fit_config(msg).get("round"), busy)
+    return Message(Error(code=0, reason=f"fedpal policy: busy ({busy})"), reply_to=msg)
 
 
 def when_secagg(msg: Message, ctxt: Context, call_next: Callable[[Message, Context], Message]) -> Message:
@@ -212,7 +236,7 @@ def make_client_app(extra_mods: Sequence[Mod] = ()) -> ClientApp:
     def client_fn(context: Context) -> Any:
         return FedpalClient(context).to_client()
 
-    return ClientApp(client_fn=client_fn, mods=[*extra_mods, when_secagg, half_precision_mod, when_clipping])
+    return ClientApp(client_fn=client_fn, mods=[*extra_mods, policy_mod, when_secagg, half_precision_mod, when_clipping])
 
 
 app = make_client_app()

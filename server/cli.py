@@ -1,4 +1,5 @@
-"""``fedpal server``: submit the federation to a SuperLink, and read a run's progress.
+"""``fedpal server``: submit the federation to a SuperLink, read a run's progress, and run a
+deployment (``init``, ``start``, ``add-client``, ``remove-client``; ``fedpal.server.deployment``).
 
 Submitting goes through Flower's own ``flwr run`` (it builds the app bundle and talks to
 the SuperLink's Control API, TLS included); this command turns fedpal options into its
@@ -76,12 +77,7 @@ def run_command(
     flwr = shutil.which("flwr")
     if flwr is None:
         raise FedpalError("the 'flwr' command is not installed (pip install 'flwr[simulation]')")
-    values: dict[str, str] = {}
-    for item in setting:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise FedpalError(f"--set wants key=value, got '{item}'")
-        values[key.strip()] = value.strip()
+    values = _settings(setting)
     if rounds is not None:
         values["num-server-rounds"] = str(rounds)
     if resume:
@@ -102,14 +98,32 @@ def run_command(
 
 @app.command()
 def status(
-    run_dir: Path = typer.Argument(..., help="A run folder (holds metrics.jsonl; `fedpal server run --run-dir` names it)."),
-    as_json: bool = typer.Option(False, "--json", help='Print {"run_dir", "rounds": [metrics lines], "partial_last_line"}.'),
+    folder: Path = typer.Argument(..., help="A deployment folder (`fedpal server init` made it) or a run folder (holds metrics.jsonl; `fedpal server run --run-dir` names it)."),
+    as_json: bool = typer.Option(False, "--json", help='Print one JSON document: for a run folder {"run_dir", "rounds": [metrics lines], "partial_last_line"}; for a deployment also "superlink_running", "clients", "clients_seen", "epsilon".'),
 ) -> None:
-    """Rounds done, privacy spent and traffic of a run, from its metrics file."""
-    rounds, partial = read_metrics(run_dir)
-    if as_json:
-        typer.echo(json.dumps({"run_dir": str(run_dir.resolve()), "rounds": rounds, "partial_last_line": partial}))
-        return
+    """Rounds done, privacy spent and traffic of a run; for a deployment also its clients."""
+    from fedpal.server.deployment import CONFIG_FILE, Deployment
+    from fedpal.server.deployment import status as deployment_status
+
+    if (folder / CONFIG_FILE).is_file():
+        state = deployment_status(Deployment.load(folder))
+        rounds, partial = state["rounds"], state["partial_last_line"]
+        if as_json:
+            typer.echo(json.dumps(state))
+            return
+        eps = f"epsilon {state['epsilon']:.3f} at delta {state['delta']:g}" if state["epsilon"] is not None else "no epsilon spent yet"
+        typer.echo(f"deployment {state['deployment']}: clients dial {state['address']}; SuperLink "
+                   f"{'running' if state['superlink_running'] else 'not running'}")
+        typer.echo(f"rounds {state['rounds_done']} of {state['rounds_planned']}; {eps}; "
+                   f"{state['clients_seen']} of {len(state['clients'])} added clients seen")
+        for client in state["clients"]:
+            typer.echo(f"  client {client['name'] or '-'} node {client['node_id']} {client['fingerprint']}: "
+                       f"{client['status']}, asked in {client['rounds_asked']} round(s)")
+    else:
+        rounds, partial = read_metrics(folder)
+        if as_json:
+            typer.echo(json.dumps({"run_dir": str(folder.resolve()), "rounds": rounds, "partial_last_line": partial}))
+            return
     if not rounds:
         typer.echo("no round finished yet")
     for line in rounds:
@@ -117,6 +131,86 @@ def status(
     if partial:
         typer.echo("warning: the last line of metrics.jsonl is incomplete (a round being written, or the server "
                    "stopped while writing it); it was left out", err=True)
+
+
+@app.command("init")
+def init_command(
+    folder: Path = typer.Argument(..., help="The deployment folder to create (must not exist, or be empty)."),
+    address: str = typer.Option(..., "--address", help="HOST:PORT that clients dial; HOST goes into the TLS certificate."),
+    listen: str = typer.Option("0.0.0.0", help="Interface the SuperLink listens on (0.0.0.0: all)."),
+    name: list[str] = typer.Option([], "--name", help="Another host name or IP the certificate must hold (repeatable)."),
+    rounds: int = typer.Option(3, help="num-server-rounds of the federation."),
+    min_clients: int = typer.Option(3, help="Clients a round waits for (SecAgg+ needs at least 3)."),
+    setting: list[str] = typer.Option([], "--set", help="Any other federation setting as key=value (repeatable), e.g. --set model=tiny"),
+) -> None:
+    """Create a deployment folder: a CA, the SuperLink's TLS certificate and key, a config, and a README of the next commands."""
+    from fedpal.server.deployment import init_deployment
+
+    values: dict[str, object] = {"num-server-rounds": rounds, "min-clients": min_clients}
+    for key, value in _settings(setting).items():
+        values[key] = _typed(value)
+    deployment = init_deployment(folder, address, listen, tuple(name), values)
+    typer.echo(f"created the deployment {deployment.root}; clients dial {deployment.address} and need {deployment.ca_cert}")
+    typer.echo(f"next: fedpal server start {deployment.root}   (see {deployment.root / 'README.md'})")
+
+
+@app.command("start")
+def start_command(
+    folder: Path = typer.Argument(..., help="The deployment folder (`fedpal server init` made it)."),
+) -> None:
+    """Run the SuperLink (TLS, node authentication) and the fedpal federation on it until its rounds are done."""
+    from fedpal.server.deployment import Deployment, serve
+
+    code = serve(Deployment.load(folder), lambda line: typer.echo(line, err=True))
+    raise typer.Exit(code)
+
+
+@app.command("add-client")
+def add_client_command(
+    folder: Path = typer.Argument(..., help="The deployment folder; its SuperLink must be running."),
+    public_key: str = typer.Argument(..., help="The user's node public key: the line `fedpal client init` printed, or a file holding it."),
+    name: str = typer.Option(None, help="A name for this client, shown by `fedpal server status`."),
+) -> None:
+    """Admit a user's node: register its public key with the SuperLink (flwr supernode register)."""
+    from fedpal.server.deployment import Deployment, add_client
+
+    added = add_client(Deployment.load(folder), public_key, name)
+    typer.echo(f"added node {added['node_id']} (key {added['fingerprint']}{', ' + added['name'] if added['name'] else ''})")
+
+
+@app.command("remove-client")
+def remove_client_command(
+    folder: Path = typer.Argument(..., help="The deployment folder; its SuperLink must be running."),
+    public_key: str = typer.Argument(..., help="The node public key to revoke (the line, or a file holding it)."),
+) -> None:
+    """Revoke a user's node: unregister its key (flwr supernode unregister); it is refused from now on."""
+    from fedpal.server.deployment import Deployment, remove_client
+
+    removed = remove_client(Deployment.load(folder), public_key)
+    typer.echo(f"removed node {removed['node_id']} (key {removed['fingerprint']})")
+
+
+def _settings(items: list[str]) -> dict[str, str]:
+    """``--set key=value`` items as a dict (a malformed one is a one-line error)."""
+    values: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise FedpalError(f"--set wants key=value, got '{item}'")
+        values[key.strip()] = value.strip()
+    return values
+
+
+def _typed(raw: str) -> object:
+    """A ``--set`` value as the type TOML would read it: booleans, integers, floats, else the string."""
+    if raw.lower() in ("true", "false"):
+        return raw.lower() == "true"
+    for kind in (int, float):
+        try:
+            return kind(raw)
+        except ValueError:
+            pass
+    return raw
 
 
 def read_metrics(run_dir: Path) -> tuple[list[dict], bool]:

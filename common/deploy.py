@@ -1,0 +1,61 @@
+"""Small pieces both sides of a deployment use: addresses, node-key fingerprints, atomic files.
+
+The server's deployment folder (``fedpal.server.deployment``) and the client agent
+(``fedpal.client.agent``) both take ``HOST:PORT`` addresses, name node keys by their
+fingerprint in messages, and write files that a crash must not leave half-written.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+import re
+from pathlib import Path
+
+from fedpal.common.errors import FedpalError
+
+DEFAULT_PORT = 9093
+
+
+def parse_address(text: str) -> tuple[str, int]:
+    """``host:port`` (``[v6]:port`` for IPv6) as (host, port), or a one-line error."""
+    match = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d+)|([^:\[\]\s/]+):(\d+)", text.strip())
+    if not match:
+        raise FedpalError(f"'{text}' is not an address: write HOST:PORT, e.g. fedpal.example.org:{DEFAULT_PORT}")
+    host = match.group(1) or match.group(3)
+    port = int(match.group(2) or match.group(4))
+    if not 0 < port < 65536:
+        raise FedpalError(f"port {port} in '{text}' is out of range (1-65535)")
+    return host, port
+
+
+def join_address(host: str, port: int) -> str:
+    """The inverse of :func:`parse_address`."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def key_fingerprint(public_key_line: str) -> str:
+    """``SHA256:...`` of an OpenSSH public key line, as ``ssh-keygen -l`` prints it."""
+    blob = base64.b64decode(public_key_line.split()[1])
+    return "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
+
+
+def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
+    """Write ``path`` whole or not at all (a temporary file renamed over it), with ``mode`` from the start.
+
+    A power loss leaves the old file or the new one, never a mix; a private key is never
+    readable by others, not even for a moment.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp, mode)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
