@@ -475,7 +475,8 @@ def run_agent(config: AgentConfig, passphrase: str | None, say: Callable[[str], 
         raise FedpalError(f"an agent already runs for {config.home} (pid {running_pid(config)})")
     command = supernode_command(config)
     logger = agent_logger(config)
-    env = dict(os.environ)
+    # Flower keeps the apps it installs and its own state under FLWR_HOME: the agent's, in the home
+    env = {**os.environ, "FLWR_HOME": str(config.folder / "flwr")}
     if passphrase is not None:
         env["FEDPAL_PASSPHRASE"] = passphrase
     fingerprint = key_fingerprint(config.public_key.read_text())

@@ -178,7 +178,7 @@ def policy_mod(msg: Message, ctxt: Context, call_next: Callable[[Message, Contex
     busy = policy_verdict(root)
     if busy is None:
         return call_next(msg, ctxt)
-    log.info("declining this round: %s", busy)
+    log.warning("declining this round: %s", busy)
     record_round(root, "declined", _fit_config(msg).get("round"), busy)
     return Message(Error(code=0, reason=f"fedpal policy: busy ({busy})"), reply_to=msg)
 

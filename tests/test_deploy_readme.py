@@ -1,0 +1,69 @@
+"""The README's "Deploy on real machines" walk-through, run as written (issue 14's end-to-end
+must-show): ``server init`` + ``server start``, three ``client init`` + ``client start``,
+federated rounds with DP and SecAgg+, ``generate`` and ``chat`` on one client with the
+new adapters, and every process gone afterwards.
+
+Only the port line is changed, to a free port. Slow: two rounds of three real SuperNodes
+plus an ONNX export take a few minutes on 2 cores.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+from test_federation_deployment import _free_port
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def _walkthrough() -> str:
+    section = README.read_text().split("## Deploy on real machines", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```bash\n(.*?)```", section, re.S)
+    script = blocks[-1]
+    assert "fedpal server start demo" in script and "port=9093" in script
+    return script
+
+
+def test_the_readme_block_is_the_one_this_test_runs():
+    script = _walkthrough()
+    for command in ("fedpal server init", "fedpal server start", "fedpal client init", "fedpal server add-client",
+                    "fedpal client start", "fedpal server status", "fedpal client status", "fedpal chat"):
+        assert command in script
+
+
+@pytest.mark.slow
+def test_readme_deployment_walkthrough(tmp_path):
+    import psutil
+    from safetensors.numpy import load_file
+
+    script = _walkthrough().replace("port=9093", f"port={_free_port()}")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FEDPAL_")}
+    env["COLUMNS"] = "250"
+    done = subprocess.run(["bash", "-e", "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=1200)
+    logs = "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-2000:]}" for p in tmp_path.glob("*.log"))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:] + logs
+
+    lines = [json.loads(raw) for raw in (tmp_path / "demo" / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [line["round"] for line in lines] == [1, 2], logs
+    assert all(line["aggregated"] and line["dp"] and line["secagg"] and line["clients_summed"] == 3 for line in lines)
+    assert "rounds 2 of 2" in done.stdout and "3 of 3 added clients seen" in done.stdout
+
+    reply = json.loads(next(line for line in done.stdout.splitlines() if line.startswith('{"text"')))
+    assert set(reply["adapters"]) == {"shared", "personal"}, reply
+    # ann's shared adapter is round 1's aggregate (FFA-LoRA: B starts at zero, so non-zero B is news)
+    shared = load_file(tmp_path / "ann" / "adapters" / "shared" / "adapter_model.safetensors")
+    assert any(name.endswith("lora_B.weight") and abs(array).max() > 0 for name, array in shared.items())
+    status = done.stdout[done.stdout.index("agent for "):]
+    assert "rounds joined 2, declined 0; last global adapter: round 2" in status
+    assert "fedpal chat" in done.stdout  # chat answered and its /rate went into the memory (exit status 0)
+
+    # every process the walk-through started is gone
+    leftovers = [p.info for p in psutil.process_iter(["pid", "cmdline"])
+                 if any(str(tmp_path) in part for part in (p.info["cmdline"] or []))]
+    assert leftovers == [], leftovers
