@@ -241,24 +241,27 @@ def check_ca_file(path: Path) -> bytes:
     return data
 
 
-def tls_problem(address: str, ca: Path, timeout: float = 5.0) -> str | None:
-    """Why a TLS connection to ``address`` verified with ``ca`` fails; None when it works or the
-    server cannot be reached (that is not a configuration mistake: the agent retries)."""
+def tls_problem(address: str, ca: Path, timeout: float = 5.0) -> tuple[str | None, bool]:
+    """Why a TLS connection to ``address`` verified with ``ca`` fails (None: it works or cannot be
+    tried), and whether the server answered at all. An unreachable server is no configuration
+    mistake: the agent retries."""
     host, port = parse_address(address)
     context = ssl.create_default_context(cafile=str(ca))
     try:
-        with socket.create_connection((host, port), timeout=timeout) as sock:
-            with context.wrap_socket(sock, server_hostname=host):
-                return None
+        with socket.create_connection((host, port), timeout=timeout) as sock, \
+                context.wrap_socket(sock, server_hostname=host):
+            return None, True
     except ssl.SSLCertVerificationError as err:
         detail = err.verify_message or first_line(err)
         if "mismatch" in detail.lower():
             return (f"the server's certificate does not name '{host}' ({detail}): use the address the operator "
-                    "gave you (the deployment's README names it)")
+                    "gave you (the deployment's README names it)"), True
         return (f"the server at {address} is not certified by the CA in {ca} ({detail}): "
-                "get the ca.crt of this deployment from the operator")
-    except (ssl.SSLError, OSError):
-        return None
+                "get the ca.crt of this deployment from the operator"), True
+    except ssl.SSLError:
+        return None, True
+    except OSError:
+        return None, False
 
 
 def device_summary() -> dict[str, Any]:
@@ -280,8 +283,9 @@ def device_summary() -> dict[str, Any]:
 
 
 def init_agent(home: Path, server: str, ca_file: Path, policy: Policy, log_format: str,
-               passphrase: str | None) -> tuple[AgentConfig, str]:
-    """Set up the agent in ``home``; returns its config and the public key line to send to the operator.
+               passphrase: str | None) -> tuple[AgentConfig, str, bool]:
+    """Set up the agent in ``home``; returns its config, the public key line to send to the operator,
+    and whether the server answered (its certificate then verified with the CA).
 
     Everything is checked before anything is written (the address, the CA file, the
     policy, a TLS handshake with the server when it is up); the memory is created or
@@ -307,7 +311,7 @@ def init_agent(home: Path, server: str, ca_file: Path, policy: Policy, log_forma
         raise FedpalError(f"{planned.root} already has a client agent ({config.folder}); its public key is in "
                           f"{config.public_key}")
     ca_pem = check_ca_file(ca_file.expanduser().resolve())
-    problem = tls_problem(server, ca_file.expanduser().resolve())
+    problem, reachable = tls_problem(server, ca_file.expanduser().resolve())
     if problem:
         raise FedpalError(problem)
     device = device_summary()
@@ -323,7 +327,7 @@ def init_agent(home: Path, server: str, ca_file: Path, policy: Policy, log_forma
         write_atomic(staging / "device.json", (json.dumps(device, indent=2) + "\n").encode())
         write_atomic(staging / "agent.toml", config.toml().encode())
     os.chmod(config.folder, 0o700)
-    return config, public
+    return config, public, reachable
 
 
 # ----------------------------------------------------------------------------- rounds
@@ -467,7 +471,7 @@ def run_agent(config: AgentConfig, passphrase: str | None, say: Callable[[str], 
     from fedpal.client.memory import PreferenceMemory
     check_node_key(config)
     check_ca_file(config.ca)
-    problem = tls_problem(config.server, config.ca)
+    problem, _ = tls_problem(config.server, config.ca)
     if problem:
         raise FedpalError(problem)
     PreferenceMemory.open(config.home, passphrase=passphrase).close()

@@ -42,8 +42,12 @@ def init_command(
     from fedpal.client.agent import Policy, init_agent
 
     secret = read_passphrase(None, passphrase_file, ask=True, confirm=True)
-    config, public = init_agent(Path(home), server, ca, Policy(max_load, require_ac, window), plain(log_format), secret)
+    config, public, reachable = init_agent(Path(home), server, ca, Policy(max_load, require_ac, window),
+                                           plain(log_format), secret)
     typer.echo(public)
+    if not reachable:
+        typer.echo(f"note: the server at {config.server} does not answer now, so the CA was not checked against it; "
+                   "the agent will keep trying", err=True)
     typer.echo(f"note: agent set up in {config.folder}; send the public key above ({config.public_key}) to the "
                f"server operator, then run: fedpal client start --home {config.home}", err=True)
 

@@ -23,6 +23,7 @@ from cli_helpers import PASSPHRASE, fedpal, ok, snapshot, user_error
 from test_federation_deployment import _free_port, _start, processes  # noqa: F401  (processes is a fixture)
 
 from fedpal.client.agent import AgentConfig, Policy, init_agent, on_battery
+from fedpal.server.deployment import Deployment, run_settings
 
 SECRETS = ["purple-giraffe-umbrella", "zanzibar-teapot-quartz", "mellow-kestrel-fjord"]
 """Memory text of the three users; no log may ever hold it."""
@@ -65,6 +66,12 @@ def test_server_init_makes_a_ca_a_server_certificate_and_the_next_commands(tmp_p
         assert command in readme
     status = json.loads(ok(fedpal("server", "status", str(folder), "--json")).stdout)
     assert status["rounds_done"] == 0 and status["clients"] == [] and not status["superlink_running"]
+    # `server start` resumes a run whose checkpoint is there (a crash or a stop mid-run)
+    deployment = Deployment.load(folder)
+    assert run_settings(deployment)["run-dir"] == str(folder.resolve() / "run")
+    assert "resume" not in run_settings(deployment)
+    (folder / "run" / "checkpoint").mkdir()
+    assert run_settings(deployment)["resume"] == "true"
 
 
 def test_server_init_refuses_bad_input_and_writes_nothing(tmp_path):
@@ -133,6 +140,7 @@ def test_client_start_refuses_a_key_others_can_read(tmp_path):
     ok(_server_init(deploy, 9555))
     home = tmp_path / "me"
     ok(_client_init(home, 9555, deploy / "tls" / "ca.crt"))
+    user_error(fedpal("client", "start", "--home", str(home), passphrase="not the passphrase"), "passphrase")
     key = home / "agent" / "node.key"
     key.chmod(0o644)
     user_error(fedpal("client", "start", "--home", str(home)), str(key), "chmod 600")
@@ -199,6 +207,26 @@ def test_install_service_writes_a_user_unit_and_says_how_to_enable_it(tmp_path):
 # ----------------------------------------------------------------------------- real processes
 
 
+def test_an_unreachable_server_is_retried_with_backoff_and_said_once(tmp_path, processes):  # noqa: F811
+    deploy = tmp_path / "deploy"
+    port = _free_port()  # nothing listens there
+    ok(_server_init(deploy, port))
+    home = tmp_path / "me"
+    result = ok(_client_init(home, port, deploy / "tls" / "ca.crt"))
+    assert "does not answer now" in result.stderr
+    log = tmp_path / "agent.log"
+    env = {**os.environ, "FEDPAL_PASSPHRASE": PASSPHRASE}
+    agent = _start(processes, _fedpal_command("client", "start", "--home", str(home)), log, env)
+    records = home / "agent" / "logs" / "agent.jsonl"
+    _wait(lambda: records.is_file() and records.read_text().count("Connection attempt failed") >= 3, 90,
+          "three connection attempts", [log, records])
+    agent.terminate()
+    assert agent.wait(timeout=30) == 0
+    assert log.read_text().count("cannot reach the server") == 1, log.read_text()
+    assert not (home / "agent" / "agent.pid").exists()
+    assert [json.loads(raw)["message"] for raw in records.read_text().splitlines()][-1] == "agent stopped"
+
+
 def _wait(predicate, seconds: float, what: str, logs: list[Path]) -> None:
     deadline = time.time() + seconds
     while not predicate():
@@ -229,11 +257,21 @@ def test_keys_policy_and_a_round_on_a_real_deployment(tmp_path, processes):  # n
     ca = deploy / "tls" / "ca.crt"
     homes = {name: tmp_path / name for name in ("alice", "bob", "carol", "mallory", "eve")}
     for name, home in homes.items():  # `client init` itself is tested above; in-process here saves start-ups
-        init_agent(home, f"localhost:{port}", ca, Policy(0.0, True, ""), "json", PASSPHRASE)
+        assert init_agent(home, f"localhost:{port}", ca, Policy(0.0, True, ""), "json", PASSPHRASE)[2]  # reachable
     for secret, name in zip(SECRETS, ("alice", "bob", "carol")):
         with PreferenceMemory.open(homes[name], passphrase=PASSPHRASE) as memory:
             memory.add_pair(f"{secret}: how should replies look?", f"short, {secret}", f"long and cold, {secret}")
     pub = {name: (home / "agent" / "node.pub") for name, home in homes.items()}
+
+    # another deployment's CA, or a name the certificate does not hold ('127.1' reaches
+    # 127.0.0.1): one line naming what is wrong, and no home written
+    other = tmp_path / "other-deploy"
+    ok(_server_init(other, port))
+    stranger = tmp_path / "stranger"
+    user_error(_client_init(stranger, port, other / "tls" / "ca.crt"), "not certified by the CA", str(other / "tls" / "ca.crt"))
+    user_error(fedpal("client", "init", "--home", str(stranger), "--server", f"127.1:{port}", "--ca", str(ca)),
+               "does not name '127.1'")
+    assert not stranger.exists()
 
     # never added: refused with one line naming the key
     started = time.time()
