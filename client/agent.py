@@ -28,7 +28,6 @@ import logging.handlers
 import os
 import queue
 import re
-import shutil
 import signal
 import socket
 import ssl
@@ -42,7 +41,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedpal.common.deploy import join_address, key_fingerprint, parse_address, write_atomic
+from fedpal.common.deploy import flower_command, join_address, key_fingerprint, parse_address, write_atomic
 from fedpal.common.errors import FedpalError, first_line
 
 AGENT_DIR = "agent"
@@ -265,7 +264,8 @@ def tls_problem(address: str, ca: Path, timeout: float = 5.0) -> tuple[str | Non
 
 
 def device_summary() -> dict[str, Any]:
-    """What the machine has now: the trainer's device profile sizes batches from this each round."""
+    """What the machine had when it joined (``client status`` shows it); the trainer's own device
+    profile picks batch size and sequence length from what is free at each round."""
     import psutil
 
     summary: dict[str, Any] = {"cpu_cores": os.cpu_count(), "memory_bytes": int(psutil.virtual_memory().total),
@@ -441,12 +441,9 @@ def _free_port() -> int:
 
 def supernode_command(config: AgentConfig) -> list[str]:
     """``flower-supernode`` with TLS (the deployment's CA), the node key, and this home as node config."""
-    exe = shutil.which("flower-supernode")
-    if exe is None:
-        raise FedpalError("the 'flower-supernode' command is not installed (pip install 'flwr[simulation]')")
     # the SuperNode's local Runtime API (its ClientApp talks to it): any free port, so that
     # several agents (users) can share a machine
-    return [exe, "--superlink", config.server, "--root-certificates", str(config.ca),
+    return [flower_command("flower-supernode"), "--superlink", config.server, "--root-certificates", str(config.ca),
             "--auth-supernode-private-key", str(config.private_key), "--node-config", f"home='{config.home}'",
             "--port", str(_free_port())]
 
@@ -584,7 +581,12 @@ def _watch_line(line: str, watch: _Watch, config: AgentConfig, logger: logging.L
 
 
 def agent_status(config: AgentConfig) -> dict[str, Any]:
-    """What ``fedpal client status`` shows: rounds, the global adapter's round, adapter versions, memory size."""
+    """What ``fedpal client status`` shows: rounds, the global adapter's round, adapter versions, memory size.
+
+    ``last_global_round`` is the round in which the server last sent its global adapter,
+    which holds the aggregate of the rounds before it (the round's own aggregate reaches
+    clients with the next round).
+    """
     from fedpal.client.home import ClientHome
     home = ClientHome(config.home)
     rounds = read_rounds(config)
@@ -611,7 +613,15 @@ def agent_status(config: AgentConfig) -> dict[str, Any]:
         "adapters": adapters,
         "kept_aside": kept,
         "memory_bytes": memory.stat().st_size if memory.is_file() else 0,
+        "device": _device(config),
     }
+
+
+def _device(config: AgentConfig) -> dict[str, Any] | None:
+    try:
+        return json.loads(config.device_file.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def service_unit(config: AgentConfig, passphrase_file: Path) -> tuple[str, str]:

@@ -80,14 +80,20 @@ def status_command(
     running = f"running (pid {state['agent_pid']})" if state["agent_pid"] else "not running"
     typer.echo(f"agent for {state['home']}: {running}; server {state['server']}; key {state['key']}")
     typer.echo(f"policy: {'busy: ' + state['busy'] if state['busy'] else 'training allowed now'}")
-    last = (f"round {state['last_global_round']} at {state['last_global_at']}" if state["last_global_round"] is not None
-            else "none yet")
+    received = state["last_global_round"]
+    last = "none yet" if received is None else (
+        f"received in round {received} at {state['last_global_at']} "
+        f"({'the initial adapter' if received == 1 else f'aggregated through round {received - 1}'})")
     typer.echo(f"rounds joined {state['rounds_joined']}, declined {state['rounds_declined']}; last global adapter: {last}")
     for name, info in state["adapters"].items():
         typer.echo(f"adapter {name}: saved {info['saved']}, {info['bytes'] / 1e6:.1f} MB")
     if state["kept_aside"]:
         typer.echo(f"kept aside (not serving): {', '.join(state['kept_aside'])}")
     typer.echo(f"memory: {state['memory_bytes'] / 1e3:.1f} kB")
+    if state["device"]:
+        device = state["device"]
+        gpu = f", GPU {device['gpu']['name']}" if device.get("gpu") else ""
+        typer.echo(f"device: {device['cpu_cores']} CPU cores, {device['memory_bytes'] / 2**30:.1f} GiB memory{gpu}")
 
 
 @app.command("install-service")

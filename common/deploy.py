@@ -59,3 +59,21 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
         tmp.replace(path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def flower_command(name: str) -> str:
+    """The path of Flower's ``name`` command (flwr, flower-superlink, flower-supernode), or a one-line error.
+
+    The one installed next to this Python comes first: a systemd user service or a cron
+    job runs with a short PATH that misses a virtual environment's or pyenv's bin folder.
+    """
+    import shutil
+    import sys
+
+    beside = Path(sys.executable).parent / name
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return str(beside)
+    found = shutil.which(name)
+    if found is None:
+        raise FedpalError(f"the '{name}' command is not installed (pip install 'flwr[simulation]')")
+    return found

@@ -25,7 +25,6 @@ import datetime
 import ipaddress
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -37,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedpal.common.deploy import join_address, key_fingerprint, parse_address, write_atomic
+from fedpal.common.deploy import flower_command, join_address, key_fingerprint, parse_address, write_atomic
 from fedpal.common.errors import FedpalError, first_line
 from fedpal.common.files import staged_folder
 
@@ -353,9 +352,7 @@ def _write_clients(deployment: Deployment, clients: dict[str, dict[str, Any]]) -
 
 def _flwr(deployment: Deployment, *args: str, timeout: float = 60) -> dict[str, Any]:
     """``flwr ARGS fedpal --format json`` on this deployment's SuperLink; its JSON answer, or a one-line error."""
-    flwr = shutil.which("flwr")
-    if flwr is None:
-        raise FedpalError("the 'flwr' command is not installed (pip install 'flwr[simulation]')")
+    flwr = flower_command("flwr")
     if not superlink_listening(deployment):
         raise FedpalError(f"the SuperLink of {deployment.root} is not running on port {deployment.port}; "
                           f"start it with: fedpal server start {deployment.root}")
@@ -445,10 +442,7 @@ def superlink_listening(deployment: Deployment, timeout: float = 1.0) -> bool:
 
 def superlink_command(deployment: Deployment) -> list[str]:
     """``flower-superlink`` with TLS, node authentication, a persistent database and rotated logs."""
-    exe = shutil.which("flower-superlink")
-    if exe is None:
-        raise FedpalError("the 'flower-superlink' command is not installed (pip install 'flwr[simulation]')")
-    return [exe, "--ssl-ca-certfile", str(deployment.ca_cert), "--ssl-certfile", str(deployment.server_cert),
+    return [flower_command("flower-superlink"), "--ssl-ca-certfile", str(deployment.ca_cert), "--ssl-certfile", str(deployment.server_cert),
             "--ssl-keyfile", str(deployment.server_key), "--enable-supernode-auth",
             "--host", deployment.listen, "--port", str(deployment.port), "--database", str(deployment.database),
             "--disable-runtime-dependency-installation", "--log-file", str(deployment.logs / "superlink.log"),
@@ -522,9 +516,7 @@ def serve(deployment: Deployment, say: Callable[[str], None]) -> int:
     """
     from fedpal.server.cli import run_config_string, write_app_folder
 
-    flwr = shutil.which("flwr")
-    if flwr is None:
-        raise FedpalError("the 'flwr' command is not installed (pip install 'flwr[simulation]')")
+    flwr = flower_command("flwr")
     if superlink_listening(deployment):
         raise FedpalError(f"port {deployment.port} is already in use: is the server of {deployment.root} running already?")
     command = superlink_command(deployment)

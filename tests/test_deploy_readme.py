@@ -60,7 +60,8 @@ def test_readme_deployment_walkthrough(tmp_path):
     shared = load_file(tmp_path / "ann" / "adapters" / "shared" / "adapter_model.safetensors")
     assert any(name.endswith("lora_B.weight") and abs(array).max() > 0 for name, array in shared.items())
     status = done.stdout[done.stdout.index("agent for "):]
-    assert "rounds joined 2, declined 0; last global adapter: round 2" in status
+    assert "rounds joined 2, declined 0; last global adapter: received in round 2" in status
+    assert "(aggregated through round 1)" in status
     assert "fedpal chat" in done.stdout  # chat answered and its /rate went into the memory (exit status 0)
 
     # every process the walk-through started is gone
