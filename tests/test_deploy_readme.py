@@ -38,12 +38,12 @@ def test_the_readme_block_is_the_one_this_test_runs():
 
 @pytest.mark.slow
 def test_readme_deployment_walkthrough(tmp_path):
-    import psutil
     from safetensors.numpy import load_file
 
     script = _walkthrough().replace("port=9093", f"port={_free_port()}")
     env = {k: v for k, v in os.environ.items() if not k.startswith("FEDPAL_")}
     env["COLUMNS"] = "250"
+    env["FEDPAL_WALKTHROUGH_MARK"] = str(tmp_path)  # every process the script starts inherits it
     done = subprocess.run(["bash", "-e", "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=1200)
     logs = "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-2000:]}" for p in tmp_path.glob("*.log"))
@@ -64,7 +64,21 @@ def test_readme_deployment_walkthrough(tmp_path):
     assert "(aggregated through round 1)" in status
     assert "fedpal chat" in done.stdout  # chat answered and its /rate went into the memory (exit status 0)
 
-    # every process the walk-through started is gone
-    leftovers = [p.info for p in psutil.process_iter(["pid", "cmdline"])
-                 if any(str(tmp_path) in part for part in (p.info["cmdline"] or []))]
-    assert leftovers == [], leftovers
+    # every process the walk-through started is gone: SuperLink, SuperNodes, SuperExecs, the apps
+    assert _marked(str(tmp_path)) == []
+
+
+def _marked(mark: str) -> list[str]:
+    """Live processes whose environment carries ``mark``."""
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter(["pid", "cmdline", "status"]):
+        if proc.info["status"] == psutil.STATUS_ZOMBIE:
+            continue
+        try:
+            if proc.environ().get("FEDPAL_WALKTHROUGH_MARK") == mark:
+                found.append(f"{proc.info['pid']}: {' '.join(proc.info['cmdline'] or [])}")
+        except (psutil.AccessDenied, psutil.NoSuchProcess):
+            pass
+    return found
