@@ -454,7 +454,8 @@ def run_settings(deployment: Deployment) -> dict[str, str]:
     ``resume`` when a checkpoint from an earlier start is there."""
     from fedpal.server.server_app import CHECKPOINT_DIR
 
-    values = {k: toml_value(v).strip('"') if isinstance(v, str) else toml_value(v) for k, v in deployment.federation.items()}
+    # run_config_string quotes what is not a number or a boolean
+    values = {k: str(v) if isinstance(v, str) else toml_value(v) for k, v in deployment.federation.items()}
     values["run-dir"] = str(deployment.run_dir)
     if (deployment.run_dir / CHECKPOINT_DIR).is_dir():
         values["resume"] = "true"
