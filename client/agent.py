@@ -9,7 +9,8 @@ its encrypted memory if needed):
   OpenSSH format, which Flower's SuperNode authentication uses; the operator registers
   the public key with ``fedpal server add-client``;
 - ``device.json``: what the machine has (CPU cores, memory, GPU) when it joined;
-- ``rounds.json``: rounds joined and declined, written by the ClientApp;
+- ``rounds.json``: rounds joined and declined, the saved global adapter's round and the
+  privacy (epsilon, delta) the server reported as spent on it, written by the ClientApp;
 - ``logs/``: the agent's rotated logs (JSON lines by default).
 
 ``fedpal client start`` runs Flower's ``flower-supernode`` with TLS and the node key; the
@@ -43,6 +44,7 @@ from typing import Any
 
 from fedpal.common.deploy import flower_command, join_address, key_fingerprint, parse_address, write_atomic
 from fedpal.common.errors import FedpalError, first_line
+from fedpal.common.privacy import PrivacySpent
 
 AGENT_DIR = "agent"
 LOG_FORMATS = ("json", "text")
@@ -334,8 +336,15 @@ def init_agent(home: Path, server: str, ca_file: Path, policy: Policy, log_forma
 
 
 def read_rounds(config: AgentConfig) -> dict[str, Any]:
-    """rounds.json (an empty record when no round was seen yet)."""
-    empty = {"joined": 0, "declined": 0, "last_global_round": None, "last_global_at": None, "recent": []}
+    """rounds.json (an empty record when no round was seen yet).
+
+    ``last_global_round``: the round whose message brought the saved global adapter;
+    ``global_through``: the last round aggregated into it (the round before, or that round
+    itself for the run's final adapter, ``last_global_final``); ``epsilon``/``delta``: the
+    privacy the run had spent on it, as the server reported (None: no DP).
+    """
+    empty = {"joined": 0, "declined": 0, "last_global_round": None, "last_global_at": None,
+             "last_global_final": False, "global_through": None, "epsilon": None, "delta": None, "recent": []}
     try:
         data = json.loads(config.rounds_file.read_text(encoding="utf-8"))
     except (FileNotFoundError, ValueError, UnicodeDecodeError):
@@ -343,8 +352,11 @@ def read_rounds(config: AgentConfig) -> dict[str, Any]:
     return {**empty, **data} if isinstance(data, dict) else empty
 
 
-def record_round(home: Path, event: str, server_round: int | None = None, reason: str = "") -> None:
-    """Note a round joined (``event='joined'``, after the global adapter was saved) or declined.
+def record_round(home: Path, event: str, server_round: int | None = None, reason: str = "",
+                 spent: PrivacySpent | None = None) -> None:
+    """Note a round joined (``event='joined'``, after the global adapter was saved), declined, or
+    the run's final global adapter saved after round ``server_round`` (``event='final'``), with
+    the privacy the server reported as spent on that adapter.
 
     Called by the ClientApp; homes without an agent (simulations) are left alone.
     """
@@ -354,12 +366,19 @@ def record_round(home: Path, event: str, server_round: int | None = None, reason
     config = AgentConfig(home, "")
     data = read_rounds(config)
     now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    data[event] = int(data.get(event, 0)) + 1
-    if event == "joined" and server_round is not None:
-        data["last_global_round"], data["last_global_at"] = server_round, now
-    entry = {"event": event, "round": server_round, "at": now}
+    if event in ("joined", "declined"):
+        data[event] = int(data.get(event, 0)) + 1
+    if event in ("joined", "final") and server_round is not None:
+        final = event == "final"
+        data.update(last_global_round=server_round, last_global_at=now, last_global_final=final,
+                    global_through=server_round if final else server_round - 1,
+                    epsilon=spent.epsilon if spent is not None else None,
+                    delta=spent.delta if spent is not None else None)
+    entry: dict[str, Any] = {"event": event, "round": server_round, "at": now}
     if reason:
         entry["reason"] = reason
+    if spent is not None:
+        entry["epsilon"] = spent.epsilon
     data["recent"] = [*data.get("recent", []), entry][-KEPT_ROUNDS:]
     write_atomic(config.rounds_file, (json.dumps(data, indent=2) + "\n").encode())
 
@@ -585,7 +604,9 @@ def agent_status(config: AgentConfig) -> dict[str, Any]:
 
     ``last_global_round`` is the round in which the server last sent its global adapter,
     which holds the aggregate of the rounds before it (the round's own aggregate reaches
-    clients with the next round).
+    clients with the next round, the last round's with the run's final message);
+    ``global_through`` the last round aggregated into it; ``epsilon`` and ``delta`` the
+    privacy the run had spent on it, as the server reported.
     """
     from fedpal.client.home import ClientHome
     home = ClientHome(config.home)
@@ -610,6 +631,10 @@ def agent_status(config: AgentConfig) -> dict[str, Any]:
         "rounds_declined": rounds["declined"],
         "last_global_round": rounds["last_global_round"],
         "last_global_at": rounds["last_global_at"],
+        "last_global_final": rounds["last_global_final"],
+        "global_through": rounds["global_through"],
+        "epsilon": rounds["epsilon"],
+        "delta": rounds["delta"],
         "adapters": adapters,
         "kept_aside": kept,
         "memory_bytes": memory.stat().st_size if memory.is_file() else 0,

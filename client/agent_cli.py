@@ -70,7 +70,7 @@ def status_command(
     home: str = home_option("The user's fedpal home."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document."),
 ) -> None:
-    """Rounds joined and declined, the last global adapter and its round, adapter versions, memory size."""
+    """Rounds joined and declined, the last global adapter, its round and the epsilon spent on it, adapter versions, memory size."""
     from fedpal.client.agent import agent_status
 
     state = agent_status(_home(home))
@@ -80,11 +80,17 @@ def status_command(
     running = f"running (pid {state['agent_pid']})" if state["agent_pid"] else "not running"
     typer.echo(f"agent for {state['home']}: {running}; server {state['server']}; key {state['key']}")
     typer.echo(f"policy: {'busy: ' + state['busy'] if state['busy'] else 'training allowed now'}")
-    received = state["last_global_round"]
+    received, through = state["last_global_round"], state["global_through"]
     last = "none yet" if received is None else (
-        f"received in round {received} at {state['last_global_at']} "
-        f"({'the initial adapter' if received == 1 else f'aggregated through round {received - 1}'})")
+        f"{'the final one, received after round' if state['last_global_final'] else 'received in round'} {received} "
+        f"at {state['last_global_at']} "
+        f"({'the initial adapter' if through == 0 else f'aggregated through round {through}'})")
     typer.echo(f"rounds joined {state['rounds_joined']}, declined {state['rounds_declined']}; last global adapter: {last}")
+    if state["epsilon"] is not None:
+        typer.echo(f"privacy: epsilon {state['epsilon']:.4g} at delta {state['delta']:.3g} spent by the run on that "
+                   "adapter, as the server reported")
+    elif received is not None:
+        typer.echo("privacy: the server reported no epsilon with that adapter (a run without DP)")
     for name, info in state["adapters"].items():
         typer.echo(f"adapter {name}: saved {info['saved']}, {info['bytes'] / 1e6:.1f} MB")
     if state["kept_aside"]:

@@ -4,7 +4,9 @@ Each round the node receives the global shared adapter (and keeps it in its home
 folder), trains it on the preference memory there, then trains its personal adapter on
 top of the global one and keeps that on disk too, next to the memory. The reply carries the shared adapter's tensors in the order
 they came, a fingerprint of their names and shapes, and numbers (examples, losses,
-seconds, bytes): never the personal adapter and never memory text.
+seconds, bytes): never the personal adapter and never memory text. After the last
+round the server sends the final global adapter in an "evaluate" message, which the
+node saves the same way, training nothing.
 
 The mods are Flower's (``secaggplus_mod``, ``fixedclipping_mod``) behind small guards
 that run them only when the server asked for them, because both raise on rounds
@@ -18,7 +20,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from flwr.app import Context, Message
@@ -26,6 +28,9 @@ from flwr.client import NumPyClient
 from flwr.clientapp import ClientApp
 
 from fedpal.common.errors import FedpalError
+
+if TYPE_CHECKING:
+    from fedpal.client.home import ClientHome
 
 log = logging.getLogger("fedpal.client")
 
@@ -85,8 +90,8 @@ class FedpalClient(NumPyClient):
             adapter_to_arrays,
             arrays_to_adapter,
             load_adapter,
-            save_adapter,
         )
+        from fedpal.common.privacy import PrivacySpent
 
         started = time.perf_counter()
         home = ClientHome.at(node_home(self.context, config))
@@ -103,13 +108,8 @@ class FedpalClient(NumPyClient):
             personal_data = TrainingData.from_memory(memory, context, holdout) if context else shared_data
         base, peft, fresh_personal = _model(config)
         parts = "B" if config["ffa-lora"] else "AB"
-        names = list(adapter_to_arrays(peft, SHARED, parts))
-        if len(names) != len(parameters):
-            raise FedpalError(f"the server sent {len(parameters)} tensors; this node's shared adapter has {len(names)}")
-        received = dict(zip(names, parameters))
-        arrays_to_adapter(peft, SHARED, received, parts)
-        save_adapter(peft, SHARED, home.adapter_dir(SHARED))
-        record_round(home.root, "joined", int(config["round"]))
+        received = _install_global(peft, home, parameters, config)
+        record_round(home.root, "joined", int(config["round"]), spent=PrivacySpent.from_config(config))
         personal_dir = home.adapter_dir(PERSONAL)
         if personal_dir.is_dir():
             load_adapter(peft, PERSONAL, personal_dir)
@@ -159,6 +159,36 @@ class FedpalClient(NumPyClient):
             FINGERPRINT_KEY: adapter_fingerprint(update),
         }
         return out, 1 if uniform else max(metrics["examples"], 1), metrics
+
+    def evaluate(self, parameters: list[np.ndarray], config: dict) -> tuple[float, int, dict]:
+        """The run's final global adapter (``final`` in the config): saved as this node's shared
+        adapter, nothing trained. Every round's train message brings the adapter of the round
+        before, so this is how the last round's aggregate reaches the node at all."""
+        from fedpal.client.agent import record_round
+        from fedpal.client.home import ClientHome
+        from fedpal.common.privacy import PrivacySpent
+
+        if not config.get("final"):
+            raise FedpalError("this node evaluates nothing; the server sent an evaluate message that is not the final adapter")
+        home = ClientHome.at(node_home(self.context, config))
+        _, peft, _ = _model(config)
+        _install_global(peft, home, parameters, config)
+        record_round(home.root, "final", int(config["round"]), spent=PrivacySpent.from_config(config))
+        return 0.0, 0, {}
+
+
+def _install_global(peft: Any, home: ClientHome, parameters: list[np.ndarray], config: dict) -> dict[str, np.ndarray]:
+    """Load the server's global shared adapter into ``peft`` and save it in ``home``; returns it by name."""
+    from fedpal.common.adapters import SHARED, adapter_to_arrays, arrays_to_adapter, save_adapter
+
+    parts = "B" if config["ffa-lora"] else "AB"
+    names = list(adapter_to_arrays(peft, SHARED, parts))
+    if len(names) != len(parameters):
+        raise FedpalError(f"the server sent {len(parameters)} tensors; this node's shared adapter has {len(names)}")
+    received = dict(zip(names, parameters))
+    arrays_to_adapter(peft, SHARED, received, parts)
+    save_adapter(peft, SHARED, home.adapter_dir(SHARED))
+    return received
 
 
 def policy_mod(msg: Message, ctxt: Context, call_next: Callable[[Message, Context], Message]) -> Message:

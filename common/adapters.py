@@ -231,17 +231,22 @@ def check_arrays(
 
 
 def save_adapter(model: "PeftModel", name: str, directory: Path | str) -> Path:
-    """Write adapter ``name`` as a standard peft folder that ``PeftModel.from_pretrained`` reads."""
+    """Write adapter ``name`` as a standard peft folder that ``PeftModel.from_pretrained`` reads.
+
+    The folder is written beside ``directory`` and swapped in whole: an agent killed in
+    the middle (or a power loss) leaves the previous adapter, never new weights with an
+    old config, and chat reading it meanwhile finds one complete adapter or the other.
+    """
     from safetensors.torch import save_file
 
+    from fedpal.common.files import staged_folder
+
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in adapter_state(model, name).items()}
-    tmp = directory / f".{WEIGHTS_FILE}.tmp"
-    save_file(state, str(tmp), metadata={"format": "pt"})
-    tmp.replace(directory / WEIGHTS_FILE)
-    model.peft_config[name].save_pretrained(str(directory))
-    (directory / FEDPAL_FILE).write_text(json.dumps({"adapter": name, **_config_of(model).to_dict()}, indent=2))
+    with staged_folder(directory) as staging:
+        save_file(state, str(staging / WEIGHTS_FILE), metadata={"format": "pt"})
+        model.peft_config[name].save_pretrained(str(staging))
+        (staging / FEDPAL_FILE).write_text(json.dumps({"adapter": name, **_config_of(model).to_dict()}, indent=2))
     return directory
 
 

@@ -2,18 +2,30 @@
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
+
 
 @contextmanager
 def staged_folder(target: Path, keep_existing: bool = False) -> Iterator[Path]:
-    """Yield an empty folder beside ``target`` that replaces it in one rename on success.
+    """Yield an empty folder beside ``target`` that replaces it in one step on success.
 
-    A crash leaves only a hidden staging folder, never a half-written ``target``. With
+    The staged files are flushed to disk, then the staging folder and an existing
+    ``target`` swap places in one ``renameat2(RENAME_EXCHANGE)``: a crash or power loss at
+    any moment leaves the old ``target`` or the new one, complete, and a reader never
+    finds it missing; what is left over is only a hidden staging folder. Where the
+    exchange is not available the old folder is moved aside first, so a crash between the
+    two renames leaves it, complete, in a hidden folder beside ``target``. With
     ``keep_existing`` a ``target`` that another process finished meanwhile wins (for
     deterministic content, such as the tiny model of a given seed).
     """
@@ -21,10 +33,52 @@ def staged_folder(target: Path, keep_existing: bool = False) -> Iterator[Path]:
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
         yield staging
-        if target.exists():
-            if keep_existing:
-                return
-            shutil.rmtree(target)
-        staging.rename(target)
+        if target.exists() and keep_existing:
+            return
+        _flush(staging)
+        if not target.exists():
+            staging.rename(target)
+        elif not _exchange(staging, target):
+            aside = staging.with_name(f"{staging.name}-old")
+            target.rename(aside)
+            staging.rename(target)
+            shutil.rmtree(aside)
+        _flush_folder(target.parent)
     finally:
+        # after an exchange the staging path holds the old folder
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux ``renameat2``); False where the system or file system cannot."""
+    if not sys.platform.startswith("linux"):
+        return False
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is None:  # a C library older than glibc 2.28
+        return False
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, os.strerror(code), str(b))
+
+
+def _flush(folder: Path) -> None:
+    """fsync every file under ``folder`` and the folders themselves, so a rename never publishes empty files."""
+    for root, _dirs, files in os.walk(folder):
+        for name in files:
+            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _flush_folder(Path(root))
+
+
+def _flush_folder(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -65,6 +65,29 @@ class PrivacyBudget:
         return self.noise_multiplier * self.clipping_norm
 
 
+@dataclass(frozen=True)
+class PrivacySpent:
+    """The budget a run has spent so far, which the server sends with each global adapter.
+
+    A user's agent keeps it next to the adapter, so the user can see what protects the
+    adapter they hold (``fedpal client status``) without asking the operator.
+    """
+
+    epsilon: float
+    delta: float
+
+    def to_config(self) -> dict[str, float]:
+        """The keys a train or final message's config carries."""
+        return {"epsilon": float(self.epsilon), "delta": float(self.delta)}
+
+    @classmethod
+    def from_config(cls, config: Any) -> "PrivacySpent | None":
+        """What a message's config reports (None: the run has no DP, or the server is older)."""
+        if "epsilon" not in config or "delta" not in config:
+            return None
+        return cls(float(config["epsilon"]), float(config["delta"]))
+
+
 class Accountant:
     """Flower's RDP accountant for one federation, with the budget check done before a round.
 

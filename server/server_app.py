@@ -5,7 +5,9 @@ that one always starts at round 1 and cannot stop on a privacy budget; each roun
 runs Flower's own fit workflow (plain or ``SecAggPlusWorkflow``) on Flower's
 ``LegacyContext``. Every round ends with a JSON line in ``metrics.jsonl`` and a
 checkpoint; with ``resume = true`` a restarted server continues after the last
-checkpointed round, privacy ledger included.
+checkpointed round, privacy ledger included. Each round's train config tells the clients
+the epsilon spent so far, and after the last round every connected node receives the
+final global adapter (``final-adapter``).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedpal.common.config import fedpal_home
 from fedpal.common.errors import FedpalError
+from fedpal.common.privacy import PrivacySpent
 from fedpal.server.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from fedpal.server.strategy import (
     FedpalStrategy,
@@ -43,6 +46,10 @@ log = logging.getLogger("fedpal.server")
 METRICS_FILE = "metrics.jsonl"
 CHECKPOINT_DIR = "checkpoint"
 GLOBAL_ADAPTER_DIR = "global_adapter"
+FINAL_GROUP = "final"
+"""The group id of the messages that carry the final global adapter (rounds use their number)."""
+FINAL_ADAPTER_TIMEOUT = 300.0
+"""Seconds the server waits for nodes to save the final global adapter (a node loads its base model first)."""
 
 
 class CountingGrid(Grid):
@@ -217,6 +224,7 @@ def run_federation(grid: Grid, context: Context, settings: FederationSettings) -
         secret = round_secret(settings, checkpoint)
         start = checkpoint.round + 1 if checkpoint is not None else 1
         skipped = checkpoint.rounds_skipped if checkpoint is not None else 0
+        last = start - 1
         log.info("fedpal federation: %s; population %d, %d per round; rounds %d..%d",
                  settings_summary(settings), population, per_round, start, settings["num-server-rounds"])
         for server_round in range(start, settings["num-server-rounds"] + 1):
@@ -230,6 +238,7 @@ def run_federation(grid: Grid, context: Context, settings: FederationSettings) -
                 break
             seed_round(secret, server_round)
             cfg[Key.CURRENT_ROUND] = server_round
+            strategy.spent = PrivacySpent(accountant.epsilon(), settings["delta"]) if accountant is not None else None
             started = time.perf_counter()
             fit_workflow(counting, legacy)
             elapsed = time.perf_counter() - started
@@ -261,10 +270,46 @@ def run_federation(grid: Grid, context: Context, settings: FederationSettings) -
                 ),
             )
             _export_adapter(folder, named, strategy.global_arrays)
+            last = server_round
+        if settings["final-adapter"] and last > 0:
+            spent = PrivacySpent(accountant.epsilon(), settings["delta"]) if accountant is not None else None
+            send_final_adapter(counting, settings, strategy.global_arrays, last, spent)
     finally:
         stop.set()
         thread.join()
     return folder
+
+
+def send_final_adapter(grid: Grid, settings: FederationSettings, arrays: list[np.ndarray], last_round: int,
+                       spent: PrivacySpent | None) -> int:
+    """Send the run's final global adapter to every connected node; returns how many saved it.
+
+    Each round's train message carries the global adapter of the round before, so without
+    this a client would keep the second-to-last aggregate after the run. The message is
+    Flower's "evaluate" type, which the ClientApp answers by saving the adapter as its
+    shared adapter, without training; the train config goes along so the node builds the
+    same adapter layout. A node that does not answer within ``FINAL_ADAPTER_TIMEOUT`` keeps
+    its adapter of the last round it joined.
+    """
+    from flwr.common import EvaluateIns, MessageType, ndarrays_to_parameters
+    from flwr.compat.common import recorddict_compat as compat
+
+    nodes = sorted(grid.get_node_ids())
+    if not nodes:
+        log.warning("no node is connected to receive the final global adapter (round %d)", last_round)
+        return 0
+    config = {**settings.train_config(last_round), "final": True, **(spent.to_config() if spent is not None else {})}
+    instruction = EvaluateIns(ndarrays_to_parameters(arrays), config)
+    messages = [Message(content=compat.evaluateins_to_recorddict(instruction, keep_input=True), dst_node_id=node,
+                        message_type=MessageType.EVALUATE, group_id=FINAL_GROUP) for node in nodes]
+    replies = list(grid.send_and_receive(messages, timeout=FINAL_ADAPTER_TIMEOUT))
+    saved = sum(1 for reply in replies if not reply.has_error())
+    if saved < len(nodes):
+        log.warning("the final global adapter (through round %d) reached %d of %d nodes; the others keep the one of "
+                    "the last round they joined", last_round, saved, len(nodes))
+    else:
+        log.info("the final global adapter (through round %d) reached all %d nodes", last_round, saved)
+    return saved
 
 
 def _why_not_aggregated(report: Any, settings: FederationSettings) -> str:

@@ -30,6 +30,7 @@ import numpy as np
 from fedpal.common.errors import FedpalError
 from fedpal.common.generation import PLACEMENTS
 from fedpal.common.adapters import FINGERPRINT_KEY
+from fedpal.common.privacy import PrivacySpent
 from fedpal.server.validation import UpdateSpec, check_aggregate, check_update, update_norm
 
 log = logging.getLogger("fedpal.server")
@@ -80,6 +81,7 @@ DEFAULTS: dict[str, Any] = {
     "secagg-threshold": 0.8,
     "secagg-clipping-range": 8.0,
     "secagg-timeout": 600.0,
+    "final-adapter": True,
     "run-dir": "",
     "resume": False,
     "home-base": "",
@@ -294,6 +296,9 @@ class FedpalStrategy:
         else:
             self.front, self.noiser = self.inner, None
         self.report = RoundReport(round=0)
+        self.spent: PrivacySpent | None = None
+        """The run's privacy spent before this round (the run loop sets it); sent to clients
+        with the global adapter, which that much privacy went into."""
 
     def __repr__(self) -> str:
         return f"FedpalStrategy({self.settings['strategy']}, dp={self.dp}, secagg={self.secagg})"
@@ -308,6 +313,8 @@ class FedpalStrategy:
         instructions = self.front.configure_fit(server_round, parameters, client_manager)
         for _, fit_ins in instructions:
             fit_ins.config.update(self.settings.train_config(server_round))
+            if self.spent is not None:
+                fit_ins.config.update(self.spent.to_config())
         return instructions
 
     def configure_evaluate(self, server_round: int, parameters: Any, client_manager: Any) -> list:

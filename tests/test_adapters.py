@@ -182,3 +182,48 @@ def test_top_layers_puts_lora_only_in_the_last_layers(tiny_base, tiny_path, tmp_
         attach_adapters(load_base_model("tiny", device="cpu").model, AdapterConfig(top_layers=layers + 1))
     with pytest.raises(FedpalError, match="not -1"):
         attach_adapters(load_base_model("tiny", device="cpu").model, AdapterConfig(top_layers=-1))
+
+
+def test_an_interrupted_save_leaves_the_previous_adapter_whole(tiny_base, tmp_path, monkeypatch):
+    """An agent stopped while it writes an adapter (here: Ctrl-C as the last file is written)
+    leaves the previous adapter, every file of it, and nothing half-written beside it; a
+    completed save swaps the new folder in whole, also where the atomic exchange is missing."""
+    import fedpal.common.adapters as adapters_module
+    from fedpal.common import files
+
+    model = attach_adapters(tiny_base.model, AdapterConfig(rank=4))
+    _randomize(model, SHARED, seed=1)
+    folder = save_adapter(model, SHARED, tmp_path / "shared")
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    previous = adapter_to_arrays(model, SHARED)
+
+    def interrupted(_model):
+        raise KeyboardInterrupt
+
+    _randomize(model, SHARED, seed=2)
+    with monkeypatch.context() as patch:
+        patch.setattr(adapters_module, "_config_of", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            save_adapter(model, SHARED, folder)
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["shared"]
+    newer = adapter_to_arrays(model, SHARED)
+    load_adapter(model, SHARED, folder)
+    for name, array in adapter_to_arrays(model, SHARED).items():
+        np.testing.assert_array_equal(array, previous[name])
+
+    exchanged = []
+    exchange = files._exchange
+    monkeypatch.setattr(files, "_exchange", lambda a, b: exchanged.append(exchange(a, b)) or exchanged[-1])
+    arrays_to_adapter(model, SHARED, newer)
+    save_adapter(model, SHARED, folder)
+    assert exchanged == [True]  # Linux swaps the folders in one step
+    monkeypatch.setattr(files, "_exchange", lambda a, b: False)
+    _randomize(model, SHARED, seed=3)
+    latest = adapter_to_arrays(model, SHARED)
+    save_adapter(model, SHARED, folder)
+    assert [p.name for p in tmp_path.iterdir()] == ["shared"]
+    arrays_to_adapter(model, SHARED, previous)
+    load_adapter(model, SHARED, folder)
+    for name, array in adapter_to_arrays(model, SHARED).items():
+        np.testing.assert_array_equal(array, latest[name])

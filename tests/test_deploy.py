@@ -236,15 +236,25 @@ def _wait(predicate, seconds: float, what: str, logs: list[Path]) -> None:
         time.sleep(0.5)
 
 
+def _recent_rounds(home: Path) -> list[dict]:
+    """The events a home's rounds.json holds, oldest first."""
+    return json.loads((home / "agent" / "rounds.json").read_text())["recent"]
+
+
 def _fedpal_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "fedpal.common.cli", *args]
 
 
 def test_keys_policy_and_a_round_on_a_real_deployment(tmp_path, processes):  # noqa: F811
     """``server start``; an unregistered key and a removed key are refused; three agents join,
-    one whose policy says busy declines and the round completes from the other two; status on
-    both sides; no log holds memory text."""
+    one whose policy says busy declines and the round completes from the other two; the final
+    adapter and the epsilon spent on it reach all three; status on both sides; no log holds
+    memory text."""
+    import numpy as np
+    from safetensors.numpy import load_file
+
     from fedpal.client.memory import PreferenceMemory
+    from fedpal.server.server_app import load_global_adapter
 
     port = _free_port()
     deploy = tmp_path / "deploy"
@@ -308,16 +318,31 @@ def test_keys_policy_and_a_round_on_a_real_deployment(tmp_path, processes):  # n
     assert line["aggregated"] and line["dp"] and line["clients_summed"] == 2, line
     assert line["epsilon"] is not None and line["epsilon"] > 0
 
+    _wait(lambda: processes[0].poll() is not None, 120, "the server to send the final adapter and stop", [server_log])
+    assert processes[0].returncode == 0, server_log.read_text()[-3000:]
+
+    # carol declined the round (nothing trained), then saved the run's final adapter, as the others did
     carol = json.loads(ok(fedpal("client", "status", "--home", str(homes["carol"]), "--json")).stdout)
     assert carol["rounds_declined"] >= 1 and carol["rounds_joined"] == 0 and "outside the training window" in carol["busy"]
-    assert "shared" not in carol["adapters"]  # declined before anything was received or trained
+    assert set(carol["adapters"]) == {"shared"} and carol["last_global_final"]
     alice = json.loads(ok(fedpal("client", "status", "--home", str(homes["alice"]), "--json")).stdout)
     assert alice["rounds_joined"] == 1 and alice["last_global_round"] == 1 and alice["busy"] is None
+    assert alice["last_global_final"] and alice["global_through"] == 1
     assert set(alice["adapters"]) == {"shared", "personal"} and alice["memory_bytes"] > 0
     assert alice["agent_pid"] is not None
-
-    _wait(lambda: processes[0].poll() is not None, 60, "the server to stop after its last round", [server_log])
-    assert processes[0].returncode == 0, server_log.read_text()[-3000:]
+    # the epsilon the server had spent on each adapter it sent: none before round 1, round 1's after it
+    events = [(e["event"], e.get("epsilon")) for e in _recent_rounds(homes["alice"])]
+    assert events == [("joined", 0.0), ("final", line["epsilon"])]
+    assert alice["epsilon"] == line["epsilon"] and alice["delta"] == 1e-5
+    text = ok(fedpal("client", "status", "--home", str(homes["alice"]))).stdout
+    assert "last global adapter: the final one, received after round 1" in text and "(aggregated through round 1)" in text
+    assert f"privacy: epsilon {line['epsilon']:.4g} at delta 1e-05 spent by the run" in text
+    # the final adapter is the run's last aggregate, in every home
+    final = load_global_adapter(deploy / "run")
+    for name in ("alice", "bob", "carol"):
+        shared = load_file(homes[name] / "adapters" / "shared" / "adapter_model.safetensors")
+        for key, array in final.items():
+            np.testing.assert_array_equal(shared[key], array)
     status = json.loads(ok(fedpal("server", "status", str(deploy), "--json")).stdout)
     assert status["rounds_done"] == 1 and status["epsilon"] == line["epsilon"] and not status["superlink_running"]
     by_name = {c["name"]: c for c in status["clients"]}
