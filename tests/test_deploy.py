@@ -4,7 +4,8 @@ The fast tests check what ``server init`` and ``client init`` write (certificate
 verify, a private key nobody else can read, a key Flower itself accepts) and how they
 refuse bad input (one ``error:`` line, nothing written). The federation test runs the
 real thing on localhost: ``fedpal server start`` (a TLS SuperLink with node
-authentication), agents started with ``fedpal client start``, one round.
+authentication), agents started with ``fedpal client start``, one round and the final
+adapter it sends to every agent with the epsilon spent on it.
 """
 
 from __future__ import annotations

@@ -192,10 +192,10 @@ def test_resume_after_a_stop_gives_the_uninterrupted_result(federation, tmp_path
     shutil.copytree(federation["pristine"], nodes)
     run = tmp_path / "run"
     # the server stops after round 2 (its checkpoint is what a crash leaves) ...
-    first = _simulate(run, nodes, CLIENTS, **{"num-server-rounds": 2})
+    first = _simulate(run, nodes, CLIENTS, **{"num-server-rounds": 2, "final-adapter": False})
     assert [m["round"] for m in first] == [1, 2]
     # ... and a restarted one resumes at round 3
-    resumed = _simulate(run, nodes, CLIENTS, resume=True)
+    resumed = _simulate(run, nodes, CLIENTS, resume=True, **{"final-adapter": False})
     assert [m["round"] for m in resumed] == [1, 2, 3]
     assert resumed[2]["epsilon"] == pytest.approx(federation["metrics"][2]["epsilon"])
     assert resumed[2]["epsilon"] > resumed[1]["epsilon"]
@@ -210,6 +210,10 @@ def test_secagg_dropouts_and_the_privacy_budget(tmp_path):
     """One of five vanishes mid-round: aggregated from four. Two vanish: the round fails
     clearly, costs no privacy, and the run goes on. The first one rejoins with its memory.
     Then max-epsilon stops the run before the round that would pass it."""
+    from safetensors.numpy import load_file
+
+    from fedpal.server.server_app import load_global_adapter
+
     clients = 5
     nodes = _make_homes(tmp_path, clients)
     plan = {1: {0}, 2: {1, 2}}
@@ -227,3 +231,8 @@ def test_secagg_dropouts_and_the_privacy_budget(tmp_path):
     assert third["epsilon"] == pytest.approx(two, rel=0.05)
     assert stop == {**stop, "round": 4, "stopped": "privacy budget"}
     assert stop["epsilon"] <= (two + three) / 2 < stop["epsilon_if_run"]
+    # stopped by the budget, the run still sends its last aggregate to every node
+    final = load_global_adapter(tmp_path / "run")
+    for i in range(clients):
+        shared = load_file(nodes / str(i) / "adapters" / "shared" / "adapter_model.safetensors")
+        assert all((shared[name] == array).all() for name, array in final.items())

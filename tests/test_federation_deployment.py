@@ -143,7 +143,8 @@ def test_tls_deployment_survives_a_server_kill_and_resumes(tmp_path, processes):
     )
     run_dir = tmp_path / "run"
     command = ["fedpal", "server", "run", "test", "--rounds", "2", "--run-dir", str(run_dir), "--set", "secagg=false",
-               "--set", "min-clients=2", "--set", "local-steps=2", "--set", "personal-steps=1"]
+               "--set", "min-clients=2", "--set", "local-steps=2", "--set", "personal-steps=1",
+               "--set", "final-adapter=false"]  # the final adapter is test_deploy's
     submitted = subprocess.run([*command, "--no-stream"], env=env, capture_output=True, text=True, timeout=120)
     assert submitted.returncode == 0, submitted.stdout[-2000:] + submitted.stderr[-2000:]
     metrics = run_dir / "metrics.jsonl"
@@ -212,7 +213,8 @@ def test_flwr_run_on_a_simulation_superlink(tmp_path, processes):
         "options.backend.init-args.num-cpus = 2\n"
     )
     run_dir = tmp_path / "run"
-    settings = f"num-server-rounds=2 local-steps=2 personal-steps=1 run-dir='{run_dir}' home-base='{nodes}'"
+    settings = (f"num-server-rounds=2 local-steps=2 personal-steps=1 final-adapter=false run-dir='{run_dir}' "
+                f"home-base='{nodes}'")
     result = subprocess.run(
         ["flwr", "run", str(write_app_folder(tmp_path / "app")), "sim", "--run-config", settings, "--stream"],
         env=env, capture_output=True, text=True, timeout=300,
