@@ -23,7 +23,9 @@ repetitive than prose, a short reply shorter) moves them a little and a collapse
 
 from __future__ import annotations
 
+import hashlib
 import re
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
@@ -47,6 +49,9 @@ PROBE_PROMPTS = (
     "What is a good way to start learning to code?",
 )
 """Everyday prompts used when the user's own held-out prompts are too few."""
+MEASURED_KEPT = 16
+"""Measurements remembered per process (see ``DegenerationGuard.measure``)."""
+_MEASURED: OrderedDict[tuple, tuple["Fluency", list[str]]] = OrderedDict()
 
 
 @dataclass(frozen=True)
@@ -189,7 +194,37 @@ class DegenerationGuard:
         return chosen
 
     def measure(self, probes: Sequence[tuple[str, str | None]], active: Sequence[str]) -> tuple[Fluency, list[str]]:
-        """Replies to ``probes`` with the adapters ``active`` (none: the base model), and their fluency."""
+        """Replies to ``probes`` with the adapters ``active`` (none: the base model), and their fluency.
+
+        Greedy replies are a function of the weights, so a measurement is remembered under
+        the active adapters' weights, the probes and the settings: the current adapters
+        measured again (the next run of ``fedpal train``, a node serving several users of
+        one round with the same global adapter, the simulator's users who start from the
+        same weights) cost a hash instead of ~9 s of generation on 2 cores.
+        """
+        key = self._key(probes, active)
+        if key in _MEASURED:
+            _MEASURED.move_to_end(key)
+            fluency, texts = _MEASURED[key]
+            return fluency, list(texts)
+        measured = self._measure(probes, active)
+        _MEASURED[key] = measured
+        while len(_MEASURED) > MEASURED_KEPT:
+            _MEASURED.popitem(last=False)
+        return measured[0], list(measured[1])
+
+    def _key(self, probes: Sequence[tuple[str, str | None]], active: Sequence[str]) -> tuple:
+        from fedpal.common.adapters import adapter_to_arrays
+
+        digest = hashlib.sha256()
+        for name in active:
+            digest.update(repr(self.model.peft_config[name]).encode())
+            for key, array in sorted(adapter_to_arrays(self.model, name).items()):
+                digest.update(key.encode())
+                digest.update(array.tobytes())
+        return (id(self.model), str(self.base.path), tuple(probes), tuple(active), digest.hexdigest(), self.config)
+
+    def _measure(self, probes: Sequence[tuple[str, str | None]], active: Sequence[str]) -> tuple[Fluency, list[str]]:
         from fedpal.common.adapters import activate
         from fedpal.common.generation import generate_replies, reply_nll
 

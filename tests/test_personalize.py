@@ -83,6 +83,34 @@ def _fresh():
     return base, attach_adapters(base.model, AdapterConfig())
 
 
+def test_the_guard_measures_each_set_of_weights_once(monkeypatch):
+    """A measurement is remembered under the weights: the same weights again cost no replies,
+    any change to them (training, another model) is measured anew."""
+    import torch
+
+    import fedpal.common.generation as generation
+    from fedpal.client.guard import DegenerationGuard
+    from fedpal.common.adapters import PERSONAL, SHARED, adapter_state
+
+    calls = []
+    real = generation.generate_replies
+    monkeypatch.setattr(generation, "generate_replies", lambda *a, **k: calls.append(1) or real(*a, **k))
+    base, model = _fresh()
+    config = GuardConfig(probes=2, max_new_tokens=8)
+    guard = DegenerationGuard(base, model, config)
+    probes = guard.probes([("How do I boil an egg?", None)])
+    first, texts = guard.measure(probes, [SHARED, PERSONAL])
+    again, texts_again = guard.measure(probes, [SHARED, PERSONAL])
+    assert len(calls) == 1 and again == first and texts_again == texts
+    with torch.no_grad():
+        next(iter(adapter_state(model, PERSONAL, "B").values())).add_(0.5)
+    guard.measure(probes, [SHARED, PERSONAL])
+    assert len(calls) == 2
+    other_base, other_model = _fresh()  # same weights, another model: measured for itself
+    DegenerationGuard(other_base, other_model, config).measure(probes, [SHARED, PERSONAL])
+    assert len(calls) == 3
+
+
 def test_early_stopping_keeps_the_weights_that_ranked_held_out_pairs_best():
     from fedpal.common.adapters import PERSONAL, SHARED, adapter_to_arrays
 
