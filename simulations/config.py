@@ -39,6 +39,14 @@ class SimulationConfig:
     with them there too, as fedpal's replies are generated (the shared adapter and the
     local-only baseline train on bare prompts, as they are evaluated). ``fedpal_mode``: the
     generation mode of the fedpal method (``fedpal generate``'s default unless set).
+
+    ``personal_from_round``: the first round in which personal adapters train (the
+    federated clients' and the local-only baseline's); before it the clients only send
+    shared updates. A personal run costs its held-out checks and the degeneration guard
+    whatever its length, so on a small machine one run after the last round buys more
+    training than a few steps every round. The local-only baseline trains as many steps
+    as a client has trained in all by then (``local_steps`` per round plus
+    ``personal_steps``).
     """
 
     preset: str = "custom"
@@ -67,6 +75,7 @@ class SimulationConfig:
     objective: str = "both"
     local_steps: int = 4
     personal_steps: int = 4
+    personal_from_round: int = 1
     learning_rate: float = 2e-3
     dpo_beta: float = 0.1
     batch_size: int = 4
@@ -113,6 +122,8 @@ class SimulationConfig:
                 raise FedpalError(f"{name} must be at least 1, not {getattr(self, name)}")
         if self.max_length < 8:
             raise FedpalError(f"max_length must be at least 8 tokens, not {self.max_length}")
+        if not 1 <= self.personal_from_round <= self.rounds:
+            raise FedpalError(f"personal_from_round must be between 1 and rounds ({self.rounds}), not {self.personal_from_round}")
         if self.local_steps < 0 or self.personal_steps < 0:
             raise FedpalError("local_steps and personal_steps must not be negative")
         for name in ("learning_rate", "lora_alpha", "dpo_beta", "clipping_norm"):
@@ -160,13 +171,14 @@ PRESETS: dict[str, SimulationConfig] = {
         rounds=3,
         clients_per_round=8,
         train_prompts=18,
-        pairs_per_prompt=10,
+        pairs_per_prompt=4,
         heldout_prompts=36,
         curve_prompts=3,
         candidate_tokens=40,
         reply_tokens=40,
         local_steps=2,
         personal_steps=4,
+        personal_from_round=3,
         batch_size=2,
         learning_rate=2e-3,
         max_length=112,

@@ -197,6 +197,7 @@ class SimulationRun:
             "model": c.model,
             "num-server-rounds": round_index,
             "resume": round_index > 1,
+            "final-adapter": False,  # install_global_adapter puts each round's aggregate into every home
             "run-dir": str(self.federation_dir),
             "home-base": str(self.out / "users"),
             "strategy": c.strategy,
@@ -212,7 +213,7 @@ class SimulationRun:
             "ffa-lora": c.ffa_lora,
             "objective": c.objective,
             "local-steps": c.local_steps,
-            "personal-steps": c.personal_steps,
+            "personal-steps": c.personal_steps if round_index >= c.personal_from_round else 0,
             "learning-rate": c.learning_rate,
             "dpo-beta": c.dpo_beta,
             "batch-size": c.batch_size,
@@ -282,15 +283,18 @@ class SimulationRun:
 
     def train_local(self, round_index: int) -> None:
         """The local-only baseline: a personal adapter per user, no federation, same step budget,
-        through the same flow as a federated client's personal adapter (held-out check, guard)."""
+        through the same flow as a federated client's personal adapter (held-out check, guard),
+        in the rounds where personal adapters train."""
         from fedpal.client.memory import PreferenceMemory
         from fedpal.client.personalize import Personalizer, TrainingData
         from fedpal.client.trainer import TrainConfig
         from fedpal.common.adapters import arrays_to_adapter, load_adapter
 
+        c = self.config
+        if round_index < c.personal_from_round:
+            return
         model = self.trainer_model()
         base, _, fresh_personal = self._trainer_model
-        c = self.config
         config = TrainConfig(objective=c.objective, learning_rate=c.learning_rate, beta=c.dpo_beta,
                              batch_size=c.batch_size, max_length=c.max_length, checkpoint_every=0)
         advance = self.progress(f"local-only adapters, round {round_index}", len(self.users))
@@ -304,9 +308,16 @@ class SimulationRun:
                 arrays_to_adapter(model, PERSONAL, fresh_personal)
             Personalizer(base, model, home, config, checkpoints=False).train(
                 PERSONAL, data, seed=c.seed * 1_000_003 + round_index * 7919 + index,
-                steps=c.local_steps + c.personal_steps, progress=False,
+                steps=self.local_only_steps(round_index), progress=False,
             )
             advance()
+
+    def local_only_steps(self, round_index: int) -> int:
+        """The local-only baseline's steps in ``round_index``: what a federated client has
+        trained since the baseline last trained (all rounds so far, the first time)."""
+        c = self.config
+        rounds = round_index if round_index == c.personal_from_round else 1
+        return rounds * c.local_steps + c.personal_steps
 
     # -- evaluation --------------------------------------------------------------------
 
@@ -449,6 +460,12 @@ class SimulationRun:
         c = self.config
         notes = [f"{c.users} users, {c.train_prompts} training prompts ({c.pairs_per_prompt} pairs each), "
                  f"{c.heldout_prompts} held-out prompts, replies of at most {c.reply_tokens} tokens, greedy."]
+        if c.personal_from_round > 1:
+            notes.append(
+                f"Personal adapters train from round {c.personal_from_round} on (before it the clients send shared "
+                f"updates only): {c.personal_steps} personal steps per round for fedpal's clients, "
+                f"{self.local_only_steps(c.personal_from_round)} steps for the local-only baseline the first time."
+            )
         if c.dp:
             notes.append(
                 f"User-level DP with noise multiplier {c.noise_multiplier} over {c.clients_per_round} clients per round: "

@@ -123,3 +123,21 @@ def test_bad_settings_are_one_clear_line(tmp_path):
     good.write_text(json.dumps({"users": 5, "rounds": 3, "learning_rate": 1}))
     config = load_config("quick", good)
     assert (config.users, config.rounds, config.learning_rate) == (5, 3, 1.0)
+
+
+def test_personal_adapters_train_from_the_configured_round(tmp_path):
+    """Before ``personal_from_round`` clients send shared updates only; the local-only baseline
+    then catches up with every step a client trained until then."""
+    from fedpal.simulations.runner import SimulationRun
+
+    config = replace(SMALL, rounds=3, train_prompts=6, local_steps=2, personal_steps=3, personal_from_round=3)
+    run = SimulationRun(config, tmp_path)
+    assert [run.federation_overrides(r)["personal-steps"] for r in (1, 2, 3)] == [0, 0, 3]
+    assert run.local_only_steps(3) == 3 * 2 + 3
+    assert not run.federation_overrides(3)["final-adapter"], "the runner installs each round's aggregate itself"
+    every = SimulationRun(replace(config, personal_from_round=1), tmp_path / "every")
+    assert [every.local_only_steps(r) for r in (1, 2, 3)] == [5, 5, 5]
+    assert [every.federation_overrides(r)["personal-steps"] for r in (1, 2, 3)] == [3, 3, 3]
+    for bad in (0, 4):
+        with pytest.raises(FedpalError, match="personal_from_round must be between 1 and rounds"):
+            replace(config, personal_from_round=bad).check()
