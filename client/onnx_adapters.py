@@ -7,9 +7,7 @@ A = [A_1 | A_2], B = [w_1 s_1 B_1 ; w_2 s_2 B_2] gives x A B = sum_i w_i s_i x A
 exactly the weighted sum of the adapters' updates (no SVD truncation, no approximation).
 
 Conversion is skipped when a stamp next to the file shows the same sources (content hash),
-weights and export: users switch adapters often but retrain rarely. Within a process, a
-file converted from the same content for another home is copied instead of converted
-again (a federation's global adapter is the same in every home it reaches).
+weights and export: users switch adapters often but retrain rarely.
 """
 
 from __future__ import annotations
@@ -17,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -32,8 +29,6 @@ STAMP_SUFFIX = ".stamp.json"
 CONVERTER_VERSION = 1
 # peft keys: "base_model.model.model.layers.<i>.<self_attn|mlp>.<module>.lora_<A|B>.weight"
 _PEFT_KEY = re.compile(r"layers\.(\d+)\.\w+\.(\w+)\.lora_([AB])(?:\.\w+)?\.weight$")
-_CONVERTED: dict[str, tuple[Path, str]] = {}
-"""Files converted in this process, by content: (file, its stamp as written)."""
 
 
 def source_hash(folder: Path) -> str:
@@ -71,24 +66,10 @@ def convert_adapters(
                 return out_file
         except ValueError:
             pass  # an unreadable stamp means convert again
-    content = json.dumps([stamp["converter"], stamp["export"], [[h, w] for _, h, w in stamp["sources"]]])
-    earlier = _CONVERTED.get(content)
-    if earlier is not None and _stamp_of(earlier[0]) == earlier[1] and earlier[0] != out_file:
-        out_file.parent.mkdir(parents=True, exist_ok=True)
-        staged = out_file.with_name(out_file.name + ".tmp")
-        shutil.copyfile(earlier[0], staged)
-        staged.replace(out_file)
-    else:
-        _write_adapter(merged_parameters(export, sources), out_file)
-    text = json.dumps(stamp, indent=2)
-    stamp_file.write_text(text)
-    _CONVERTED[content] = (out_file, text)
+    parameters = merged_parameters(export, sources)
+    _write_adapter(parameters, out_file)
+    stamp_file.write_text(json.dumps(stamp, indent=2))
     return out_file
-
-
-def _stamp_of(adapter_file: Path) -> str | None:
-    stamp_file = adapter_file.with_name(adapter_file.name + STAMP_SUFFIX)
-    return stamp_file.read_text() if adapter_file.is_file() and stamp_file.is_file() else None
 
 
 def merged_parameters(export: ExportInfo, sources: Sequence[tuple[Path | str, float]]) -> dict[str, np.ndarray]:

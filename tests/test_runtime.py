@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 
 import numpy as np
 import pytest
@@ -187,22 +186,6 @@ def test_conversion_is_skipped_until_the_adapter_changes(generator, export, user
     save_adapter(model, SHARED, changed)
     convert_adapters(export, [(changed, 1.0)], out)
     assert out.stat().st_mtime_ns != first
-
-
-def test_the_same_adapter_in_another_home_is_copied_not_converted_again(export, users, tmp_path, monkeypatch):
-    import fedpal.client.onnx_adapters as onnx_adapters
-
-    home, model, _ = users["ana"]
-    first = convert_adapters(export, [(home.adapter_dir(PERSONAL), 1.0)], tmp_path / "a" / "p.onnx_adapter")
-    copy = tmp_path / "copy"
-    shutil.copytree(home.adapter_dir(PERSONAL), copy)  # another home holding the same adapter
-    converted = []
-    real = onnx_adapters._write_adapter
-    monkeypatch.setattr(onnx_adapters, "_write_adapter", lambda *a: converted.append(1) or real(*a))
-    second = convert_adapters(export, [(copy, 1.0)], tmp_path / "b" / "p.onnx_adapter")
-    assert not converted and second.read_bytes() == first.read_bytes()
-    convert_adapters(export, [(copy, 0.5)], tmp_path / "c" / "p.onnx_adapter")  # other weights: converted
-    assert converted == [1]
 
 
 def test_fusion_equals_base_when_only_base_is_weighted(generator, users):
