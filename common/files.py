@@ -8,12 +8,15 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2
+STALE_STAGING_S = 3600
+"""A staging folder this old was left by a writer that was killed (a save takes seconds)."""
 
 
 @contextmanager
@@ -44,9 +47,22 @@ def staged_folder(target: Path, keep_existing: bool = False) -> Iterator[Path]:
             staging.rename(target)
             shutil.rmtree(aside)
         _flush_folder(target.parent)
+        _sweep_stale(target)
     finally:
         # after an exchange the staging path holds the old folder
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _sweep_stale(target: Path) -> None:
+    """Remove staging folders of ``target`` left by killed writers (hidden, so ``ls`` never shows
+    them, but a backup would carry them). A live writer's folder is minutes old at most."""
+    cutoff = time.time() - STALE_STAGING_S
+    for leftover in target.parent.glob(f".{target.name}-*"):
+        try:
+            if leftover.is_dir() and leftover.stat().st_mtime < cutoff:
+                shutil.rmtree(leftover, ignore_errors=True)
+        except FileNotFoundError:
+            pass  # another writer swept it first
 
 
 def _exchange(a: Path, b: Path) -> bool:

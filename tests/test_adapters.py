@@ -227,3 +227,22 @@ def test_an_interrupted_save_leaves_the_previous_adapter_whole(tiny_base, tmp_pa
     load_adapter(model, SHARED, folder)
     for name, array in adapter_to_arrays(model, SHARED).items():
         np.testing.assert_array_equal(array, latest[name])
+
+
+def test_a_save_sweeps_staging_folders_that_killed_writers_left(tiny_base, tmp_path):
+    """A writer killed mid-save leaves a hidden staging folder; the next save of that adapter
+    removes it once it is stale, and never touches one a live writer may still be filling."""
+    import os
+    import time
+
+    from fedpal.common.files import STALE_STAGING_S
+
+    model = attach_adapters(tiny_base.model, AdapterConfig(rank=4))
+    stale, live = tmp_path / ".shared-killed", tmp_path / ".shared-writing"
+    for leftover in (stale, live):
+        leftover.mkdir()
+        (leftover / "adapter_model.safetensors").write_bytes(b"half")
+    old = time.time() - STALE_STAGING_S - 60
+    os.utime(stale, (old, old))
+    save_adapter(model, SHARED, tmp_path / "shared")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".shared-writing", "shared"]
