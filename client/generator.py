@@ -127,16 +127,29 @@ def home_export(home: ClientHome, model: str | None = None, precision: str | Non
     )
 
 
-def decode_threads() -> int:
-    """Threads ONNX Runtime decodes with: the CPU cores this process may run on.
+CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
+"""cgroup v2's CPU quota of this container ("max 100000": none; "200000 100000": 2 CPUs)."""
 
-    Left unset, ORT GenAI 0.18 decoded the default model at 42 tok/s on the 2-core machine,
-    as fast as one thread (37-39 tok/s); set to 2 it gave 71-76 tok/s (greedy, 40 tokens,
-    12 prompts, 2026-12-01), with the same replies.
+
+def decode_threads(cpu_max: Path = CPU_MAX) -> int:
+    """Threads ONNX Runtime decodes with: the CPU cores this process may run on, capped by a
+    container's CPU quota (a 2-CPU container on a 64-core host would otherwise start 64).
+
+    Left unset, ORT GenAI 0.18 decoded the default model at 40-57 tok/s on the 2-core machine
+    (one thread: 37-39 tok/s); set to 2 it gave 71-76 tok/s int8 and 83-91 int4 (greedy, 40
+    tokens, 12 prompts, 2026-12-01), with the same replies.
     """
+    import math
     import os
 
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        quota, period = cpu_max.read_text().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass  # no cgroup v2 quota to read: the cores are what there is
+    return cores
 
 
 class PersonalizedGenerator:

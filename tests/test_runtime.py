@@ -402,3 +402,21 @@ def test_adapter_on_the_top_layers_only_matches_peft(generator, tmp_path):
     assert np.abs(ours - _torch_logits(model, ids)).max() < 1e-4
     with model.disable_adapter():
         assert np.abs(ours - _torch_logits(model, ids)).max() > 1e-2
+
+
+def test_decode_threads_follow_the_cores_and_a_containers_quota(tmp_path):
+    import os
+
+    from fedpal.client.generator import decode_threads
+
+    cores = len(os.sched_getaffinity(0))
+    quota = tmp_path / "cpu.max"
+    assert decode_threads(tmp_path / "absent") == cores
+    quota.write_text("max 100000\n")
+    assert decode_threads(quota) == cores
+    quota.write_text("50000 100000\n")  # half a CPU still decodes on one thread
+    assert decode_threads(quota) == 1
+    quota.write_text(f"{100000 * (cores + 8)} 100000\n")  # a quota above the cores changes nothing
+    assert decode_threads(quota) == cores
+    quota.write_text("garbage\n")
+    assert decode_threads(quota) == cores
