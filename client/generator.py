@@ -37,7 +37,7 @@ from fedpal.client.home import ClientHome
 from fedpal.client.onnx_adapters import ADAPTER_SUFFIX, convert_adapters
 from fedpal.client.onnx_export import DEFAULT_MAX_RANK, DEFAULT_PRECISION, ExportInfo, check_export, find_export
 from fedpal.common.adapters import CONFIG_FILE, PERSONAL, SHARED
-from fedpal.common.errors import FedpalError
+from fedpal.common.errors import FedpalError, first_line
 from fedpal.common.generation import chat_input_ids, place_preferences
 
 if TYPE_CHECKING:
@@ -169,7 +169,7 @@ class PersonalizedGenerator:
             config.overlay(json.dumps({"model": {"decoder": {"session_options": options}}}))
             self.model = og.Model(config)
         except Exception as err:  # ORT GenAI raises plain RuntimeErrors for unreadable models
-            raise FedpalError(f"could not load the export at {export.path}: {str(err).splitlines()[0]}") from None
+            raise FedpalError(f"could not load the export at {export.path}: {first_line(err)}") from None
         self.adapters = og.Adapters(self.model)
         self.tokenizer = AutoTokenizer.from_pretrained(export.path)
         self._og_tokenizer = og.Tokenizer(self.model)
@@ -244,7 +244,7 @@ class PersonalizedGenerator:
         try:
             self.adapters.load(key, name)
         except Exception as err:  # ORT raises RuntimeError with the flatbuffer/loader message
-            raise FedpalError(f"could not load adapter file {path}: {str(err).splitlines()[0]}") from None
+            raise FedpalError(f"could not load adapter file {path}: {first_line(err)}") from None
         self._loaded[key] = (version, name)
         while len(self._loaded) > MAX_LOADED_ADAPTERS:
             self._unload(next(iter(self._loaded)))
