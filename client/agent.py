@@ -42,8 +42,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedpal.common.deploy import flower_command, join_address, key_fingerprint, parse_address, write_atomic
+from fedpal.common.deploy import flower_command, join_address, key_fingerprint, parse_address
 from fedpal.common.errors import FedpalError, first_line
+from fedpal.common.files import write_atomic
 from fedpal.common.privacy import PrivacySpent
 
 AGENT_DIR = "agent"

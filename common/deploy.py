@@ -1,8 +1,8 @@
-"""Small pieces both sides of a deployment use: addresses, node-key fingerprints, atomic files.
+"""Small pieces both sides of a deployment use: addresses, node-key fingerprints, Flower commands.
 
 The server's deployment folder (``fedpal.server.deployment``) and the client agent
 (``fedpal.client.agent``) both take ``HOST:PORT`` addresses, name node keys by their
-fingerprint in messages, and write files that a crash must not leave half-written.
+fingerprint in messages, and start Flower's commands.
 """
 
 from __future__ import annotations
@@ -39,26 +39,6 @@ def key_fingerprint(public_key_line: str) -> str:
     """``SHA256:...`` of an OpenSSH public key line, as ``ssh-keygen -l`` prints it."""
     blob = base64.b64decode(public_key_line.split()[1])
     return "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
-
-
-def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Write ``path`` whole or not at all (a temporary file renamed over it), with ``mode`` from the start.
-
-    A power loss leaves the old file or the new one, never a mix; a private key is never
-    readable by others, not even for a moment.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, mode)
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def flower_command(name: str) -> str:

@@ -1,4 +1,4 @@
-"""Writing folders so that readers never see half of one."""
+"""Writing files and folders so that readers never see half of one."""
 
 from __future__ import annotations
 
@@ -98,3 +98,23 @@ def _flush_folder(folder: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
+    """Write ``path`` whole or not at all (a temporary file renamed over it), with ``mode`` from the start.
+
+    A power loss leaves the old file or the new one, never a mix; a private key is never
+    readable by others, not even for a moment.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp, mode)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -36,9 +36,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedpal.common.deploy import flower_command, join_address, key_fingerprint, parse_address, write_atomic
+from fedpal.common.deploy import flower_command, join_address, key_fingerprint, parse_address
 from fedpal.common.errors import FedpalError, first_line
-from fedpal.common.files import staged_folder
+from fedpal.common.files import staged_folder, write_atomic
 
 CONFIG_FILE = "deployment.toml"
 CONNECTION = "fedpal"
