@@ -260,12 +260,16 @@ def _fit_config(msg: Message) -> dict:
     return dict(record) if record is not None else {}
 
 
-def make_client_app(extra_mods: Sequence[Mod] = ()) -> ClientApp:
-    """The fedpal ClientApp; ``extra_mods`` run outermost (e.g. to watch what leaves the node)."""
+def fedpal_client(context: Context) -> Any:
+    """The client of a fedpal node: one user's memory, trainer and adapters."""
+    return FedpalClient(context).to_client()
 
-    def client_fn(context: Context) -> Any:
-        return FedpalClient(context).to_client()
 
+def make_client_app(extra_mods: Sequence[Mod] = (), client_fn: Callable[[Context], Any] = fedpal_client) -> ClientApp:
+    """The fedpal ClientApp; ``extra_mods`` run outermost (e.g. to watch what leaves the node).
+
+    ``client_fn`` builds each node's client; a privacy audit swaps in canary clients for some
+    nodes, which then go through the same mods (clipping, SecAgg+) as every user's."""
     return ClientApp(client_fn=client_fn, mods=[*extra_mods, policy_mod, when_secagg, half_precision_mod, when_clipping])
 
 

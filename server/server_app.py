@@ -18,7 +18,7 @@ import random
 import secrets
 import time
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ from fedpal.server.checkpoint import Checkpoint, load_checkpoint, save_checkpoin
 from fedpal.server.strategy import (
     FedpalStrategy,
     FederationSettings,
+    Observer,
     restore_strategy_state,
     sample_size,
     settings_summary,
@@ -138,8 +139,11 @@ def run_dir(settings: FederationSettings) -> Path:
     return Path(settings["run-dir"]).expanduser() if settings["run-dir"] else fedpal_home() / "runs" / "default"
 
 
-def run_federation(grid: Grid, context: Context, settings: FederationSettings) -> Path:
-    """Run (or resume) the federation described by ``settings``; returns the run folder."""
+def run_federation(grid: Grid, context: Context, settings: FederationSettings,
+                   observers: Sequence[Observer] = ()) -> Path:
+    """Run (or resume) the federation described by ``settings``; returns the run folder.
+
+    ``observers`` see every round's replies as the server receives them (privacy audits)."""
     from flwr.app import ConfigRecord
     from flwr.common import ndarrays_to_parameters
     from flwr.compat.common import recorddict_compat as compat
@@ -168,7 +172,7 @@ def run_federation(grid: Grid, context: Context, settings: FederationSettings) -
     max_norm = settings["clipping-norm"] * 1.01 if settings["dp"] else settings["max-update-norm"]
     spec = UpdateSpec.of(named, max_norm=max_norm)
     initial = checkpoint.global_arrays if checkpoint is not None else list(named.values())
-    strategy = FedpalStrategy(settings, spec, initial)
+    strategy = FedpalStrategy(settings, spec, initial, observers)
     if checkpoint is not None:
         restore_strategy_state(strategy.inner, checkpoint.strategy_state)
 
@@ -407,14 +411,15 @@ def load_global_adapter(folder: Path | str) -> dict[str, np.ndarray]:
         return {k: data[k] for k in data.files}
 
 
-def make_server_app(overrides: dict | None = None) -> ServerApp:
-    """A ServerApp whose run config is ``overrides`` over the run's own (for Python-API runs)."""
+def make_server_app(overrides: dict | None = None, observers: Sequence[Observer] = ()) -> ServerApp:
+    """A ServerApp whose run config is ``overrides`` over the run's own (for Python-API runs);
+    ``observers`` see each round's replies as the server receives them."""
     server_app = ServerApp()
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
         settings = FederationSettings.from_run_config({**dict(context.run_config), **(overrides or {})})
-        run_federation(grid, context, settings)
+        run_federation(grid, context, settings, observers)
 
     return server_app
 

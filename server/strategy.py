@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -271,16 +271,24 @@ class RoundReport:
         return asdict(self)
 
 
+Observer = Callable[[int, dict[str, list[np.ndarray]]], None]
+"""Sees each round's replies as the server receives them: ``(round, {node id: tensors})``,
+before any check (with SecAgg+ every entry is the unmasked aggregate). Privacy audits
+play an honest-but-curious server with one; the federation itself needs none."""
+
+
 class FedpalStrategy:
     """Wraps the selected strategy: validation, DP noise placement, per-round report.
 
     Duck-types ``flwr.server.strategy.Strategy`` (the workflows call only its methods).
     """
 
-    def __init__(self, settings: FederationSettings, spec: UpdateSpec, initial: list[np.ndarray]) -> None:
+    def __init__(self, settings: FederationSettings, spec: UpdateSpec, initial: list[np.ndarray],
+                 observers: Sequence[Observer] = ()) -> None:
         from flwr.server.strategy import DifferentialPrivacyClientSideFixedClipping, FedAvg
 
         self.settings = settings
+        self.observers = tuple(observers)
         self.spec = spec
         self.inner = build_server_strategy(settings, initial)
         self.global_arrays = [np.asarray(a, dtype=np.float32) for a in initial]
@@ -339,6 +347,10 @@ class FedpalStrategy:
                 text = f"node {failure[0].node_id}: status {failure[1].status.message}"
             if text not in report.failures:  # SecAgg+'s collect stage lists each failed reply twice
                 report.failures.append(text)
+        if self.observers:
+            seen = {str(proxy.node_id): parameters_to_ndarrays(fit_res.parameters) for proxy, fit_res in results}
+            for observe in self.observers:
+                observe(server_round, seen)
         accepted = []
         for proxy, fit_res in results:
             metrics = {k: v for k, v in fit_res.metrics.items() if isinstance(v, (int, float, str))}
