@@ -32,7 +32,7 @@ def simulate(
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     settings = load_config(getattr(preset, "value", preset), config)
     _check_before_running(settings, out)
-    with _progress() as progress:
+    with progress_bars() as progress:
         results = run(settings, out, progress)
     if as_json:
         typer.echo(json.dumps(results, indent=1))
@@ -81,11 +81,14 @@ def _fmt(value: float | None) -> str:
 
 
 @contextlib.contextmanager
-def _progress() -> Iterator[Callable[[str, int], Callable[[], None]]]:
+def progress_bars() -> Iterator[Callable[[str, int], Callable[[], None]]]:
     """One rich bar per phase; the runner asks for a bar and gets back its advance function."""
+    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()) as bars:
+    # on stderr, so that stdout holds only the summary or, with --json, one JSON document
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=Console(stderr=True)) as bars:
 
         def phase(description: str, total: int) -> Callable[[], None]:
             task = bars.add_task(description, total=total)

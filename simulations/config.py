@@ -213,12 +213,14 @@ def load_config(preset: str = "quick", config_file: Path | str | None = None) ->
         raise FedpalError(f"unknown preset '{preset}'; choose one of {', '.join(PRESETS)}")
     config = PRESETS[preset]
     if config_file is not None:
-        config = replace(config, **_read_overrides(Path(config_file)))
+        config = replace(config, **read_overrides(Path(config_file), PRESETS["quick"]))
     config.check()
     return config
 
 
-def _read_overrides(path: Path) -> dict[str, Any]:
+def read_overrides(path: Path, template: Any) -> dict[str, Any]:
+    """The settings ``path`` (TOML or JSON) names, checked against the fields and types of
+    the dataclass instance ``template``; one clear line for the first that is wrong."""
     if path.is_dir():
         raise FedpalError(f"config file {path} is a folder")
     if not path.is_file():
@@ -230,13 +232,13 @@ def _read_overrides(path: Path) -> dict[str, Any]:
         raise FedpalError(f"config file {path} is not valid {'JSON' if path.suffix == '.json' else 'TOML'}: {err}") from None
     if not isinstance(data, dict):
         raise FedpalError(f"config file {path} must hold an object of settings, not a {type(data).__name__}")
-    known = {f.name: f for f in fields(SimulationConfig)}
+    known = {f.name: f for f in fields(template)}
     unknown = sorted(set(data) - set(known))
     if unknown:
         raise FedpalError(f"config file {path}: unknown setting '{unknown[0]}'; known: {', '.join(known)}")
     overrides = {}
     for key, value in data.items():
-        default = getattr(PRESETS["quick"], key)
+        default = getattr(template, key)
         if isinstance(default, tuple):
             if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
                 raise FedpalError(f"config file {path}: '{key}' must be a list of names, like {json.dumps(list(default[:2]))}")

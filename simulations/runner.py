@@ -235,7 +235,7 @@ class SimulationRun:
         from fedpal.server.server_app import make_server_app
 
         advance = self.progress(f"federated round {round_index}/{self.config.rounds} (Flower simulation)", 1)
-        with _quiet_flower():
+        with quiet_flower():
             run_simulation(
                 server_app=make_server_app(self.federation_overrides(round_index)),
                 client_app=client_app,
@@ -503,7 +503,7 @@ def _not_run_simulation_deprecation(record: logging.LogRecord) -> bool:
 
 
 @contextlib.contextmanager
-def _quiet_flower() -> Iterator[None]:
+def quiet_flower() -> Iterator[None]:
     """Flower logs every message exchange at INFO; a simulation shows its own progress bars."""
     loggers = [logging.getLogger(name) for name in ("flwr", "ray")]
     levels = [logger.level for logger in loggers]
