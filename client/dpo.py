@@ -98,3 +98,20 @@ def encode_reply(
     ids = prompt + reply_ids
     labels = [IGNORE] * len(prompt) + reply_ids
     return ids, labels
+
+
+def pad_rows(
+    rows: "list[tuple[list[int], list[int]]]", pad_id: int | None
+) -> tuple["torch.Tensor", "torch.Tensor", "torch.Tensor"]:
+    """Right-padded ids, attention mask and labels (``IGNORE`` on padding) of ``encode_reply`` rows."""
+    import torch
+
+    width = max(len(ids) for ids, _ in rows)
+    ids = torch.full((len(rows), width), pad_id if pad_id is not None else 0, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, (row_ids, row_labels) in enumerate(rows):
+        ids[i, : len(row_ids)] = torch.tensor(row_ids)
+        labels[i, : len(row_labels)] = torch.tensor(row_labels)
+        mask[i, : len(row_ids)] = 1
+    return ids, mask, labels

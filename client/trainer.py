@@ -38,7 +38,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from fedpal.client.dpo import IGNORE, dpo_loss, encode_reply, sequence_logprobs, token_logprobs
+from fedpal.client.dpo import IGNORE, dpo_loss, encode_reply, pad_rows, sequence_logprobs, token_logprobs
 from fedpal.common.adapters import activate
 from fedpal.common.errors import FedpalError
 from fedpal.common.generation import chat_input_ids
@@ -243,18 +243,8 @@ class LocalTrainer:
         ]
 
     def _collate(self, rows: Sequence[Encoded]) -> tuple["torch.Tensor", "torch.Tensor", "torch.Tensor"]:
-        """Right-padded ids, attention mask and labels (``IGNORE`` on padding)."""
-        import torch
-
-        width = max(len(ids) for ids, _ in rows)
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, (row_ids, row_labels) in enumerate(rows):
-            ids[i, : len(row_ids)] = torch.tensor(row_ids)
-            labels[i, : len(row_labels)] = torch.tensor(row_labels)
-            mask[i, : len(row_ids)] = 1
+        """Right-padded ids, attention mask and labels (``IGNORE`` on padding), on the model's device."""
+        ids, mask, labels = pad_rows(list(rows), self.tokenizer.pad_token_id)
         return ids.to(self.device), mask.to(self.device), labels.to(self.device)
 
     def _logits(self, rows: Sequence[Encoded]) -> tuple["torch.Tensor", "torch.Tensor"]:

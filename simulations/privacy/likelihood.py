@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from fedpal.client.dpo import encode_reply, token_logprobs
+from fedpal.client.dpo import encode_reply, pad_rows, token_logprobs
 from fedpal.common.adapters import activate
 from fedpal.common.generation import chat_input_ids
 
@@ -52,15 +52,13 @@ def reply_logprobs(
 ) -> Scored:
     """Log-probability of each ``(prompt, reply)``'s reply under ``model`` with ``active`` adapters.
 
-    ``active`` empty scores the base model (the adapters switched off). Scoring never
-    changes which adapters the caller had active afterwards: it leaves the model in eval
-    mode with ``active`` on, which every caller here sets again before its next use.
+    ``active`` empty scores the base model (the adapters switched off). The model is left
+    in eval mode with ``active`` on; the trainer sets its own adapters before it trains.
     """
     import torch
 
     encoded = [encode_reply(tokenizer, chat_input_ids(tokenizer, prompt, None), reply, max_length)
                for prompt, reply in texts]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     device = next(model.parameters()).device
     model.eval()
     sums, counts = [], []
@@ -69,15 +67,7 @@ def reply_logprobs(
     switched_off = model.disable_adapter() if not active else contextlib.nullcontext()
     with torch.no_grad(), switched_off:
         for start in range(0, len(encoded), batch_size):
-            rows = encoded[start: start + batch_size]
-            width = max(len(ids) for ids, _ in rows)
-            ids = torch.full((len(rows), width), pad, dtype=torch.long)
-            labels = torch.full((len(rows), width), -100, dtype=torch.long)
-            mask = torch.zeros((len(rows), width), dtype=torch.long)
-            for i, (row_ids, row_labels) in enumerate(rows):
-                ids[i, : len(row_ids)] = torch.tensor(row_ids)
-                labels[i, : len(row_labels)] = torch.tensor(row_labels)
-                mask[i, : len(row_ids)] = 1
+            ids, mask, labels = pad_rows(encoded[start: start + batch_size], tokenizer.pad_token_id)
             logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
             picked, used = token_logprobs(logits, labels.to(device))
             sums.append(picked.sum(dim=-1).cpu().numpy())
