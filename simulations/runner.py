@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from fedpal.client.home import ClientHome
+from fedpal.client.memory import PASSPHRASE_ENV
 from fedpal.common.adapters import PERSONAL, SHARED, AdapterConfig
 from fedpal.simulations.config import SimulationConfig
 from fedpal.simulations.evaluation import (
@@ -59,7 +60,6 @@ BASELINE_LABELS = {
     "fedpal": "fedpal (shared + personal + retrieval, `fedpal generate --retrieval` at its default mode)",
     "fedpal_merge": "ablation: fedpal's adapters and retrieval, merge mode (no reranking)",
 }
-PASSPHRASE_ENV = "FEDPAL_PASSPHRASE"
 
 Progress = Callable[[str, int], Callable[[], None]]
 

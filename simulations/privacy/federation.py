@@ -29,12 +29,12 @@ from typing import Any
 import numpy as np
 from flwr.client import NumPyClient
 
+from fedpal.client.memory import PASSPHRASE_ENV
 from fedpal.common.types import PreferencePair
 from fedpal.simulations.privacy.config import AuditConfig
 from fedpal.simulations.privacy.population import AuditPopulation
 from fedpal.simulations.runner import quiet_flower
 
-PASSPHRASE_ENV = "FEDPAL_PASSPHRASE"
 CAPTURES = "captures"
 
 
@@ -170,7 +170,7 @@ def overrides(config: AuditConfig, plan: RunPlan, folder: Path, nodes: int) -> d
         "seed": config.seed,
         "deterministic": True,
         "lora-rank": config.lora_rank,
-        "lora-alpha": 2.0 * config.lora_rank,
+        "lora-alpha": config.lora_alpha,
         "ffa-lora": config.ffa_lora,
         "objective": config.objective,
         "local-steps": config.local_steps,
