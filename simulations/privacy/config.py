@@ -47,6 +47,7 @@ class AuditConfig:
     batch_size: int = 2
     max_length: int = 96
     lora_rank: int = 8
+    lora_alpha: float = 16.0
     ffa_lora: bool = True
     objective: str = "both"
     noise_multiplier: float = 1.0
@@ -95,7 +96,7 @@ class AuditConfig:
         if self.local_steps * self.batch_size < stored:
             raise FedpalError(f"local_steps x batch_size ({self.local_steps * self.batch_size}) must cover user 0's "
                               f"{stored} stored pairs, or some member texts would never be trained on")
-        for name in ("learning_rate", "dpo_beta", "clipping_norm", "noise_multiplier"):
+        for name in ("learning_rate", "dpo_beta", "clipping_norm", "noise_multiplier", "lora_alpha"):
             if not math.isfinite(getattr(self, name)) or getattr(self, name) <= 0:
                 raise FedpalError(f"{name} must be a positive number, not {getattr(self, name)}")
         if any(not math.isfinite(z) or z <= 0 for z in self.sweep):

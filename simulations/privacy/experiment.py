@@ -135,8 +135,6 @@ class PrivacyAudit:
         self.peft = attach_adapters(self.base.model, AdapterConfig.from_settings(settings.train_config(0)))
         self.initial = adapter_to_arrays(self.peft, SHARED, self.parts, dtype=np.float32)
         self.fresh_personal = adapter_to_arrays(self.peft, PERSONAL, "AB")
-        tokenizer = self.base.tokenizer
-        self.score = lambda texts, active: _reply_scores(self.peft, tokenizer, texts, active, self.config.max_length)
         self.base_audited = self.score(self.texts.audited, ())
         self.base_heldout = self._pair_scores(())
 
@@ -159,6 +157,12 @@ class PrivacyAudit:
         self.references = train_reference_adapters(self.base, self.peft, PERSONAL, halves, train, c.seed)
         advance()
         self.reference_audited, self.reference_population = self._reference_scores(())
+
+    def score(self, texts: Sequence[tuple[str, str]], active: Sequence[str]) -> Any:
+        """Reply log-likelihoods of ``texts`` under the base model with ``active`` adapters."""
+        from fedpal.simulations.privacy.likelihood import reply_logprobs
+
+        return reply_logprobs(self.peft, self.base.tokenizer, texts, active=active, max_length=self.config.max_length)
 
     def _reference_scores(self, under: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """Per-token log-likelihoods of the audited and population texts under each reference
@@ -380,13 +384,6 @@ def _subset(scored: Any, index: np.ndarray) -> Any:
     from fedpal.simulations.privacy.likelihood import Scored
 
     return Scored(scored.logprob[index], scored.tokens[index])
-
-
-def _reply_scores(peft: Any, tokenizer: Any, texts: Sequence[tuple[str, str]], active: Sequence[str],
-                  max_length: int) -> Any:
-    from fedpal.simulations.privacy.likelihood import reply_logprobs
-
-    return reply_logprobs(peft, tokenizer, texts, active=active, max_length=max_length)
 
 
 def privacy_audit(config: AuditConfig, out: Path | str, progress: Progress | None = None) -> dict[str, Any]:
