@@ -240,9 +240,14 @@ def read_overrides(path: Path, template: Any) -> dict[str, Any]:
     for key, value in data.items():
         default = getattr(template, key)
         if isinstance(default, tuple):
-            if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
-                raise FedpalError(f"config file {path}: '{key}' must be a list of names, like {json.dumps(list(default[:2]))}")
-            value = tuple(value)
+            example = list(default[:2]) or list(known[key].default[:2])  # a preset may empty a list the class fills
+            numbers = bool(example) and all(isinstance(item, float) for item in example)
+            ok = (lambda item: isinstance(item, (int, float)) and not isinstance(item, bool)) if numbers else (
+                lambda item: isinstance(item, str))
+            if not isinstance(value, list) or not all(ok(item) for item in value):
+                kind = "numbers" if numbers else "names"
+                raise FedpalError(f"config file {path}: '{key}' must be a list of {kind}, like {json.dumps(example)}")
+            value = tuple(float(item) for item in value) if numbers else tuple(value)
         elif isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         if type(value) is not type(default):
