@@ -11,6 +11,7 @@ import base64
 import hashlib
 import os
 import re
+import subprocess
 from pathlib import Path
 
 from fedpal.common.errors import FedpalError
@@ -57,3 +58,27 @@ def flower_command(name: str) -> str:
     if found is None:
         raise FedpalError(f"the '{name}' command is not installed (pip install 'flwr[simulation]')")
     return found
+
+
+def stop_process_tree(proc: subprocess.Popen) -> None:
+    """Stop a process and everything it started (a SuperLink's SuperExec, ServerApp and simulation,
+    which would otherwise outlive it): SIGTERM, then SIGKILL after 8 s."""
+    import psutil
+
+    try:
+        family = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        family = []
+    for member in family:
+        try:
+            member.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(family, timeout=8)
+    for member in alive:
+        try:
+            member.kill()
+        except psutil.NoSuchProcess:
+            pass
+    proc.wait()
+

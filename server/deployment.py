@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedpal.common.deploy import flower_command, join_address, key_fingerprint, parse_address
+from fedpal.common.deploy import flower_command, join_address, key_fingerprint, parse_address, stop_process_tree
 from fedpal.common.errors import FedpalError, first_line
 from fedpal.common.files import staged_folder, write_atomic
 
@@ -553,29 +553,5 @@ def serve(deployment: Deployment, say: Callable[[str], None]) -> int:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        _stop_tree(link)
+        stop_process_tree(link)
     return code
-
-
-def _stop_tree(proc: subprocess.Popen) -> None:
-    """Stop the SuperLink and what it started (its SuperExec and a ServerApp still running,
-    which would otherwise outlive it): SIGTERM, then SIGKILL after 8 s."""
-    import psutil
-
-    try:
-        family = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
-    except psutil.NoSuchProcess:
-        family = []
-    for member in family:
-        try:
-            member.terminate()
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(family, timeout=8)
-    for member in alive:
-        try:
-            member.kill()
-        except psutil.NoSuchProcess:
-            pass
-    proc.wait()
-
