@@ -10,6 +10,7 @@ across server restarts. ``independent_epsilon`` recomputes epsilon straight from
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -167,6 +168,37 @@ class Accountant:
             self._flower.load_state_dict(state)
         except ValueError as err:
             raise FedpalError(f"cannot resume the privacy ledger: {err}") from None
+
+
+def epsilon_after(budget: PrivacyBudget, rounds: int) -> float:
+    """Epsilon ``rounds`` rounds of ``budget`` spend, by the accountant the server keeps."""
+    return Accountant(budget)._accountant_after(rounds).get_epsilon(budget.target_delta) if rounds else 0.0
+
+
+@functools.lru_cache(maxsize=64)
+def noise_for_epsilon(budget: PrivacyBudget, epsilon: float, rounds: int) -> float:
+    """The smallest noise multiplier (to 0.5%) with which ``rounds`` rounds spend at most ``epsilon``.
+
+    Studies that compare populations or budgets fix epsilon and let the noise follow;
+    epsilon falls as the noise rises, so a bisection on the accountant finds it (a few
+    seconds: each step asks the RDP accountant, so answers are remembered).
+    """
+    from dataclasses import replace
+
+    if not epsilon > 0 or rounds < 1:
+        raise FedpalError(f"a target epsilon must be positive and rounds at least 1, not {epsilon} and {rounds}")
+    low, high = 0.05, 1.0
+    while epsilon_after(replace(budget, noise_multiplier=high), rounds) > epsilon:
+        low, high = high, high * 2
+        if high > 1e4:
+            raise FedpalError(f"no noise multiplier up to 1e4 keeps epsilon at {epsilon} in {rounds} rounds")
+    while high - low > 5e-3 * high:
+        middle = (low + high) / 2
+        if epsilon_after(replace(budget, noise_multiplier=middle), rounds) > epsilon:
+            low = middle
+        else:
+            high = middle
+    return high
 
 
 def independent_epsilon(
