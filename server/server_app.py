@@ -37,6 +37,7 @@ from fedpal.server.strategy import (
     Observer,
     restore_strategy_state,
     sample_size,
+    secagg_shares,
     settings_summary,
     strategy_state,
 )
@@ -210,7 +211,7 @@ def run_federation(grid: Grid, context: Context, settings: FederationSettings,
         if settings["secagg"]:
             timeout = settings["secagg-timeout"] or None
             fit_workflow: Any = SecAggPlusWorkflow(
-                num_shares=settings["secagg-shares"],
+                num_shares=secagg_shares(settings, per_round),
                 reconstruction_threshold=settings["secagg-threshold"],
                 max_weight=1.0 if settings["dp"] else 1000.0,
                 clipping_range=settings["secagg-clipping-range"],

@@ -137,6 +137,10 @@ class FederationSettings:
             raise FedpalError("lora-top-layers must be 0 (all layers) or a positive number of last layers")
         if v["dp"] and not (v["noise-multiplier"] > 0 and v["clipping-norm"] > 0):
             raise FedpalError("with dp on, noise-multiplier and clipping-norm must be positive")
+        shares = v["secagg-shares"]
+        if not (0 < shares <= 1 or (shares >= 3 and shares == int(shares))):
+            raise FedpalError(f"secagg-shares must be a fraction of the round's clients in (0, 1] or a whole number "
+                              f"of shares, at least 3; not {shares}")
         if v["secagg"] and v["clipping-norm"] > v["secagg-clipping-range"]:
             raise FedpalError("clipping-norm must not exceed secagg-clipping-range")
 
@@ -188,6 +192,17 @@ def _coerce(key: str, value: Any, default: Any) -> Any:
     elif isinstance(value, str):
         return value
     raise FedpalError(f"run-config {key} = {value!r} must be a {type(default).__name__}")
+
+
+def secagg_shares(settings: FederationSettings, per_round: int) -> int | float:
+    """SecAgg+'s ``num_shares`` for rounds of ``per_round`` clients: a fraction as Flower reads it
+    (1.0: every client shares with every other), or a fixed number of neighbours, which keeps
+    each client's cost constant as rounds grow (Bell et al. 2020: O(log n) neighbours suffice);
+    a number at or above the round's size means everyone."""
+    shares = settings["secagg-shares"]
+    if shares <= 1:
+        return shares
+    return int(shares) if int(shares) < per_round else 1.0
 
 
 def sample_size(settings: FederationSettings, population: int) -> int:
