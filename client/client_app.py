@@ -54,7 +54,7 @@ def node_home(context: Context, config: dict) -> Path:
     raise FedpalError("this node has no home folder: start the SuperNode with --node-config \"home='/path/to/home'\"")
 
 
-def _model(config: dict) -> tuple[Any, Any, dict[str, np.ndarray]]:
+def node_model(config: dict) -> tuple[Any, Any, dict[str, np.ndarray]]:
     """The cached base model, its peft wrapper and the personal adapter's initial tensors."""
     from fedpal.common.adapters import PERSONAL, AdapterConfig, adapter_to_arrays, attach_adapters
     from fedpal.common.models import load_base_model
@@ -106,9 +106,9 @@ class FedpalClient(NumPyClient):
             shared_data = TrainingData.from_memory(memory, holdout=holdout)
             context = str(config["preferences-in"]) if config["train-with-preferences"] else None
             personal_data = TrainingData.from_memory(memory, context, holdout) if context else shared_data
-        base, peft, fresh_personal = _model(config)
+        base, peft, fresh_personal = node_model(config)
         parts = "B" if config["ffa-lora"] else "AB"
-        received = _install_global(peft, home, parameters, config)
+        received = install_global(peft, home, parameters, config)
         record_round(home.root, "joined", int(config["round"]), spent=PrivacySpent.from_config(config))
         personal_dir = home.adapter_dir(PERSONAL)
         if personal_dir.is_dir():
@@ -171,13 +171,13 @@ class FedpalClient(NumPyClient):
         if not config.get("final"):
             raise FedpalError("this node evaluates nothing; the server sent an evaluate message that is not the final adapter")
         home = ClientHome.at(node_home(self.context, config))
-        _, peft, _ = _model(config)
-        _install_global(peft, home, parameters, config)
+        _, peft, _ = node_model(config)
+        install_global(peft, home, parameters, config)
         record_round(home.root, "final", int(config["round"]), spent=PrivacySpent.from_config(config))
         return 0.0, 0, {}
 
 
-def _install_global(peft: Any, home: ClientHome, parameters: list[np.ndarray], config: dict) -> dict[str, np.ndarray]:
+def install_global(peft: Any, home: ClientHome, parameters: list[np.ndarray], config: dict) -> dict[str, np.ndarray]:
     """Load the server's global shared adapter into ``peft`` and save it in ``home``; returns it by name."""
     from fedpal.common.adapters import SHARED, adapter_to_arrays, arrays_to_adapter, save_adapter
 

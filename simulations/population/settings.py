@@ -1,0 +1,233 @@
+"""Settings of a population study run: many simulated users, one Flower app, one ``flwr run``.
+
+``PopulationConfig`` holds one run; from it come the app's whole Flower run config
+(fedpal's federation settings plus the simulated users' own keys, prefixed ``sim-``) and
+the Simulation Engine's settings (number of virtual SuperNodes, each node's CPUs/GPUs).
+The named presets go from a quick check to 1000 users on a 2-core machine; the tiny
+model keeps a client's round under a second there, which is what makes a population of
+that size fit at all.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from fedpal.common.errors import FedpalError
+from fedpal.server.strategy import DEFAULTS, STRATEGIES
+from fedpal.simulations.styles import STYLES_BY_NAME
+
+SIM_PREFIX = "sim-"
+"""Run-config keys of the simulated users (fedpal's own keys are ``fedpal.server.strategy.DEFAULTS``)."""
+
+
+def _help(text: str) -> Any:
+    return {"help": text}
+
+
+@dataclass(frozen=True)
+class PopulationConfig:
+    """One population run. Every field has a help line; ``__post_init__`` checks them all."""
+
+    preset: str = field(default="custom", metadata=_help("Name of the preset this run came from."))
+    model: str = field(default="tiny", metadata=_help("Base model: tiny (random, for scale), default, or a folder."))
+    users: int = field(default=100, metadata=_help("Simulated users, one virtual SuperNode each."))
+    clients_per_round: int = field(default=10, metadata=_help("Users the server samples per round."))
+    rounds: int = field(default=3, metadata=_help("Federated rounds."))
+    seed: int = field(default=0, metadata=_help("Seed of the users, their choices, the sampling and the DP noise."))
+    train_prompts: int = field(default=120, metadata=_help("Pool of training prompts the users answer from."))
+    prompts_per_round: int = field(default=2, metadata=_help("New prompts a user labels each time it is sampled."))
+    pairs_per_prompt: int = field(default=2, metadata=_help("Preference pairs a user stores per labelled prompt."))
+    heldout_prompts: int = field(default=8, metadata=_help("Held-out prompts each evaluated user labels (never trained on)."))
+    eval_users: int = field(default=100, metadata=_help("Users scored at the end (capped at users)."))
+    styles: tuple[str, ...] = field(default=("plain", "one_sentence", "bulleted", "warm_question", "detailed_example"),
+                                    metadata=_help("Reply styles of the template candidates."))
+    labelling: str = field(default="favourite", metadata=_help("favourite (best candidate vs others) or pairs (random pairs)."))
+    shared_weight: float = field(default=0.3, metadata=_help("Weight of the preference every user shares."))
+    minority_fraction: float = field(default=0.2, metadata=_help("Share of users of the minority archetype."))
+    lora_rank: int = field(default=8, metadata=_help("Rank of the shared LoRA adapter."))
+    lora_targets: str = field(default="q_proj,k_proj,v_proj,o_proj", metadata=_help("Modules the adapter wraps."))
+    lora_top_layers: int = field(default=0, metadata=_help("LoRA only in the last N layers (0 = all): fewer noised numbers."))
+    local_steps: int = field(default=4, metadata=_help("Local steps on the shared adapter per round."))
+    learning_rate: float = field(default=2e-3, metadata=_help("Local learning rate."))
+    dpo_beta: float = field(default=0.1, metadata=_help("DPO beta."))
+    batch_size: int = field(default=4, metadata=_help("Local batch size."))
+    max_length: int = field(default=128, metadata=_help("Tokens per encoded pair."))
+    strategy: str = field(default="fedavg", metadata=_help("Flower strategy."))
+    dp: bool = field(default=True, metadata=_help("User-level DP (client clipping, server noise)."))
+    noise_multiplier: float = field(default=1.0, metadata=_help("Noise std / clipping norm (ignored if target_epsilon is set)."))
+    target_epsilon: float = field(default=0.0, metadata=_help("If > 0, the noise multiplier that spends this epsilon in `rounds`."))
+    clipping_norm: float = field(default=0.5, metadata=_help("Clipping norm C of a user's update."))
+    delta: float = field(default=1e-5, metadata=_help("DP delta (keep below 1 / users)."))
+    secagg: bool = field(default=True, metadata=_help("SecAgg+ masking of the updates."))
+    secagg_shares: float = field(default=1.0, metadata=_help("SecAgg+ neighbours: a fraction of the round's clients in (0, 1], or a whole number >= 3 (constant cost per client at scale)."))
+    node_cpus: int = field(default=1, metadata=_help("CPUs Flower reserves per client node (Ray runs cores / node_cpus at once)."))
+    node_gpus: float = field(default=0.0, metadata=_help("GPUs Flower reserves per client node (e.g. 0.25: four clients share one)."))
+
+    def __post_init__(self) -> None:
+        positive = ("users", "clients_per_round", "rounds", "train_prompts", "prompts_per_round", "pairs_per_prompt",
+                    "heldout_prompts", "eval_users", "lora_rank", "batch_size")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise FedpalError(f"{name} must be at least 1, not {getattr(self, name)}")
+        if self.clients_per_round > self.users:
+            raise FedpalError(f"clients_per_round ({self.clients_per_round}) cannot exceed users ({self.users})")
+        if self.secagg and self.clients_per_round < 3:
+            raise FedpalError("SecAgg+ needs at least 3 clients per round: raise clients_per_round or set secagg = false")
+        if self.prompts_per_round > self.train_prompts:
+            raise FedpalError("prompts_per_round cannot exceed train_prompts")
+        if len(self.styles) < 2 or any(s not in STYLES_BY_NAME for s in self.styles):
+            raise FedpalError(f"styles must name at least two of: {', '.join(STYLES_BY_NAME)}")
+        if self.labelling not in ("favourite", "pairs"):
+            raise FedpalError(f"labelling must be 'favourite' or 'pairs', not '{self.labelling}'")
+        if self.strategy not in STRATEGIES:
+            raise FedpalError(f"strategy must be one of {', '.join(STRATEGIES)}, not '{self.strategy}'")
+        for name in ("shared_weight", "minority_fraction"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise FedpalError(f"{name} must be between 0 and 1, not {getattr(self, name)}")
+        for name in ("learning_rate", "dpo_beta", "clipping_norm"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
+                raise FedpalError(f"{name} must be a positive number, not {getattr(self, name)}")
+        if self.dp and self.target_epsilon <= 0 and not self.noise_multiplier > 0:
+            raise FedpalError("with dp on, set a positive noise_multiplier or target_epsilon")
+        if not 0 < self.delta < 1:
+            raise FedpalError(f"delta must be between 0 and 1, not {self.delta}")
+        if not (0 < self.secagg_shares <= 1 or (self.secagg_shares >= 3 and self.secagg_shares == int(self.secagg_shares))):
+            raise FedpalError(f"secagg_shares must be a fraction of the round's clients in (0, 1] or a whole number "
+                              f"of neighbours, at least 3; not {self.secagg_shares}")
+        if self.node_cpus < 1:
+            raise FedpalError(f"node_cpus must be a whole number of CPUs, at least 1, not {self.node_cpus}")
+        if self.node_gpus < 0 or self.lora_top_layers < 0 or self.local_steps < 0:
+            raise FedpalError("node_gpus, lora_top_layers and local_steps must not be negative")
+
+    # -- what the run is made of -------------------------------------------------------
+
+    def noise(self) -> float:
+        """The noise multiplier: as set, or the smallest that keeps epsilon at ``target_epsilon``."""
+        if not self.dp:
+            return 0.0
+        if self.target_epsilon <= 0:
+            return self.noise_multiplier
+        from fedpal.common.privacy import PrivacyBudget, noise_for_epsilon
+
+        budget = PrivacyBudget(noise_multiplier=1.0, clipping_norm=self.clipping_norm, target_delta=self.delta,
+                               population_size=self.users, sample_size=self.clients_per_round)
+        return noise_for_epsilon(budget, self.target_epsilon, self.rounds)
+
+    def run_config(self, run_dir: Path, home_base: Path) -> dict[str, Any]:
+        """The Flower run config of the whole app: fedpal's settings and the ``sim-`` keys."""
+        fedpal = {
+            **DEFAULTS,
+            "model": self.model, "num-server-rounds": self.rounds, "strategy": self.strategy,
+            "fraction-train": self.clients_per_round / self.users, "min-clients": self.clients_per_round,
+            "population-size": self.users, "seed": self.seed, "deterministic": True,
+            "lora-rank": self.lora_rank, "lora-alpha": 2.0 * self.lora_rank, "lora-targets": self.lora_targets,
+            "lora-top-layers": self.lora_top_layers, "objective": "both", "local-steps": self.local_steps,
+            "personal-steps": 0, "personal-guard": False, "learning-rate": self.learning_rate,
+            "dpo-beta": self.dpo_beta, "batch-size": self.batch_size, "max-length": self.max_length,
+            "dp": self.dp, "noise-multiplier": self.noise() if self.dp else DEFAULTS["noise-multiplier"],
+            "clipping-norm": self.clipping_norm, "delta": self.delta, "secagg": self.secagg,
+            "secagg-shares": self.secagg_shares, "final-adapter": False, "run-dir": str(run_dir),
+            "home-base": str(home_base),
+        }
+        users = {
+            "train-prompts": self.train_prompts, "prompts-per-round": self.prompts_per_round,
+            "pairs-per-prompt": self.pairs_per_prompt, "heldout-prompts": self.heldout_prompts,
+            "eval-users": min(self.eval_users, self.users), "styles": ",".join(self.styles),
+            "labelling": self.labelling, "shared-weight": self.shared_weight,
+            "minority-fraction": self.minority_fraction,
+        }
+        return {**fedpal, **{SIM_PREFIX + k: v for k, v in users.items()}}
+
+    def federation_config(self) -> dict[str, Any]:
+        """The Simulation Engine's settings for ``flwr run --federation-config``."""
+        return {"num-supernodes": self.users, "backend": "ray", "client-resources-num-cpus": self.node_cpus,
+                "client-resources-num-gpus": self.node_gpus}
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["styles"] = list(self.styles)
+        return data
+
+
+@dataclass(frozen=True)
+class SimulatedUsers:
+    """The ``sim-`` part of a run config, as the ClientApp and the ServerApp read it."""
+
+    users: int
+    seed: int
+    train_prompts: int
+    prompts_per_round: int
+    pairs_per_prompt: int
+    heldout_prompts: int
+    eval_users: int
+    styles: tuple[str, ...]
+    labelling: str
+    shared_weight: float
+    minority_fraction: float
+
+    @classmethod
+    def from_run_config(cls, run_config: dict[str, Any]) -> "SimulatedUsers":
+        try:
+            get = {k[len(SIM_PREFIX):].replace("-", "_"): v for k, v in run_config.items() if k.startswith(SIM_PREFIX)}
+            return cls(users=int(run_config["population-size"]), seed=int(run_config["seed"]),
+                       train_prompts=int(get["train_prompts"]), prompts_per_round=int(get["prompts_per_round"]),
+                       pairs_per_prompt=int(get["pairs_per_prompt"]), heldout_prompts=int(get["heldout_prompts"]),
+                       eval_users=int(get["eval_users"]), styles=tuple(str(get["styles"]).split(",")),
+                       labelling=str(get["labelling"]), shared_weight=float(get["shared_weight"]),
+                       minority_fraction=float(get["minority_fraction"]))
+        except KeyError as err:
+            raise FedpalError(f"this run config has no {SIM_PREFIX}{str(err.args[0]).replace('_', '-')} setting: "
+                              "it is not a population simulation") from None
+
+
+def split_run_config(run_config: dict[str, Any]) -> tuple[dict[str, Any], SimulatedUsers]:
+    """fedpal's federation settings and the simulated users' settings of one run config."""
+    fedpal = {k: v for k, v in run_config.items() if not k.startswith(SIM_PREFIX)}
+    return fedpal, SimulatedUsers.from_run_config(run_config)
+
+
+_TINY_SCALE = dict(model="tiny", lora_rank=4, lora_top_layers=0, local_steps=4, secagg_shares=7.0)
+
+PRESETS: dict[str, PopulationConfig] = {
+    "quick": PopulationConfig(preset="quick", users=12, clients_per_round=6, rounds=2, eval_users=12, secagg_shares=1.0,
+                              noise_multiplier=0.5, clipping_norm=0.5, **{k: v for k, v in _TINY_SCALE.items() if k != "secagg_shares"}),
+    "p100": PopulationConfig(preset="p100", users=100, clients_per_round=10, **_TINY_SCALE),
+    "p300": PopulationConfig(preset="p300", users=300, clients_per_round=30, **_TINY_SCALE),
+    "p1000": PopulationConfig(preset="p1000", users=1000, clients_per_round=100, **_TINY_SCALE),
+}
+
+
+def load_population_config(preset: str, settings: dict[str, str] | None = None) -> PopulationConfig:
+    """A preset with some fields replaced from ``name -> text`` pairs (``--set name=value``),
+    each read as the field's type; one clear line for an unknown name or a bad value."""
+    if preset not in PRESETS:
+        raise FedpalError(f"unknown preset '{preset}'; choose one of {', '.join(PRESETS)}")
+    types = {f.name: str(f.type) for f in fields(PopulationConfig)}
+    changes: dict[str, Any] = {}
+    for name, text in (settings or {}).items():
+        if name not in types:
+            raise FedpalError(f"unknown setting '{name}'; known settings: {', '.join(sorted(types))}")
+        changes[name] = _parse(name, types[name], text)
+    return replace(PRESETS[preset], **changes)
+
+
+def _parse(name: str, kind: str, text: str) -> Any:
+    words = {"true": True, "false": False}
+    try:
+        if kind == "bool":
+            return words[text.strip().lower()]
+        if kind == "int":
+            return int(text)
+        if kind == "float":
+            value = float(text)
+            if not math.isfinite(value):
+                raise ValueError
+            return value
+    except (KeyError, ValueError):
+        raise FedpalError(f"{name} must be {'true or false' if kind == 'bool' else 'an integer' if kind == 'int' else 'a number'}, not {text!r}") from None
+    if kind.startswith("tuple"):
+        return tuple(part.strip() for part in text.split(",") if part.strip())
+    return text

@@ -1,0 +1,197 @@
+"""``fedpal population``: simulated users on their own client nodes of one Flower app.
+
+The module's fixture runs ``fedpal population run --preset quick`` as a user runs it: one
+``flwr run`` against a simulation SuperLink started (and stopped) for it, Flower's
+Simulation Engine on Ray, DP and SecAgg+ on; about 40 s on 2 cores.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fedpal.common.errors import FedpalError
+from fedpal.common.privacy import PrivacyBudget, epsilon_after, noise_for_epsilon
+from fedpal.simulations.population.settings import PRESETS, load_population_config
+from fedpal.simulations.population.study import HeldoutScore, StudyPlan
+
+QUICK = PRESETS["quick"]
+
+
+def _cli(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "fedpal.common.cli", "population", *args], capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory) -> tuple[dict, Path]:
+    out = tmp_path_factory.mktemp("population") / "quick"
+    done = _cli("run", "--preset", "quick", "--out", str(out), "--json")
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert json.loads(done.stdout) == results  # progress bars on stderr, one JSON document on stdout
+    return results, out
+
+
+def test_the_quick_preset_runs_every_round_as_one_flwr_run_and_every_user_scores_it(quick):
+    results, out = quick
+    assert results["rounds"] == QUICK.rounds and len(results["round_seconds"]) == QUICK.rounds
+    log = (out / "flwr-run.log").read_text()
+    assert log.count("Successfully started run") == 1  # one app, one run: no per-round restart
+    assert f"({QUICK.users} simulated SuperNodes)" in log
+    score = results["score"]
+    assert score["users"] == QUICK.eval_users
+    assert score["pairs"] == QUICK.eval_users * QUICK.heldout_prompts * QUICK.pairs_per_prompt
+    assert 0 <= score["base_accuracy"] <= 1 and 0 <= score["shared_accuracy"] <= 1
+    assert score["gain_ci95"][0] <= score["gain"] <= score["gain_ci95"][1]
+    assert results["peak_memory_mb"] > 100  # the SuperLink, the ServerApp and Ray's workers were measured
+
+
+def test_the_accountant_spent_what_the_settings_say(quick):
+    results, _ = quick
+    budget = PrivacyBudget(QUICK.noise_multiplier, QUICK.clipping_norm, QUICK.delta, QUICK.users, QUICK.clients_per_round)
+    assert results["epsilon"] == pytest.approx(epsilon_after(budget, QUICK.rounds))
+    assert results["noise_stddev_on_mean"] == pytest.approx(QUICK.noise_multiplier * QUICK.clipping_norm / QUICK.clients_per_round)
+
+
+def test_sampled_users_stored_their_choices_encrypted_on_their_own_node(quick):
+    from fedpal.client.home import ClientHome
+    from fedpal.client.memory import PreferenceMemory
+
+    _, out = quick
+    homes = sorted((out / "users").iterdir(), key=lambda p: int(p.name))
+    assert len(homes) == QUICK.users  # every node saved the final adapter it scored
+    stored, leaked = 0, []
+    for home in homes:
+        if not ClientHome(home).memory_db.exists():
+            continue
+        with PreferenceMemory.open(home, passphrase=f"fedpal-simulation-{QUICK.seed}") as memory:
+            pairs = memory.records("pair")
+        stored += len(pairs)
+        raw = ClientHome(home).memory_db.read_bytes()
+        leaked += [p.fields["chosen"] for p in pairs if p.fields["chosen"].encode() in raw]
+    # each sampled user labels prompts_per_round new prompts (pairs_per_prompt pairs each) per round it trains
+    assert stored == QUICK.rounds * QUICK.clients_per_round * QUICK.prompts_per_round * QUICK.pairs_per_prompt
+    assert leaked == []
+
+
+def test_noise_for_epsilon_is_the_smallest_noise_within_the_target():
+    budget = PrivacyBudget(1.0, 0.5, 1e-5, 1000, 100)
+    z = noise_for_epsilon(budget, 8.0, 3)
+    assert epsilon_after(PrivacyBudget(z, 0.5, 1e-5, 1000, 100), 3) <= 8.0
+    assert epsilon_after(PrivacyBudget(z * 0.98, 0.5, 1e-5, 1000, 100), 3) > 8.0
+    with pytest.raises(FedpalError, match="positive"):
+        noise_for_epsilon(budget, 0.0, 3)
+
+
+def test_the_held_out_gain_beats_the_base_only_when_its_interval_is_above_zero():
+    def evaluation(gains):
+        return {"users": [{"user": i, "pairs": 10, "base_right": 5, "shared_right": 5 + g} for i, g in enumerate(gains)]}
+
+    clear = HeldoutScore.of(evaluation([1, 2, 1, 2, 1, 2]))
+    assert clear.beats_base and clear.gain == pytest.approx(0.15)
+    mixed = HeldoutScore.of(evaluation([2, -2, 1, -1, 0, 1]))
+    assert not mixed.beats_base and mixed.gain_low < 0 < mixed.gain_high
+    with pytest.raises(FedpalError, match="no interval"):
+        HeldoutScore.of(evaluation([1]))
+
+
+def test_a_study_plan_runs_each_distinct_setting_once_with_clients_growing_with_users():
+    plan = StudyPlan()
+    runs = plan.runs()
+    assert [runs[plan.sizes_key(n)].clients_per_round for n in plan.sizes] == [3, 5, 10, 30, 100]  # SecAgg+ needs 3
+    assert f"users={plan.sweep_users} no DP" in runs and not runs[f"users={plan.sweep_users} no DP"].dp
+    # 300 users at epsilon 8 is in two sweeps and runs once; plus a noise-only twin per size
+    assert len(runs) == 2 * len(plan.sizes) + len(plan.epsilons) - 1 + len(plan.adapters) - 1
+    hundred, largest = runs[plan.sizes_key(100)], runs[plan.sizes_key(1000)]
+    assert largest.target_epsilon == hundred.target_epsilon == 8.0
+    assert largest.clients_per_round / largest.users == hundred.clients_per_round / hundred.users  # same noise
+    for n in plan.sizes:
+        twin, learner = runs[plan.control_key(n)], runs[plan.sizes_key(n)]
+        assert twin.learning_rate == 1e-12 and replace(twin, learning_rate=learner.learning_rate, preset="") == replace(learner, preset="")
+
+
+@pytest.mark.parametrize("setting, error", [
+    ({"users": "abc"}, "users must be an integer, not 'abc'"),
+    ({"dp": "maybe"}, "dp must be true or false, not 'maybe'"),
+    ({"clients_per_round": "500"}, "clients_per_round (500) cannot exceed users (12)"),
+    ({"colour": "red"}, "unknown setting 'colour'"),
+    ({"secagg_shares": "2.5"}, "secagg_shares must be a fraction of the round's clients in (0, 1] or a whole number"),
+])
+def test_a_bad_setting_is_one_clear_line(setting, error):
+    with pytest.raises(FedpalError) as raised:
+        load_population_config("quick", setting)
+    assert str(raised.value).startswith(error) and "\n" not in str(raised.value)
+
+
+def test_the_command_refuses_a_bad_setting_in_one_line_and_writes_nothing(tmp_path):
+    done = _cli("run", "--preset", "quick", "--out", str(tmp_path / "out"), "--set", "users=abc", timeout=120)
+    assert done.returncode != 0
+    assert done.stderr.strip().splitlines() == ["error: users must be an integer, not 'abc'"]
+    assert not (tmp_path / "out").exists()
+
+
+def test_settings_read_each_field_as_its_type():
+    config = load_population_config("p100", {"target_epsilon": "4", "styles": "plain,bulleted", "secagg": "false"})
+    assert config.target_epsilon == 4.0 and config.styles == ("plain", "bulleted") and config.secagg is False
+    assert np.isclose(config.noise(), noise_for_epsilon(PrivacyBudget(1.0, config.clipping_norm, config.delta, 100, 10), 4.0, 3))
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.mark.slow
+def test_the_same_app_on_a_two_node_ray_cluster_gives_the_same_results(quick, tmp_path):
+    """A Ray cluster of two nodes on this machine (``ray start --head`` plus ``ray start
+    --address``); only the Ray address changes, and the results match the single-node run's."""
+    import shutil
+
+    from fedpal.server.server_app import load_global_adapter
+
+    single, single_out = quick
+    ray = shutil.which("ray") or str(Path(sys.executable).parent / "ray")
+    address = f"127.0.0.1:{_free_port()}"
+    quiet = {"capture_output": True, "text": True, "timeout": 120}
+    try:
+        head = subprocess.run([ray, "start", "--head", f"--port={address.rsplit(':', 1)[1]}", "--num-cpus=1",
+                               "--include-dashboard=false", "--disable-usage-stats"], **quiet)
+        assert head.returncode == 0, head.stderr[-2000:]
+        worker = subprocess.run([ray, "start", f"--address={address}", "--num-cpus=1", "--disable-usage-stats"], **quiet)
+        assert worker.returncode == 0, worker.stderr[-2000:]
+        nodes = subprocess.run([sys.executable, "-c", "import ray; ray.init(address='auto', logging_level='ERROR'); "
+                                "print(sum(n['Alive'] for n in ray.nodes()))"], **quiet)
+        assert nodes.stdout.strip().splitlines()[-1] == "2", nodes.stderr[-2000:]
+        out = tmp_path / "two-nodes"
+        done = _cli("run", "--preset", "quick", "--out", str(out), "--ray-address", address, "--json")
+        assert done.returncode == 0, done.stderr[-3000:]
+    finally:
+        subprocess.run([ray, "stop", "--force"], **quiet)
+    cluster = json.loads((out / "results.json").read_text())
+    for key in ("rounds", "epsilon", "noise_multiplier", "score", "scored_users", "adapter_numbers"):
+        assert cluster[key] == single[key], key
+    assert cluster["global_change_norm"] == pytest.approx(single["global_change_norm"], abs=1e-6)
+    ours, theirs = load_global_adapter(out / "run"), load_global_adapter(single_out / "run")
+    for name in ours:
+        assert np.allclose(ours[name], theirs[name], atol=1e-6), name
+
+
+def test_secagg_shares_are_a_fraction_or_a_fixed_number_of_neighbours():
+    from fedpal.server.strategy import FederationSettings, secagg_shares
+
+    fixed = FederationSettings.from_run_config({"secagg-shares": 7.0})
+    assert secagg_shares(fixed, 100) == 7 and isinstance(secagg_shares(fixed, 100), int)
+    assert secagg_shares(fixed, 5) == 1.0  # a round smaller than the neighbourhood: everyone
+    assert secagg_shares(FederationSettings.from_run_config({"secagg-shares": 0.1}), 100) == 0.1
+    with pytest.raises(FedpalError, match="secagg-shares must be a fraction"):
+        FederationSettings.from_run_config({"secagg-shares": 2.0})
