@@ -474,7 +474,7 @@ def test_two_processes_writing_at_once_lose_nothing(tmp_path: Path):
 field_text = st.one_of(
     st.text(),
     st.just(""),
-    st.builds(lambda ch, n: ch * n, st.characters(), st.integers(20_000, 100_000)),
+    st.builds(lambda ch, n: ch * n, st.characters(exclude_categories=("Cs",)), st.integers(20_000, 100_000)),
 )
 lines = st.one_of(
     st.fixed_dictionaries({"kind": st.just("stated"), "text": field_text}),
@@ -490,7 +490,7 @@ lines = st.one_of(
                                            "tags": st.lists(st.text(min_size=1), max_size=3)}))
 
 
-@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(records=st.lists(lines, max_size=6), ensure_ascii=st.booleans())
 def test_import_keeps_arbitrary_unicode_huge_and_empty_fields_exactly(records, ensure_ascii):
     with tempfile.TemporaryDirectory() as tmp:

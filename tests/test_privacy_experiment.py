@@ -1,6 +1,6 @@
 """``fedpal privacy audit --preset quick``, run once as a user runs it, backs these tests.
 
-The quick preset runs four real federations (protection off, DP, SecAgg+, both) with
+The quick preset runs three real federations (protection off, DP, DP + SecAgg+) with
 canary clients and two budget-vs-utility runs on Flower's simulation engine with the
 tiny model, and attacks each; a few minutes on 2 cores.
 """
@@ -76,7 +76,7 @@ def test_dp_spends_what_the_accountant_says_and_secagg_changes_what_the_server_i
     results, _ = audit
     assert results["epsilon"]["dp"] == pytest.approx(results["epsilon"]["dp+secagg"])
     assert results["inversion"]["off"]["attacked"] == "user 0's update of round 1"
-    assert results["inversion"]["secagg"]["attacked"] == "the secure aggregate of round 1"
+    assert results["inversion"]["dp+secagg"]["attacked"] == "the secure aggregate of round 1"
     sweep = {row["noise_multiplier"]: row["epsilon"] for row in results["budget_vs_utility"]}
     assert sweep == {0.0: None, PRESETS["quick"].noise_multiplier: results["epsilon"]["dp"]}
 

@@ -113,7 +113,8 @@ class AuditConfig:
 
 
 PRESETS: dict[str, AuditConfig] = {
-    "quick": AuditConfig(preset="quick", sweep=(), canary_clients=32, canary_norm=0.5),
+    # three settings, not four: SecAgg+ alone differs from DP + SecAgg+ only by the noise, which "dp" already isolates
+    "quick": AuditConfig(preset="quick", sweep=(), canary_clients=32, canary_norm=0.5, protections=("off", "dp", "dp+secagg")),
     "default": AuditConfig(
         preset="default",
         model="default",
