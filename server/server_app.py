@@ -18,7 +18,7 @@ import random
 import secrets
 import time
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -105,12 +105,19 @@ class OrderedClientManager(SimpleClientManager):
     """Flower's client manager, sampling from the node ids in sorted order.
 
     ``random.sample`` over registration order would draw different nodes for the same
-    seed after a restart; over sorted ids, a seeded round draws the same ones.
+    seed after a restart; over sorted ids, a seeded round draws the same ones. A
+    simulation, whose node ids are drawn afresh each run, passes ``node_order`` (node id
+    to its partition id) so that a seed draws the same *users* in every run.
     """
+
+    def __init__(self, node_order: Callable[[int], int] | None = None) -> None:
+        super().__init__()
+        self.node_order = node_order
 
     def sample(self, num_clients: int, min_num_clients: int | None = None, criterion: Any = None) -> list:
         with self._cv:
-            self.clients = dict(sorted(self.clients.items()))
+            key = (lambda item: self.node_order(int(item[0]))) if self.node_order else None
+            self.clients = dict(sorted(self.clients.items(), key=key))
         return super().sample(num_clients, min_num_clients, criterion)
 
 
@@ -141,10 +148,11 @@ def run_dir(settings: FederationSettings) -> Path:
 
 
 def run_federation(grid: Grid, context: Context, settings: FederationSettings,
-                   observers: Sequence[Observer] = ()) -> Path:
+                   observers: Sequence[Observer] = (), node_order: Callable[[int], int] | None = None) -> Path:
     """Run (or resume) the federation described by ``settings``; returns the run folder.
 
-    ``observers`` see every round's replies as the server receives them (privacy audits)."""
+    ``observers`` see every round's replies as the server receives them (privacy audits);
+    ``node_order`` orders nodes for sampling (see ``OrderedClientManager``)."""
     from flwr.app import ConfigRecord
     from flwr.common import ndarrays_to_parameters
     from flwr.compat.common import recorddict_compat as compat
@@ -182,7 +190,7 @@ def run_federation(grid: Grid, context: Context, settings: FederationSettings,
         context=context,
         config=ServerConfig(num_rounds=settings["num-server-rounds"]),
         strategy=strategy,
-        client_manager=OrderedClientManager(),
+        client_manager=OrderedClientManager(node_order),
     )
     thread, stop, registered = start_update_client_manager_thread(counting, legacy.client_manager)
     try:

@@ -107,8 +107,12 @@ def test_a_study_plan_runs_each_distinct_setting_once_with_clients_growing_with_
     runs = plan.runs()
     assert [runs[plan.sizes_key(n)].clients_per_round for n in plan.sizes] == [3, 5, 10, 30, 100]  # SecAgg+ needs 3
     assert f"users={plan.sweep_users} no DP" in runs and not runs[f"users={plan.sweep_users} no DP"].dp
-    # 300 users at epsilon 8 is in two sweeps and runs once; plus a noise-only twin per size
-    assert len(runs) == 2 * len(plan.sizes) + len(plan.epsilons) - 1 + len(plan.adapters) - 1
+    # every size with each of its seeds, and a noise-only twin of each; 300 users at epsilon 8 (seed 0) is
+    # in two sweeps and runs once
+    repeats = sum(len(plan.seeds_for(n)) for n in plan.sizes)
+    assert repeats == 2 * len(plan.sizes) - 1  # 1000 users: one seed
+    assert len(runs) == 2 * repeats + len(plan.epsilons) - 1 + len(plan.adapters) - 1
+    assert runs[plan.sizes_key(100, 1)].seed == 1 and runs[plan.control_key(100, 1)].seed == 1
     hundred, largest = runs[plan.sizes_key(100)], runs[plan.sizes_key(1000)]
     assert largest.target_epsilon == hundred.target_epsilon == 8.0
     assert largest.clients_per_round / largest.users == hundred.clients_per_round / hundred.users  # same noise

@@ -26,9 +26,7 @@ def write_study_report(results: Mapping[str, Any], out: Path) -> list[Path]:
     plan, runs = results["plan"], results["runs"]
     sizes = [runs[f"users={n} eps={plan['epsilon']:g}"] for n in plan["sizes"]]
     budgets = [runs[_budget_key(plan, e)] for e in plan["epsilons"]]
-    controls = plan.get("controls") or {}
-    twins = [runs[controls[key]] for key in (str(n) if str(n) in controls else n for n in plan["sizes"])
-             if key in controls]
+    twins = [runs[f"users={n} eps={plan['epsilon']:g} noise only (no learning)"] for n in plan["sizes"]] if plan["control"] else []
     _plot_gain(out / USERS_PNG, [r["users"] for r in sizes], sizes, "simulated users (log)",
                f"shared adapter vs base at epsilon {plan['epsilon']:g}", log_x=True, twins=twins)
     dp = [(e, r) for e, r in zip(plan["epsilons"], budgets) if e > 0]
@@ -75,23 +73,26 @@ def _markdown(results: Mapping[str, Any], sizes: list[Mapping[str, Any]], budget
         "",
         f"## Where DP stops hurting: users at epsilon {plan['epsilon']:g}",
         "",
-        "| users | clients/round | noise multiplier | noise std on the mean | epsilon | base | shared | gain [95% CI] "
+        "| users | seed | clients/round | noise multiplier | noise std on the mean | epsilon | base | shared | gain [95% CI] "
         "| noise-only gain [95% CI] | gain over noise [95% CI] | learned |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    controls = plan.get("controls") or {}
     for r in sizes:
-        control = runs.get(controls.get(str(r["users"])) or controls.get(r["users"]) or "")
-        over = over_noise(r, control) if control else None
-        learned = r["score"]["beats_base"] and (over is None or over[0] > 0)
-        lines.append(f"| {r['users']} | {r['clients_per_round']} | {r['noise_multiplier']:.3f} | "
-                     f"{r['noise_stddev_on_mean'] or 0:.4f} | {_eps(r)} | {r['score']['base_accuracy']:.3f} | "
-                     f"{r['score']['shared_accuracy']:.3f} | {_gain(r)} | {_gain(control) if control else '-'} | "
-                     f"{f'{over[0]:+.3f} .. {over[1]:+.3f}' if over else '-'} | {'yes' if learned else 'no'} |")
+        for seed in plan["seeds"][str(r["users"])] if str(r["users"]) in plan["seeds"] else plan["seeds"][r["users"]]:
+            key = f"users={r['users']} eps={plan['epsilon']:g}" + (f" seed={seed}" if seed != base["seed"] else "")
+            run = runs[key]
+            control = runs[key + " noise only (no learning)"] if plan["control"] else None
+            over = over_noise(run, control) if control else None
+            learned = run["score"]["beats_base"] and (over is None or over[0] > 0)
+            lines.append(f"| {run['users']} | {seed} | {run['clients_per_round']} | {run['noise_multiplier']:.3f} | "
+                         f"{run['noise_stddev_on_mean'] or 0:.4f} | {_eps(run)} | {run['score']['base_accuracy']:.3f} | "
+                         f"{run['score']['shared_accuracy']:.3f} | {_gain(run)} | {_gain(control) if control else '-'} | "
+                         f"{f'{over[0]:+.3f} .. {over[1]:+.3f}' if over else '-'} | {'yes' if learned else 'no'} |")
     lines += ["", ("Noise-only twins: each size again with learning switched off (learning rate 1e-12), so the "
                    "global adapter is the DP noise alone. *Learned* means the gain's interval is above zero and "
-                   "above the twin's (unpaired: different users were scored).") if controls else "", "",
-              (f"The shared adapter first beats the base model beyond its 95% interval (and its noise-only twin) "
+                   "above the twin's (unpaired: different users were scored). A size counts as learned when every seed run "
+                   "at it learned (the seed also draws the DP noise).") if plan["control"] else "", "",
+              (f"The shared adapter first beats the base model beyond its 95% interval (and its noise-only twin), with every seed, "
                f"at **{first} users**." if first else
                "The shared adapter does not beat the base model beyond its 95% interval at any size run."), ""]
     lines += [f"![gain vs users]({USERS_PNG})", "",

@@ -1,7 +1,8 @@
 """The population app's ServerApp: fedpal's federation, then the global adapter scored by users.
 
-The rounds are fedpal's own (``run_federation``: sampling, clipping, noise, SecAgg+,
-accountant, checkpoints). After the last one a seeded sample of ``eval-users`` nodes
+First a roll call: each node says which user (partition) it is, so sampling follows
+the users and a seed draws the same ones in every run. The rounds are fedpal's own
+(``run_federation``: sampling, clipping, noise, SecAgg+, accountant, checkpoints). After the last one a seeded sample of ``eval-users`` nodes
 receives the final global adapter in an evaluate message and answers with how many of
 its user's held-out pairs the base model and the adapter rank the user's way; the
 answers go to ``evaluation.json`` in the run folder.
@@ -17,9 +18,10 @@ import numpy as np
 from flwr.app import Context, Message
 from flwr.serverapp import Grid, ServerApp
 
+from fedpal.common.errors import FedpalError
 from fedpal.server.server_app import load_global_adapter, run_federation
 from fedpal.server.strategy import FederationSettings
-from fedpal.simulations.population.node import HELDOUT_EVAL
+from fedpal.simulations.population.node import HELDOUT_EVAL, ROLL_CALL
 from fedpal.simulations.population.settings import SimulatedUsers, split_run_config
 
 log = logging.getLogger("fedpal.simulations")
@@ -27,9 +29,27 @@ log = logging.getLogger("fedpal.simulations")
 EVALUATION_FILE = "evaluation.json"
 EVAL_GROUP = "heldout"
 EVAL_TIMEOUT = 3600.0
+ROLL_CALL_TIMEOUT = 600.0
 
 
-def score_global_adapter(grid: Grid, settings: FederationSettings, sim: SimulatedUsers, folder) -> dict:
+def roll_call(grid: Grid) -> dict[int, int]:
+    """Each node's partition id (its simulated user), asked once before the first round."""
+    from flwr.app import ConfigRecord, RecordDict
+
+    nodes = sorted(grid.get_node_ids())
+    messages = [Message(RecordDict({ROLL_CALL: ConfigRecord({"ask": True})}), dst_node_id=node, message_type="query",
+                        group_id=ROLL_CALL) for node in nodes]
+    answers = {}
+    for reply in grid.send_and_receive(messages, timeout=ROLL_CALL_TIMEOUT):
+        if not reply.has_error():
+            answers[int(reply.metadata.src_node_id)] = int(reply.content.config_records[ROLL_CALL]["partition-id"])
+    if len(answers) < len(nodes):
+        raise FedpalError(f"only {len(answers)} of {len(nodes)} nodes answered the roll call")
+    return answers
+
+
+def score_global_adapter(grid: Grid, settings: FederationSettings, sim: SimulatedUsers, folder,
+                         users: dict[int, int]) -> dict:
     """Ask ``sim.eval_users`` nodes to score the final global adapter on their held-out pairs."""
     from flwr.common import EvaluateIns, MessageType, ndarrays_to_parameters
     from flwr.compat.common import recorddict_compat as compat
@@ -38,7 +58,7 @@ def score_global_adapter(grid: Grid, settings: FederationSettings, sim: Simulate
     metrics = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
     rounds_done = sum(1 for m in metrics if m.get("aggregated"))
     arrays = list(load_global_adapter(folder).values())
-    nodes = sorted(grid.get_node_ids())
+    nodes = sorted(grid.get_node_ids(), key=lambda node: users.get(int(node), len(users)))
     rng = np.random.default_rng([settings["seed"], 424242])
     # indices, not ids: node ids above 2**63 would pass through numpy as floats and lose digits
     asked = [nodes[i] for i in sorted(rng.choice(len(nodes), size=min(sim.eval_users, len(nodes)), replace=False))]
@@ -67,7 +87,8 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     fedpal, sim = split_run_config(dict(context.run_config))
     settings = FederationSettings.from_run_config(fedpal)
-    folder = run_federation(grid, context, settings)
-    evaluation = score_global_adapter(grid, settings, sim, folder)
+    users = roll_call(grid)
+    folder = run_federation(grid, context, settings, node_order=users.__getitem__)
+    evaluation = score_global_adapter(grid, settings, sim, folder, users)
     (folder / EVALUATION_FILE).write_text(json.dumps(evaluation, indent=1))
     log.info("population evaluation: %d users scored the global adapter", len(evaluation["users"]))

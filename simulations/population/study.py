@@ -128,6 +128,14 @@ class StudyPlan:
     DP noise alone, so its "gain" is what noise without learning scores (with few users the
     noise is large enough to move the base model's rankings either way)."""
     adapters: dict[str, dict[str, Any]] = field(default_factory=lambda: dict(ADAPTERS))
+    seeds: tuple[int, ...] = (0, 1)
+    """Seeds of the size sweep (and its twins): where the noise is as large as the signal, one
+    noise draw decides the outcome, and the 95% interval over scored users cannot show it."""
+    repeat_up_to: int = 300
+    """Sizes above this run with the first seed only (their noise on the mean is ~10x below the signal)."""
+
+    def seeds_for(self, users: int) -> tuple[int, ...]:
+        return self.seeds if users <= self.repeat_up_to else self.seeds[:1]
 
     def config(self, users: int, epsilon: float, adapter: str | None = None) -> PopulationConfig:
         changes = {"users": users, "clients_per_round": max(3, round(self.sampling_rate * users)),
@@ -136,11 +144,11 @@ class StudyPlan:
         changes.update(self.adapters[adapter] if adapter else {})
         return replace(self.base, **changes)
 
-    def sizes_key(self, users: int) -> str:
-        return f"users={users} eps={self.epsilon:g}"
+    def sizes_key(self, users: int, seed: int | None = None) -> str:
+        return f"users={users} eps={self.epsilon:g}" + (f" seed={seed}" if seed not in (None, self.seeds[0]) else "")
 
-    def control_key(self, users: int) -> str:
-        return f"users={users} eps={self.epsilon:g} noise only (no learning)"
+    def control_key(self, users: int, seed: int | None = None) -> str:
+        return self.sizes_key(users, seed) + " noise only (no learning)"
 
     def runs(self) -> dict[str, PopulationConfig]:
         """Every distinct run by a readable name (a run two sweeps share is made once)."""
@@ -152,17 +160,20 @@ class StudyPlan:
         for name in self.adapters:
             if name != first:
                 named[f"users={self.sweep_users} eps={self.epsilon:g} {name}"] = self.config(self.sweep_users, self.epsilon, name)
-        if self.control:
-            for n in self.sizes:
-                named[self.control_key(n)] = replace(self.config(n, self.epsilon), learning_rate=1e-12,
-                                                     preset=f"study-{n}-eps{self.epsilon:g}-noise-only")
+        for n in self.sizes:
+            for seed in self.seeds_for(n):
+                learner = replace(self.config(n, self.epsilon), seed=seed) if seed != self.seeds[0] else self.config(n, self.epsilon)
+                named.setdefault(self.sizes_key(n, seed), learner)
+                if self.control:
+                    named[self.control_key(n, seed)] = replace(learner, learning_rate=1e-12,
+                                                               preset=f"study-{n}-eps{self.epsilon:g}-noise-only")
         return named
 
 
 STUDIES: dict[str, StudyPlan] = {
     "default": StudyPlan(),
     "quick": StudyPlan(base=PRESETS["quick"], sizes=(8, 12), sampling_rate=0.5, epsilons=(8.0, 0.0), sweep_users=8,
-                       adapters={"rank 4, q/k/v/o, all layers": {}}, control=False),
+                       adapters={"rank 4, q/k/v/o, all layers": {}}, control=False, seeds=(0,)),
 }
 
 
@@ -175,12 +186,16 @@ def over_noise(run: dict[str, Any], control: dict[str, Any]) -> list[float]:
 
 
 def learned(runs: dict[str, Any], plan: "StudyPlan", users: int) -> bool:
-    """The shared adapter beats the base model beyond its 95% interval, and (with controls) beats
-    the DP noise alone too: what it gained was learned, not the noise moving the rankings."""
-    run = runs[plan.sizes_key(users)]
-    if not run["score"]["beats_base"]:
-        return False
-    return not plan.control or over_noise(run, runs[plan.control_key(users)])[0] > 0
+    """With every seed, the shared adapter beats the base model beyond its 95% interval, and
+    (with controls) beats the DP noise alone too: what it gained was learned, not the noise
+    moving the rankings."""
+    for seed in plan.seeds_for(users):
+        run = runs[plan.sizes_key(users, seed)]
+        if not run["score"]["beats_base"]:
+            return False
+        if plan.control and over_noise(run, runs[plan.control_key(users, seed)])[0] <= 0:
+            return False
+    return True
 
 
 def run_folder(name: str) -> str:
@@ -216,7 +231,7 @@ def population_study(plan: StudyPlan, out: Path, progress: Progress | None = Non
     results = {
         "plan": {"sizes": list(plan.sizes), "sampling_rate": plan.sampling_rate, "epsilon": plan.epsilon,
                  "epsilons": list(plan.epsilons), "sweep_users": plan.sweep_users, "adapters": list(plan.adapters),
-                 "controls": {n: plan.control_key(n) for n in plan.sizes} if plan.control else {},
+                 "control": plan.control, "seeds": {n: list(plan.seeds_for(n)) for n in plan.sizes},
                  "base": plan.base.to_dict()},
         "runs": runs,
         "first_size_beating_base": next((n for n in sorted(plan.sizes) if learned(runs, plan, n)), None),
