@@ -199,3 +199,23 @@ def test_secagg_shares_are_a_fraction_or_a_fixed_number_of_neighbours():
     assert secagg_shares(FederationSettings.from_run_config({"secagg-shares": 0.1}), 100) == 0.1
     with pytest.raises(FedpalError, match="secagg-shares must be a fraction"):
         FederationSettings.from_run_config({"secagg-shares": 2.0})
+
+
+def test_a_seeded_round_samples_the_same_users_whatever_node_ids_flower_drew():
+    import random
+
+    from flwr.server.client_proxy import ClientProxy
+
+    from fedpal.server.server_app import OrderedClientManager
+
+    abstract = ("get_properties", "get_parameters", "fit", "evaluate", "reconnect")
+    Node = type("Node", (ClientProxy,), {name: lambda *args, **kwargs: None for name in abstract})
+    drawn = []
+    for ids in (random.Random(1).sample(range(10**12), 12), random.Random(2).sample(range(10**12), 12)):
+        users = {node: partition for partition, node in enumerate(ids)}
+        manager = OrderedClientManager(node_order=users.__getitem__)
+        for node in reversed(ids):
+            manager.register(Node(str(node)))
+        random.seed(7)
+        drawn.append(sorted(users[int(proxy.cid)] for proxy in manager.sample(4)))
+    assert drawn[0] == drawn[1]
