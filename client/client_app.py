@@ -224,13 +224,30 @@ def when_secagg(msg: Message, ctxt: Context, call_next: Callable[[Message, Conte
 
 
 def when_clipping(msg: Message, ctxt: Context, call_next: Callable[[Message, Context], Message]) -> Message:
-    """Flower's ``fixedclipping_mod``, on train messages that carry a clipping norm (DP on)."""
+    """Flower's ``fixedclipping_mod``, on train messages that carry a clipping norm (DP on).
+
+    Flower 1.41 divides the clipping norm by the update's norm, so a node whose update is
+    exactly zero (it learned nothing this round, e.g. a tiny learning rate on a large
+    adapter) would fail the round with ZeroDivisionError; a zero update needs no
+    clipping and goes out as it is.
+    """
     from flwr.client.mod import fixedclipping_mod
     from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
-    if KEY_CLIPPING_NORM in _fit_config(msg):
-        return fixedclipping_mod(msg, ctxt, call_next)
-    return call_next(msg, ctxt)
+    if KEY_CLIPPING_NORM not in _fit_config(msg):
+        return call_next(msg, ctxt)
+    replies: list[Message] = []
+
+    def trained(m: Message, c: Context) -> Message:
+        replies.append(call_next(m, c))
+        return replies[-1]
+
+    try:
+        return fixedclipping_mod(msg, ctxt, trained)
+    except ZeroDivisionError:
+        if not replies:
+            raise
+        return replies[-1]  # Flower failed before writing into it: the update, unclipped, is zero
 
 
 def half_precision_mod(msg: Message, ctxt: Context, call_next: Callable[[Message, Context], Message]) -> Message:

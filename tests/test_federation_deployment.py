@@ -184,9 +184,13 @@ def _kill_serverapps(superlink_pid: int) -> list[int]:
     return [p.pid for p in victims]
 
 
+@pytest.mark.slow
 def test_flwr_run_on_a_simulation_superlink(tmp_path, processes):
     """``flwr run`` against a SuperLink in simulation mode: Flower's own simulation path,
-    with the federation's defaults (DP and SecAgg+ on)."""
+    with the federation's defaults (DP and SecAgg+ on).
+
+    Slow (suite time): the default suite runs fedpal's app through ``flwr run`` on real
+    SuperLinks in the deployment tests, and a simulation SuperLink in test_population."""
     from fedpal.client.memory import PreferenceMemory
 
     flwr_home = tmp_path / "flwr-home"

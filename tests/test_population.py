@@ -219,3 +219,35 @@ def test_a_seeded_round_samples_the_same_users_whatever_node_ids_flower_drew():
         random.seed(7)
         drawn.append(sorted(users[int(proxy.cid)] for proxy in manager.sample(4)))
     assert drawn[0] == drawn[1]
+
+
+def test_a_node_whose_update_is_zero_sends_it_instead_of_failing_the_round(monkeypatch):
+    """Flower's fixedclipping_mod divides by the update's norm; fedpal's guard lets a zero
+    update (nothing learned) through unclipped, and still clips a real one."""
+    from flwr.app import Context, Message, RecordDict
+    from flwr.common import FitIns, FitRes, Status, Code, ndarrays_to_parameters, parameters_to_ndarrays
+    from flwr.compat.common import recorddict_compat as compat
+    from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fedpal.client.client_app import when_clipping
+
+    for name in ("_run_id", "_node_id", "_task_id"):  # what a SuperNode sets before a ClientApp runs
+        monkeypatch.setattr(TaskIdentity, name, 1)
+    sent = [np.full(4, 0.25, dtype=np.float32)]
+    message = Message(compat.fitins_to_recorddict(FitIns(ndarrays_to_parameters(sent), {KEY_CLIPPING_NORM: 0.5}),
+                                                   keep_input=True), dst_node_id=1, message_type="train")
+    context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+
+    def node(returned):
+        def train(msg, ctxt):
+            fit_res = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(returned), 1, {})
+            return Message(compat.fitres_to_recorddict(fit_res, keep_input=True), reply_to=msg)
+        return train
+
+    def update(reply):
+        return parameters_to_ndarrays(compat.recorddict_to_fitres(reply.content, keep_input=True).parameters)[0] - sent[0]
+
+    assert np.all(update(when_clipping(message, context, node([sent[0].copy()]))) == 0)
+    big = when_clipping(message, context, node([sent[0] + 3.0]))
+    assert np.linalg.norm(update(big)) == pytest.approx(0.5, rel=1e-5)

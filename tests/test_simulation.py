@@ -87,7 +87,10 @@ def test_memories_are_encrypted_and_hold_the_interactions(quick_run):
     assert some_reply.encode()[:40] not in database
 
 
+@pytest.mark.slow
 def test_same_seed_same_results(tmp_path):
+    """Slow (suite time: two runs); the default suite checks that a population run samples the
+    same users from the same seed (test_population)."""
     first = simulate(SMALL, tmp_path / "a")
     second = simulate(SMALL, tmp_path / "b")
     for key in ("baselines", "cross_user_matrix", "epsilon_per_round", "curves"):
