@@ -14,6 +14,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 
 from fedpal.common.errors import FedpalError
@@ -155,6 +156,31 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+class ActorParents:
+    """The parent pids of Ray's ClientAppActor worker processes, sampled while a run goes on."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.seen: set[int] = set()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def __enter__(self) -> "ActorParents":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(0.3):
+            for process in psutil.process_iter(["cmdline", "ppid"]):
+                if (process.info["cmdline"] or [""])[0].startswith("ray::ClientAppActor"):
+                    self.seen.add(process.info["ppid"])
+
+
 @pytest.mark.slow
 def test_the_same_app_on_a_two_node_ray_cluster_gives_the_same_results(quick, tmp_path):
     """A Ray cluster of two nodes on this machine (``ray start --head`` plus ``ray start
@@ -176,9 +202,14 @@ def test_the_same_app_on_a_two_node_ray_cluster_gives_the_same_results(quick, tm
         nodes = subprocess.run([sys.executable, "-c", "import ray; ray.init(address='auto', logging_level='ERROR'); "
                                 "print(sum(n['Alive'] for n in ray.nodes()))"], **quiet)
         assert nodes.stdout.strip().splitlines()[-1] == "2", nodes.stderr[-2000:]
+        raylets = {p.pid for p in psutil.process_iter(["name"]) if p.info["name"] == "raylet"}
+        assert len(raylets) == 2  # one per node
         out = tmp_path / "two-nodes"
-        done = _cli("run", "--preset", "quick", "--out", str(out), "--ray-address", address, "--json")
+        with ActorParents() as parents:
+            done = _cli("run", "--preset", "quick", "--out", str(out), "--ray-address", address, "--json")
         assert done.returncode == 0, done.stderr[-3000:]
+        # Ray's workers are their node's raylet's children: the clients ran on both nodes, and on no Ray of their own
+        assert parents.seen == raylets, (parents.seen, raylets)
     finally:
         subprocess.run([ray, "stop", "--force"], **quiet)
     cluster = json.loads((out / "results.json").read_text())
