@@ -81,7 +81,7 @@ def run(
 @app.command()
 def study(
     out: Path = typer.Option(..., "--out", help="Folder for results.json, report.md, the PNG plots and every run."),
-    preset: Study = typer.Option("default", help="default (100/300/1000 users, 5 budgets, 3 adapter sizes: ~25 min on 2 cores) or quick (~4 min)."),
+    preset: Study = typer.Option("default", help="default (20 to 1000 users with noise-only twins and two seeds up to 300, 5 budgets, 3 adapter sizes: 24 runs, ~36 min on 2 cores) or quick (3 runs, ~2 min)."),
     ray_address: str = typer.Option(None, help="Join this Ray cluster instead of starting Ray here."),
     as_json: bool = typer.Option(False, "--json", help="Print results.json instead of the summary."),
 ) -> None:
