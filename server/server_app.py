@@ -304,18 +304,12 @@ def send_final_adapter(grid: Grid, settings: FederationSettings, arrays: list[np
     same adapter layout. A node that does not answer within ``FINAL_ADAPTER_TIMEOUT`` keeps
     its adapter of the last round it joined.
     """
-    from flwr.common import EvaluateIns, MessageType, ndarrays_to_parameters
-    from flwr.compat.common import recorddict_compat as compat
-
     nodes = sorted(grid.get_node_ids())
     if not nodes:
         log.warning("no node is connected to receive the final global adapter (round %d)", last_round)
         return 0
     config = {**settings.train_config(last_round), "final": True, **(spent.to_config() if spent is not None else {})}
-    instruction = EvaluateIns(ndarrays_to_parameters(arrays), config)
-    messages = [Message(content=compat.evaluateins_to_recorddict(instruction, keep_input=True), dst_node_id=node,
-                        message_type=MessageType.EVALUATE, group_id=FINAL_GROUP) for node in nodes]
-    replies = list(grid.send_and_receive(messages, timeout=FINAL_ADAPTER_TIMEOUT))
+    replies = send_adapter(grid, nodes, arrays, config, FINAL_GROUP, FINAL_ADAPTER_TIMEOUT)
     saved = sum(1 for reply in replies if not reply.has_error())
     if saved < len(nodes):
         log.warning("the final global adapter (through round %d) reached %d of %d nodes; the others keep the one of "
@@ -323,6 +317,19 @@ def send_final_adapter(grid: Grid, settings: FederationSettings, arrays: list[np
     else:
         log.info("the final global adapter (through round %d) reached all %d nodes", last_round, saved)
     return saved
+
+
+def send_adapter(grid: Grid, nodes: Sequence[int], arrays: list[np.ndarray], config: dict, group: str,
+                 timeout: float) -> list[Message]:
+    """An adapter and ``config`` to each of ``nodes`` in Flower's "evaluate" message; the replies
+    that came back within ``timeout`` seconds (a node that failed answers with an error)."""
+    from flwr.common import EvaluateIns, MessageType, ndarrays_to_parameters
+    from flwr.compat.common import recorddict_compat as compat
+
+    content = compat.evaluateins_to_recorddict(EvaluateIns(ndarrays_to_parameters(arrays), config), keep_input=True)
+    messages = [Message(content=content, dst_node_id=node, message_type=MessageType.EVALUATE, group_id=group)
+                for node in nodes]
+    return list(grid.send_and_receive(messages, timeout=timeout))
 
 
 def _why_not_aggregated(report: Any, settings: FederationSettings) -> str:

@@ -148,14 +148,6 @@ def test_settings_read_each_field_as_its_type():
     assert np.isclose(config.noise(), noise_for_epsilon(PrivacyBudget(1.0, config.clipping_norm, config.delta, 100, 10), 4.0, 3))
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 class ActorParents:
     """The parent pids of Ray's ClientAppActor worker processes, sampled while a run goes on."""
 
@@ -188,10 +180,11 @@ def test_the_same_app_on_a_two_node_ray_cluster_gives_the_same_results(quick, tm
     import shutil
 
     from fedpal.server.server_app import load_global_adapter
+    from fedpal.simulations.population.engine import free_port
 
     single, single_out = quick
     ray = shutil.which("ray") or str(Path(sys.executable).parent / "ray")
-    address = f"127.0.0.1:{_free_port()}"
+    address = f"127.0.0.1:{free_port()}"
     quiet = {"capture_output": True, "text": True, "timeout": 120}
     try:
         head = subprocess.run([ray, "start", "--head", f"--port={address.rsplit(':', 1)[1]}", "--num-cpus=1",

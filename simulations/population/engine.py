@@ -30,6 +30,8 @@ from typing import Any
 from fedpal.common.errors import FedpalError
 from fedpal.common.deploy import flower_command, stop_process_tree
 from fedpal.server.deployment import toml_value
+from fedpal.server.server_app import METRICS_FILE
+from fedpal.simulations.population.server_app import EVALUATION_FILE
 from fedpal.simulations.population.settings import PopulationConfig
 
 CONNECTION = "fedpal-simulation"
@@ -42,7 +44,7 @@ START_TIMEOUT = 60.0
 Progress = Callable[[str, int], Callable[[], None]]
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
@@ -66,7 +68,7 @@ class SimulationSuperLink:
 
     def __init__(self, folder: Path, ray_address: str | None = None) -> None:
         self.folder = folder
-        self.port = _free_port()
+        self.port = free_port()
         self.env = {**os.environ, "FLWR_HOME": str(folder / "flwr")}
         if ray_address:
             self.env["RAY_ADDRESS"] = ray_address
@@ -166,12 +168,11 @@ class PopulationRun:
     peak_memory_bytes: int
 
     def metrics(self) -> list[dict[str, Any]]:
-        path = self.run_dir / "metrics.jsonl"
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+        from fedpal.server.cli import read_metrics
+
+        return read_metrics(self.run_dir)[0]
 
     def evaluation(self) -> dict[str, Any]:
-        from fedpal.simulations.population.server_app import EVALUATION_FILE
-
         path = self.run_dir / EVALUATION_FILE
         if not path.is_file():
             raise FedpalError(f"the run ended without scoring the adapter ({path} missing); see {self.out / 'flwr-run.log'}")
@@ -183,7 +184,7 @@ def run_population(config: PopulationConfig, out: Path, progress: Progress | Non
     """Run ``config`` as one ``flwr run`` on a fresh simulation SuperLink; returns the finished run."""
     out = Path(out).resolve()
     run_dir, homes = out / "run", out / "users"
-    for stale in (run_dir / "metrics.jsonl", run_dir / "evaluation.json"):
+    for stale in (run_dir / METRICS_FILE, run_dir / EVALUATION_FILE):
         stale.unlink(missing_ok=True)
     app = write_population_app(out / "app", config.run_config(run_dir, homes))
     federation = " ".join(f"{k}={toml_value(v)}" for k, v in config.federation_config().items())
@@ -214,9 +215,9 @@ def run_population(config: PopulationConfig, out: Path, progress: Progress | Non
 
 
 def _rounds_logged(run_dir: Path) -> int:
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return 0
-    return sum(1 for line in path.read_text().splitlines() if line.strip().endswith("}"))
+    """Rounds the server has written so far (a line still being written is not counted)."""
+    from fedpal.server.cli import read_metrics
+
+    return len(read_metrics(run_dir)[0]) if (run_dir / METRICS_FILE).is_file() else 0
 
 

@@ -19,7 +19,8 @@ from flwr.app import Context, Message
 from flwr.serverapp import Grid, ServerApp
 
 from fedpal.common.errors import FedpalError
-from fedpal.server.server_app import load_global_adapter, run_federation
+from fedpal.server.cli import read_metrics
+from fedpal.server.server_app import load_global_adapter, run_federation, send_adapter
 from fedpal.server.strategy import FederationSettings
 from fedpal.simulations.population.node import HELDOUT_EVAL, ROLL_CALL
 from fedpal.simulations.population.settings import SimulatedUsers, split_run_config
@@ -51,33 +52,28 @@ def roll_call(grid: Grid) -> dict[int, int]:
 def score_global_adapter(grid: Grid, settings: FederationSettings, sim: SimulatedUsers, folder,
                          users: dict[int, int]) -> dict:
     """Ask ``sim.eval_users`` nodes to score the final global adapter on their held-out pairs."""
-    from flwr.common import EvaluateIns, MessageType, ndarrays_to_parameters
     from flwr.compat.common import recorddict_compat as compat
 
     started = time.perf_counter()
-    metrics = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    rounds_done = sum(1 for m in metrics if m.get("aggregated"))
+    rounds_done = sum(1 for m in read_metrics(folder)[0] if m.get("aggregated"))
     arrays = list(load_global_adapter(folder).values())
     nodes = sorted(grid.get_node_ids(), key=lambda node: users.get(int(node), len(users)))
     rng = np.random.default_rng([settings["seed"], 424242])
     # indices, not ids: node ids above 2**63 would pass through numpy as floats and lose digits
     asked = [nodes[i] for i in sorted(rng.choice(len(nodes), size=min(sim.eval_users, len(nodes)), replace=False))]
     config = {**settings.train_config(max(rounds_done, 1)), HELDOUT_EVAL: True}
-    content = compat.evaluateins_to_recorddict(EvaluateIns(ndarrays_to_parameters(arrays), config), keep_input=True)
-    messages = [Message(content=content, dst_node_id=node, message_type=MessageType.EVALUATE, group_id=EVAL_GROUP)
-                for node in asked]
-    users = []
+    scored = []
     failures = 0
-    for reply in grid.send_and_receive(messages, timeout=EVAL_TIMEOUT):
+    for reply in send_adapter(grid, asked, arrays, config, EVAL_GROUP, EVAL_TIMEOUT):
         if reply.has_error():
             failures += 1
             log.warning("node %s could not score the adapter: %s", reply.metadata.src_node_id, reply.error.reason)
             continue
         result = compat.recorddict_to_evaluateres(reply.content)
-        users.append({k: int(v) for k, v in result.metrics.items()})
-    users.sort(key=lambda u: u["user"])
+        scored.append({k: int(v) for k, v in result.metrics.items()})
+    scored.sort(key=lambda u: u["user"])
     return {"rounds_aggregated": rounds_done, "nodes_asked": len(asked), "failures": failures,
-            "users": users, "seconds": round(time.perf_counter() - started, 3)}
+            "users": scored, "seconds": round(time.perf_counter() - started, 3)}
 
 
 app = ServerApp()

@@ -192,8 +192,8 @@ def split_run_config(run_config: dict[str, Any]) -> tuple[dict[str, Any], Simula
 _TINY_SCALE = dict(model="tiny", lora_rank=4, lora_top_layers=0, local_steps=4, secagg_shares=7.0)
 
 PRESETS: dict[str, PopulationConfig] = {
-    "quick": PopulationConfig(preset="quick", users=12, clients_per_round=6, rounds=2, eval_users=12, secagg_shares=1.0,
-                              noise_multiplier=0.5, clipping_norm=0.5, **{k: v for k, v in _TINY_SCALE.items() if k != "secagg_shares"}),
+    "quick": PopulationConfig(preset="quick", users=12, clients_per_round=6, rounds=2, eval_users=12,
+                              noise_multiplier=0.5, clipping_norm=0.5, **{**_TINY_SCALE, "secagg_shares": 1.0}),
     "p100": PopulationConfig(preset="p100", users=100, clients_per_round=10, **_TINY_SCALE),
     "p300": PopulationConfig(preset="p300", users=300, clients_per_round=30, **_TINY_SCALE),
     "p1000": PopulationConfig(preset="p1000", users=1000, clients_per_round=100, **_TINY_SCALE),
