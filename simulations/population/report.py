@@ -24,9 +24,9 @@ SCALING_PNG = "scaling.png"
 def write_study_report(results: Mapping[str, Any], out: Path) -> list[Path]:
     """Write ``report.md`` and the three plots into ``out``; returns the files written."""
     plan, runs = results["plan"], results["runs"]
-    sizes = [runs[f"users={n} eps={plan['epsilon']:g}"] for n in plan["sizes"]]
-    budgets = [runs[_budget_key(plan, e)] for e in plan["epsilons"]]
-    twins = [runs[f"users={n} eps={plan['epsilon']:g} noise only (no learning)"] for n in plan["sizes"]] if plan["control"] else []
+    sizes = [runs[_per_size(plan, "sizes", n)[0]] for n in plan["sizes"]]
+    budgets = [runs[name] for name in plan["run_names"]["budgets"]]
+    twins = [runs[_per_size(plan, "twins", n)[0]] for n in plan["sizes"]] if plan["control"] else []
     _plot_gain(out / USERS_PNG, [r["users"] for r in sizes], sizes, "simulated users (log)",
                f"shared adapter vs base at epsilon {plan['epsilon']:g}", log_x=True, twins=twins)
     dp = [(e, r) for e, r in zip(plan["epsilons"], budgets) if e > 0]
@@ -38,9 +38,11 @@ def write_study_report(results: Mapping[str, Any], out: Path) -> list[Path]:
     return [out / "report.md", out / USERS_PNG, out / EPSILON_PNG, out / SCALING_PNG]
 
 
-def _budget_key(plan: Mapping[str, Any], epsilon: float) -> str:
-    users = plan["sweep_users"]
-    return f"users={users} eps={epsilon:g}" if epsilon else f"users={users} no DP"
+def _per_size(plan: Mapping[str, Any], part: str, users: int) -> list[str]:
+    """The names of the runs (one per seed) of ``part`` ("sizes" or "twins") at ``users``; JSON
+    keeps the sizes as strings."""
+    names = plan["run_names"][part]
+    return names[users] if users in names else names[str(users)]
 
 
 def _gain(run: Mapping[str, Any]) -> str:
@@ -78,13 +80,14 @@ def _markdown(results: Mapping[str, Any], sizes: list[Mapping[str, Any]], budget
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in sizes:
-        for seed in plan["seeds"][str(r["users"])] if str(r["users"]) in plan["seeds"] else plan["seeds"][r["users"]]:
-            key = f"users={r['users']} eps={plan['epsilon']:g}" + (f" seed={seed}" if seed != base["seed"] else "")
-            run = runs[key]
-            control = runs[key + " noise only (no learning)"] if plan["control"] else None
+        seeds = zip(_per_size(plan, "sizes", r["users"]), _per_size(plan, "twins", r["users"]) if plan["control"] else
+                    [None] * len(_per_size(plan, "sizes", r["users"])))
+        for name, twin in seeds:
+            run = runs[name]
+            control = runs[twin] if twin else None
             over = over_noise(run, control) if control else None
             learned = run["score"]["beats_base"] and (over is None or over[0] > 0)
-            lines.append(f"| {run['users']} | {seed} | {run['clients_per_round']} | {run['noise_multiplier']:.3f} | "
+            lines.append(f"| {run['users']} | {run['config']['seed']} | {run['clients_per_round']} | {run['noise_multiplier']:.3f} | "
                          f"{run['noise_stddev_on_mean'] or 0:.4f} | {_eps(run)} | {run['score']['base_accuracy']:.3f} | "
                          f"{run['score']['shared_accuracy']:.3f} | {_gain(run)} | {_gain(control) if control else '-'} | "
                          f"{f'{over[0]:+.3f} .. {over[1]:+.3f}' if over else '-'} | {'yes' if learned else 'no'} |")
@@ -103,13 +106,11 @@ def _markdown(results: Mapping[str, Any], sizes: list[Mapping[str, Any]], budget
     lines += ["", f"![gain vs epsilon]({EPSILON_PNG})", "",
               f"## Shared adapter size, {plan['sweep_users']} users, epsilon {plan['epsilon']:g}", "",
               "| adapter | numbers sent | gain [95% CI] | beats base |", "|---|---|---|---|"]
-    first_adapter = plan["adapters"][0]
-    for name in plan["adapters"]:
-        key = f"users={plan['sweep_users']} eps={plan['epsilon']:g}" + ("" if name == first_adapter else f" {name}")
+    adapters = plan["run_names"]["adapters"]
+    for name, key in adapters.items():
         r = runs[key]
         lines.append(f"| {name} | {r['adapter_numbers']} | {_gain(r)} | {'yes' if r['score']['beats_base'] else 'no'} |")
-    best = max(plan["adapters"], key=lambda n: runs[f"users={plan['sweep_users']} eps={plan['epsilon']:g}"
-                                                    + ("" if n == first_adapter else f" {n}")]["score"]["gain"])
+    best = max(adapters, key=lambda name: runs[adapters[name]]["score"]["gain"])
     lines += ["", f"Best gain: {best}.", "", "## Cost against users", "",
               "| users | clients/round | median round (s) | scoring (s) | wall (s) | peak memory (MiB, summed RSS) |",
               "|---|---|---|---|---|---|"]

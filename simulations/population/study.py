@@ -150,16 +150,30 @@ class StudyPlan:
     def control_key(self, users: int, seed: int | None = None) -> str:
         return self.sizes_key(users, seed) + " noise only (no learning)"
 
+    def budget_key(self, epsilon: float) -> str:
+        return f"users={self.sweep_users} eps={epsilon:g}" if epsilon else f"users={self.sweep_users} no DP"
+
+    def adapter_key(self, adapter: str) -> str:
+        """The presets' own adapter (the first) is the plain run at ``sweep_users`` and ``epsilon``."""
+        first = next(iter(self.adapters))
+        return self.budget_key(self.epsilon) + ("" if adapter == first else f" {adapter}")
+
+    def run_names(self) -> dict[str, Any]:
+        """Which run answers each row of the report (kept in results.json, so the report never
+        rebuilds a name)."""
+        return {"sizes": {n: [self.sizes_key(n, seed) for seed in self.seeds_for(n)] for n in self.sizes},
+                "twins": {n: [self.control_key(n, seed) for seed in self.seeds_for(n)] for n in self.sizes}
+                if self.control else {},
+                "budgets": [self.budget_key(eps) for eps in self.epsilons],
+                "adapters": {name: self.adapter_key(name) for name in self.adapters}}
+
     def runs(self) -> dict[str, PopulationConfig]:
         """Every distinct run by a readable name (a run two sweeps share is made once)."""
-        first = next(iter(self.adapters))
         named = {self.sizes_key(n): self.config(n, self.epsilon) for n in self.sizes}
         for eps in self.epsilons:
-            named.setdefault(f"users={self.sweep_users} eps={eps:g}" if eps else f"users={self.sweep_users} no DP",
-                             self.config(self.sweep_users, eps))
+            named.setdefault(self.budget_key(eps), self.config(self.sweep_users, eps))
         for name in self.adapters:
-            if name != first:
-                named[f"users={self.sweep_users} eps={self.epsilon:g} {name}"] = self.config(self.sweep_users, self.epsilon, name)
+            named.setdefault(self.adapter_key(name), self.config(self.sweep_users, self.epsilon, name))
         for n in self.sizes:
             for seed in self.seeds_for(n):
                 learner = replace(self.config(n, self.epsilon), seed=seed) if seed != self.seeds[0] else self.config(n, self.epsilon)
@@ -232,7 +246,7 @@ def population_study(plan: StudyPlan, out: Path, progress: Progress | None = Non
         "plan": {"sizes": list(plan.sizes), "sampling_rate": plan.sampling_rate, "epsilon": plan.epsilon,
                  "epsilons": list(plan.epsilons), "sweep_users": plan.sweep_users, "adapters": list(plan.adapters),
                  "control": plan.control, "seeds": {n: list(plan.seeds_for(n)) for n in plan.sizes},
-                 "base": plan.base.to_dict()},
+                 "base": plan.base.to_dict(), "run_names": plan.run_names()},
         "runs": runs,
         "first_size_beating_base": next((n for n in sorted(plan.sizes) if learned(runs, plan, n)), None),
     }
