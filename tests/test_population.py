@@ -275,3 +275,14 @@ def test_a_node_whose_update_is_zero_sends_it_instead_of_failing_the_round(monke
     assert np.all(update(when_clipping(message, context, node([sent[0].copy()]))) == 0)
     big = when_clipping(message, context, node([sent[0] + 3.0]))
     assert np.linalg.norm(update(big)) == pytest.approx(0.5, rel=1e-5)
+
+
+def test_an_unreachable_ray_cluster_is_one_line_and_writes_nothing(tmp_path):
+    from fedpal.simulations.population.engine import free_port
+
+    address = f"127.0.0.1:{free_port()}"  # nothing listens there
+    done = _cli("run", "--preset", "quick", "--out", str(tmp_path / "out"), "--ray-address", address, timeout=120)
+    assert done.returncode != 0
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: no Ray cluster answers at {address}"), lines
+    assert not (tmp_path / "out").exists()

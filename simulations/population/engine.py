@@ -44,6 +44,19 @@ START_TIMEOUT = 60.0
 Progress = Callable[[str, int], Callable[[], None]]
 
 
+def check_ray_address(address: str, timeout: float = 5.0) -> None:
+    """One clear line when nothing answers at a Ray cluster's ``HOST:PORT`` (Ray itself would
+    keep the run waiting for it)."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        raise FedpalError(f"--ray-address takes HOST:PORT of a Ray head node (ray start --head --port ...), not {address!r}")
+    try:
+        socket.create_connection((host.strip("[]") or "127.0.0.1", int(port)), timeout=timeout).close()
+    except OSError as err:
+        raise FedpalError(f"no Ray cluster answers at {address} ({err.strerror or err}); start one with "
+                          "`ray start --head` or leave --ray-address out") from None
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -182,6 +195,8 @@ class PopulationRun:
 def run_population(config: PopulationConfig, out: Path, progress: Progress | None = None, *, verbose: bool = False,
                    ray_address: str | None = None) -> PopulationRun:
     """Run ``config`` as one ``flwr run`` on a fresh simulation SuperLink; returns the finished run."""
+    if ray_address:
+        check_ray_address(ray_address)
     out = Path(out).resolve()
     run_dir, homes = out / "run", out / "users"
     for stale in (run_dir / METRICS_FILE, run_dir / EVALUATION_FILE):
