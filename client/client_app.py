@@ -28,6 +28,7 @@ from flwr.client import NumPyClient
 from flwr.clientapp import ClientApp
 
 from fedpal.common.errors import FedpalError
+from fedpal.common.settings import FederationSettings
 
 if TYPE_CHECKING:
     from fedpal.client.home import ClientHome
@@ -41,7 +42,7 @@ Mod = Callable[[Message, Context, Callable[[Message, Context], Message]], Messag
 _MODELS: dict[tuple, Any] = {}
 
 
-def node_home(context: Context, config: dict) -> Path:
+def node_home(context: Context, settings: FederationSettings) -> Path:
     """This node's home folder: node config ``home``, else ``<home-base>/<partition-id>``."""
     from fedpal.common.config import fedpal_home
 
@@ -49,21 +50,21 @@ def node_home(context: Context, config: dict) -> Path:
     if node_config.get("home"):
         return Path(str(node_config["home"])).expanduser()
     if "partition-id" in node_config:
-        base = str(config.get("home-base") or "") or str(fedpal_home() / "nodes")
+        base = settings.home_base or str(fedpal_home() / "nodes")
         return Path(base).expanduser() / str(node_config["partition-id"])
     raise FedpalError("this node has no home folder: start the SuperNode with --node-config \"home='/path/to/home'\"")
 
 
-def node_model(config: dict) -> tuple[Any, Any, dict[str, np.ndarray]]:
+def node_model(settings: FederationSettings) -> tuple[Any, Any, dict[str, np.ndarray]]:
     """The cached base model, its peft wrapper and the personal adapter's initial tensors."""
     from fedpal.common.adapters import PERSONAL, AdapterConfig, adapter_to_arrays, attach_adapters
     from fedpal.common.models import load_base_model
 
-    adapters = AdapterConfig.from_settings(config)
-    key = (str(config["model"]), adapters)
+    adapters = AdapterConfig.from_settings(settings)
+    key = (settings.model, adapters)
     if key not in _MODELS:
         _MODELS.clear()
-        base = load_base_model(str(config["model"]))
+        base = load_base_model(settings.model)
         peft = attach_adapters(base.model, adapters)
         _MODELS[key] = (base, peft, adapter_to_arrays(peft, PERSONAL, "AB"))
     return _MODELS[key]
@@ -94,60 +95,62 @@ class FedpalClient(NumPyClient):
         from fedpal.common.privacy import PrivacySpent
 
         started = time.perf_counter()
-        home = ClientHome.at(node_home(self.context, config))
+        settings = FederationSettings.from_message(config)
+        server_round = int(config["round"])
+        home = ClientHome.at(node_home(self.context, settings))
         # personal-guard: the personal adapter replaces the saved one only if it ranks
         # held-out pairs better and passes the degeneration guard; off, it trains on all
         # pairs and is always kept
-        checked = bool(config.get("personal-guard", True))
+        checked = settings.personal_guard
         holdout = HOLDOUT if checked else 0.0
         with PreferenceMemory.open(home.root) as memory:
             # the shared adapter learns what everyone likes from bare prompts; the personal
             # one, optionally, in the context this user's replies are generated in
             shared_data = TrainingData.from_memory(memory, holdout=holdout)
-            context = str(config["preferences-in"]) if config["train-with-preferences"] else None
+            context = settings.preferences_in if settings.train_with_preferences else None
             personal_data = TrainingData.from_memory(memory, context, holdout) if context else shared_data
-        base, peft, fresh_personal = node_model(config)
-        parts = "B" if config["ffa-lora"] else "AB"
-        received = install_global(peft, home, parameters, config)
-        record_round(home.root, "joined", int(config["round"]), spent=PrivacySpent.from_config(config))
+        base, peft, fresh_personal = node_model(settings)
+        parts = "B" if settings.ffa_lora else "AB"
+        received = install_global(peft, home, parameters, settings)
+        record_round(home.root, "joined", server_round, spent=PrivacySpent.from_config(config))
         personal_dir = home.adapter_dir(PERSONAL)
         if personal_dir.is_dir():
             load_adapter(peft, PERSONAL, personal_dir)
         else:  # this process may have served another node before: start from the fresh init
             arrays_to_adapter(peft, PERSONAL, fresh_personal, "AB")
 
-        node_seed = int(config["seed"]) * 1_000_003 + int(config["round"]) * 7919 + int(self.context.node_config.get("partition-id", 0))
+        partition = int(self.context.node_config.get("partition-id", 0))
+        node_seed = settings.seed * 1_000_003 + server_round * 7919 + partition
         train = TrainConfig(
-            objective=str(config["objective"]),
-            learning_rate=float(config["learning-rate"]),
-            beta=float(config["dpo-beta"]),
-            batch_size=int(config["batch-size"]),
-            max_length=int(config["max-length"]),
-            proximal_mu=float(config.get("proximal_mu", 0.0)),
+            objective=settings.objective,
+            learning_rate=settings.learning_rate,
+            beta=settings.dpo_beta,
+            batch_size=settings.batch_size,
+            max_length=settings.max_length,
+            proximal_mu=float(config.get("proximal_mu", 0.0)),  # Flower's FedProx adds it to the round's config
             checkpoint_every=0,
-            threads=int(config["client-threads"]),
+            threads=settings.client_threads,
         )
         personalizer = Personalizer(base, peft, home, train, guard=GuardConfig() if checked else None, checkpoints=False)
         # The shared adapter trains alone (personal off) so its update depends only on
         # the global adapter and this node's data, never on personal state.
-        shared = personalizer.train_update(SHARED, shared_data, node_seed, steps=int(config["local-steps"]))
+        shared = personalizer.train_update(SHARED, shared_data, node_seed, steps=settings.local_steps)
         update = adapter_to_arrays(peft, SHARED, parts, dtype=np.float32)
         for name, array in update.items():
             if not np.all(np.isfinite(array)):
                 raise FedpalError(f"local training produced non-finite values in {name}; not sending this update")
-        personal_steps = int(config["personal-steps"])
-        if personal_steps > 0:
+        if settings.personal_steps > 0:
             # the personal adapter learns on top of the global shared one, as used at inference;
             # it replaces the saved one only if it ranks held-out pairs better and stays fluent
             arrays_to_adapter(peft, SHARED, received, parts)
             outcome = personalizer.train(PERSONAL, personal_data, reference_adapters=(SHARED,), seed=node_seed + 1,
-                                         progress=False, steps=personal_steps)
+                                         progress=False, steps=settings.personal_steps)
             log.info("personal adapter: %s", outcome.line())
         out = list(update.values())
-        if config.get("deterministic"):
+        if settings.deterministic:
             # SecAgg+ quantizes this reply with stochastic rounding from numpy's global
             # generator, right after fit returns; a simulation asked to be replayable
-            np.random.seed([int(config["seed"]), int(config["round"]), int(self.context.node_config.get("partition-id", 0))])
+            np.random.seed([settings.seed, server_round, partition])
         uniform = bool(config["uniform-weights"])
         metrics = {
             "examples": int(shared.pairs + shared.examples),
@@ -170,18 +173,20 @@ class FedpalClient(NumPyClient):
 
         if not config.get("final"):
             raise FedpalError("this node evaluates nothing; the server sent an evaluate message that is not the final adapter")
-        home = ClientHome.at(node_home(self.context, config))
-        _, peft, _ = node_model(config)
-        install_global(peft, home, parameters, config)
+        settings = FederationSettings.from_message(config)
+        home = ClientHome.at(node_home(self.context, settings))
+        _, peft, _ = node_model(settings)
+        install_global(peft, home, parameters, settings)
         record_round(home.root, "final", int(config["round"]), spent=PrivacySpent.from_config(config))
         return 0.0, 0, {}
 
 
-def install_global(peft: Any, home: ClientHome, parameters: list[np.ndarray], config: dict) -> dict[str, np.ndarray]:
+def install_global(peft: Any, home: ClientHome, parameters: list[np.ndarray],
+                   settings: FederationSettings) -> dict[str, np.ndarray]:
     """Load the server's global shared adapter into ``peft`` and save it in ``home``; returns it by name."""
     from fedpal.common.adapters import SHARED, adapter_to_arrays, arrays_to_adapter, save_adapter
 
-    parts = "B" if config["ffa-lora"] else "AB"
+    parts = "B" if settings.ffa_lora else "AB"
     names = list(adapter_to_arrays(peft, SHARED, parts))
     if len(names) != len(parameters):
         raise FedpalError(f"the server sent {len(parameters)} tensors; this node's shared adapter has {len(names)}")

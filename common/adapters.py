@@ -24,6 +24,7 @@ import numpy as np
 from fedpal.common.errors import FedpalError, first_line
 
 if TYPE_CHECKING:
+    from fedpal.common.settings import FederationSettings
     import torch
     from flwr.app import ArrayRecord
     from peft import LoraConfig, PeftModel
@@ -81,16 +82,15 @@ class AdapterConfig:
         return data
 
     @classmethod
-    def from_settings(cls, settings: Mapping) -> "AdapterConfig":
-        """From federation settings (``lora-rank``, ``lora-alpha``, ``lora-targets``, ``ffa-lora``,
-        ``lora-top-layers``, ``seed``), so the server, every client and the simulator build the same adapters."""
+    def from_settings(cls, settings: FederationSettings) -> "AdapterConfig":
+        """From the federation's settings, so the server, every client and the simulator build the same adapters."""
         return cls(
-            rank=int(settings["lora-rank"]),
-            alpha=float(settings["lora-alpha"]),
-            target_modules=tuple(t.strip() for t in str(settings["lora-targets"]).split(",") if t.strip()),
-            freeze_a=bool(settings["ffa-lora"]),
-            init_seed=int(settings["seed"]),
-            top_layers=int(settings.get("lora-top-layers", 0)),
+            rank=settings.lora_rank,
+            alpha=settings.lora_alpha,
+            target_modules=tuple(t.strip() for t in settings.lora_targets.split(",") if t.strip()),
+            freeze_a=settings.ffa_lora,
+            init_seed=settings.seed,
+            top_layers=settings.lora_top_layers,
         )
 
     @classmethod

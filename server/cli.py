@@ -53,7 +53,7 @@ def _toml_value(raw: str) -> str:
 
 def run_config_string(values: dict[str, str]) -> str:
     """``k=v`` pairs for ``flwr run --run-config``, keys checked against fedpal's settings."""
-    from fedpal.server.strategy import DEFAULTS
+    from fedpal.common.settings import DEFAULTS
 
     unknown = sorted(set(values) - set(DEFAULTS))
     if unknown:
@@ -131,6 +131,31 @@ def status(
     if partial:
         typer.echo("warning: the last line of metrics.jsonl is incomplete (a round being written, or the server "
                    "stopped while writing it); it was left out", err=True)
+
+
+@app.command("settings")
+def settings_command(
+    as_json: bool = typer.Option(False, "--json", help='Print {"key": {"default", "help"}} instead of the table.'),
+) -> None:
+    """Every federation setting (`--set key=value`, `--run-config`): its default and what it does."""
+    from dataclasses import fields
+
+    from fedpal.common.settings import DEFAULTS, FederationSettings, key_of
+
+    rows = {key_of(f.name): {"default": DEFAULTS[key_of(f.name)], "help": f.metadata["help"]}
+            for f in fields(FederationSettings)}
+    if as_json:
+        typer.echo(json.dumps(rows))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="fedpal federation settings (fedpal.common.settings.FederationSettings)")
+    for column in ("key", "default", "what it does"):
+        table.add_column(column)
+    for key, row in rows.items():
+        table.add_row(key, json.dumps(row["default"]), row["help"])
+    Console().print(table)
 
 
 @app.command("init")

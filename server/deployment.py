@@ -180,7 +180,7 @@ class Deployment:
 
     def check_federation(self) -> None:
         """fedpal's own check of the run config, so a bad value is refused here and not in the ServerApp."""
-        from fedpal.server.strategy import FederationSettings
+        from fedpal.common.settings import FederationSettings
 
         try:
             FederationSettings.from_run_config(self.federation)

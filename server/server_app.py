@@ -30,10 +30,10 @@ from flwr.serverapp import Grid, ServerApp
 from fedpal.common.config import fedpal_home
 from fedpal.common.errors import FedpalError
 from fedpal.common.privacy import PrivacySpent
+from fedpal.common.settings import FederationSettings
 from fedpal.server.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from fedpal.server.strategy import (
     FedpalStrategy,
-    FederationSettings,
     Observer,
     restore_strategy_state,
     sample_size,
@@ -138,7 +138,7 @@ def initial_adapter(settings: FederationSettings) -> dict[str, np.ndarray]:
     from fedpal.common.models import load_base_model
 
     base = load_base_model(settings["model"], device="cpu")
-    peft = attach_adapters(base.model, AdapterConfig.from_settings(settings.train_config(0)))
+    peft = attach_adapters(base.model, AdapterConfig.from_settings(settings))
     return adapter_to_arrays(peft, SHARED, parts="B" if settings["ffa-lora"] else "AB", dtype=np.float32)
 
 
@@ -148,11 +148,14 @@ def run_dir(settings: FederationSettings) -> Path:
 
 
 def run_federation(grid: Grid, context: Context, settings: FederationSettings,
-                   observers: Sequence[Observer] = (), node_order: Callable[[int], int] | None = None) -> Path:
+                   observers: Sequence[Observer] = (), node_order: Callable[[int], int] | None = None,
+                   after_round: Callable[[int, list[np.ndarray]], None] | None = None) -> Path:
     """Run (or resume) the federation described by ``settings``; returns the run folder.
 
     ``observers`` see every round's replies as the server receives them (privacy audits);
-    ``node_order`` orders nodes for sampling (see ``OrderedClientManager``)."""
+    ``node_order`` orders nodes for sampling (see ``OrderedClientManager``);
+    ``after_round(round, global_arrays)`` runs after each round's checkpoint, while the
+    nodes are still connected (a simulation's users act between rounds there)."""
     from flwr.app import ConfigRecord
     from flwr.common import ndarrays_to_parameters
     from flwr.compat.common import recorddict_compat as compat
@@ -284,6 +287,8 @@ def run_federation(grid: Grid, context: Context, settings: FederationSettings,
             )
             _export_adapter(folder, named, strategy.global_arrays)
             last = server_round
+            if after_round is not None:
+                after_round(server_round, strategy.global_arrays)
         if settings["final-adapter"] and last > 0:
             spent = PrivacySpent(accountant.epsilon(), settings["delta"]) if accountant is not None else None
             send_final_adapter(counting, settings, strategy.global_arrays, last, spent)

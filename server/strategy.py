@@ -20,179 +20,18 @@ whose sensitivity is not C/n once Adam rescales it.
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 
-from fedpal.common.errors import FedpalError
-from fedpal.common.generation import PLACEMENTS
 from fedpal.common.adapters import FINGERPRINT_KEY
 from fedpal.common.privacy import PrivacySpent
+from fedpal.common.settings import FederationSettings
 from fedpal.server.validation import UpdateSpec, check_aggregate, check_update, update_norm
 
 log = logging.getLogger("fedpal.server")
-
-STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedavgm")
-
-# The run configuration and its defaults. pyproject's [tool.flwr.app.config] lists the
-# same keys (Flower only lets --run-config override keys declared there); a test keeps
-# the two identical.
-DEFAULTS: dict[str, Any] = {
-    "model": "tiny",
-    "num-server-rounds": 3,
-    "strategy": "fedavg",
-    "fraction-train": 1.0,
-    "min-clients": 3,
-    "population-size": 0,
-    "seed": 0,
-    "deterministic": False,
-    "lora-rank": 8,
-    "lora-alpha": 16.0,
-    "lora-targets": "q_proj,k_proj,v_proj,o_proj",
-    "lora-top-layers": 0,
-    "ffa-lora": True,
-    "fp16-updates": False,
-    "objective": "both",
-    "local-steps": 10,
-    "personal-steps": 10,
-    "learning-rate": 5e-4,
-    "dpo-beta": 0.1,
-    "batch-size": 4,
-    "max-length": 128,
-    "train-with-preferences": False,
-    "preferences-in": "prompt",
-    "personal-guard": True,
-    "proximal-mu": 0.01,
-    "server-learning-rate": 0.01,
-    "server-momentum": 0.9,
-    "client-threads": 1,
-    "dp": True,
-    "noise-multiplier": 1.0,
-    "clipping-norm": 0.5,
-    "delta": 1e-5,
-    "max-epsilon": 0.0,
-    "sampling": "without-replacement",
-    "max-update-norm": 100.0,
-    "secagg": True,
-    "secagg-shares": 1.0,
-    "secagg-threshold": 0.8,
-    "secagg-clipping-range": 8.0,
-    "secagg-timeout": 600.0,
-    "final-adapter": True,
-    "run-dir": "",
-    "resume": False,
-    "home-base": "",
-}
-
-# Settings a resumed run must share with the run it continues: changing any of them
-# mid-run would make the checkpoint's adapter or privacy ledger mean something else.
-RESUME_LOCKED = (
-    "model", "strategy", "lora-rank", "lora-alpha", "lora-targets", "lora-top-layers", "ffa-lora", "dp",
-    "noise-multiplier", "clipping-norm", "delta", "sampling", "seed", "deterministic",
-)
-
-
-@dataclass(frozen=True)
-class FederationSettings:
-    """The run configuration, typed and checked (one clear line for a bad value)."""
-
-    values: Mapping[str, Any] = field(default_factory=dict)
-
-    @classmethod
-    def from_run_config(cls, run_config: Mapping[str, Any]) -> "FederationSettings":
-        unknown = sorted(set(run_config) - set(DEFAULTS))
-        if unknown:
-            raise FedpalError(f"unknown run-config key '{unknown[0]}'; known keys: {', '.join(DEFAULTS)}")
-        merged: dict[str, Any] = {}
-        for key, default in DEFAULTS.items():
-            value = run_config.get(key, default)
-            merged[key] = _coerce(key, value, default)
-        settings = cls(merged)
-        settings.check()
-        return settings
-
-    def __getitem__(self, key: str) -> Any:
-        return self.values[key]
-
-    def check(self) -> None:
-        v = self.values
-        if v["strategy"] not in STRATEGIES:
-            raise FedpalError(f"strategy must be one of {', '.join(STRATEGIES)}, not '{v['strategy']}'")
-        if v["num-server-rounds"] < 1:
-            raise FedpalError("num-server-rounds must be at least 1")
-        if not 0 < v["fraction-train"] <= 1:
-            raise FedpalError(f"fraction-train must be in (0, 1], not {v['fraction-train']}")
-        if v["min-clients"] < 1:
-            raise FedpalError("min-clients must be at least 1")
-        if v["secagg"] and v["min-clients"] < 3:
-            raise FedpalError("SecAgg+ needs at least 3 clients per round: set min-clients >= 3 or secagg = false")
-        if v["lora-rank"] < 1:
-            raise FedpalError("lora-rank must be at least 1")
-        if v["preferences-in"] not in PLACEMENTS:
-            raise FedpalError(f"preferences-in must be one of {', '.join(PLACEMENTS)}, not '{v['preferences-in']}'")
-        if v["lora-top-layers"] < 0:
-            raise FedpalError("lora-top-layers must be 0 (all layers) or a positive number of last layers")
-        if v["dp"] and not (v["noise-multiplier"] > 0 and v["clipping-norm"] > 0):
-            raise FedpalError("with dp on, noise-multiplier and clipping-norm must be positive")
-        shares = v["secagg-shares"]
-        if not (0 < shares <= 1 or (shares >= 3 and shares == int(shares))):
-            raise FedpalError(f"secagg-shares must be a fraction of the round's clients in (0, 1] or a whole number "
-                              f"of shares, at least 3; not {shares}")
-        if v["secagg"] and v["clipping-norm"] > v["secagg-clipping-range"]:
-            raise FedpalError("clipping-norm must not exceed secagg-clipping-range")
-
-    def train_config(self, server_round: int) -> dict[str, Any]:
-        """What each client needs to train this round (sent inside FitIns.config)."""
-        v = self.values
-        return {
-            "round": server_round,
-            "model": v["model"],
-            "seed": v["seed"],
-            "deterministic": v["deterministic"],
-            "lora-rank": v["lora-rank"],
-            "lora-alpha": v["lora-alpha"],
-            "lora-targets": v["lora-targets"],
-            "lora-top-layers": v["lora-top-layers"],
-            "ffa-lora": v["ffa-lora"],
-            "fp16-updates": v["fp16-updates"] and not v["secagg"],
-            "uniform-weights": v["dp"],
-            "objective": v["objective"],
-            "local-steps": v["local-steps"],
-            "personal-steps": v["personal-steps"],
-            "learning-rate": v["learning-rate"],
-            "dpo-beta": v["dpo-beta"],
-            "batch-size": v["batch-size"],
-            "max-length": v["max-length"],
-            "train-with-preferences": v["train-with-preferences"],
-            "preferences-in": v["preferences-in"],
-            "personal-guard": v["personal-guard"],
-            "client-threads": v["client-threads"],
-            "home-base": v["home-base"],
-        }
-
-    def locked(self) -> dict[str, Any]:
-        return {k: self.values[k] for k in RESUME_LOCKED}
-
-
-def _coerce(key: str, value: Any, default: Any) -> Any:
-    if isinstance(default, bool):
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false"):
-            return value.lower() == "true"
-    elif isinstance(default, int):
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif isinstance(default, float):
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-            return float(value)
-    elif isinstance(value, str):
-        return value
-    raise FedpalError(f"run-config {key} = {value!r} must be a {type(default).__name__}")
-
 
 def secagg_shares(settings: FederationSettings, per_round: int) -> int | float:
     """SecAgg+'s ``num_shares`` for rounds of ``per_round`` clients: a fraction as Flower reads it
@@ -421,8 +260,8 @@ class FedpalStrategy:
 
 def settings_summary(settings: FederationSettings) -> str:
     """One line for the log: what protects this run."""
-    v = settings.values
-    dp = f"DP z={v['noise-multiplier']} C={v['clipping-norm']} delta={v['delta']}" if v["dp"] else "no DP"
-    sa = "SecAgg+" if v["secagg"] else "no SecAgg+"
-    lora = "FFA-LoRA (B only)" if v["ffa-lora"] else "LoRA A+B"
-    return f"{v['strategy']}, {dp}, {sa}, {lora}, {v['num-server-rounds']} rounds"
+    v = settings
+    dp = f"DP z={v.noise_multiplier} C={v.clipping_norm} delta={v.delta}" if v.dp else "no DP"
+    sa = "SecAgg+" if v.secagg else "no SecAgg+"
+    lora = "FFA-LoRA (B only)" if v.ffa_lora else "LoRA A+B"
+    return f"{v.strategy}, {dp}, {sa}, {lora}, {v.num_server_rounds} rounds"

@@ -21,19 +21,25 @@ def simulate(
     preset: Preset = typer.Option("quick", help="quick (tiny model, < 2 min), default (SmolLM2-135M, 8 users), large (GPU or cluster)."),
     config: Path = typer.Option(None, "--config", help="TOML or JSON file overriding preset settings (see fedpal.simulations.config)."),
     as_json: bool = typer.Option(False, "--json", help="Print results.json instead of the summary table."),
+    verbose: bool = typer.Option(False, "--verbose", help="Show Flower's and Ray's logs (else in OUT/flwr-run.log)."),
+    ray_address: str = typer.Option(None, "--ray-address", help="Run on this Ray cluster (HOST:PORT of `ray start --head`)."),
 ) -> None:
-    """Simulate users with known preferences, federate their adapters, score every baseline."""
+    """Simulate users with known preferences, federate their adapters, score every baseline.
+
+    The whole experiment is one Flower app, run with `flwr run` on a local simulation
+    SuperLink: each user on its own virtual SuperNode."""
     import warnings
 
     from fedpal.simulations.config import load_config
-    from fedpal.simulations.runner import BASELINE_LABELS, simulate as run
+    from fedpal.simulations.experiment.results import BASELINE_LABELS
+    from fedpal.simulations.runner import simulate as run
 
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     settings = load_config(getattr(preset, "value", preset), config)
     _check_before_running(settings, out)
     with progress_bars() as progress:
-        results = run(settings, out, progress)
+        results = run(settings, out, progress, verbose=verbose, ray_address=ray_address)
     if as_json:
         typer.echo(json.dumps(results, indent=1))
         return
@@ -61,8 +67,6 @@ def _check_before_running(settings, out: Path) -> None:
     and a local model folder is looked up; a hub id is left to the run.
     """
     from fedpal.common.models import DEFAULT, TINY, resolve_model_path
-    from fedpal.server.strategy import FederationSettings
-    from fedpal.simulations.runner import SimulationRun
 
     if out.exists() and not out.is_dir():
         raise FedpalError(f"--out {out} is a file; name a folder for the results")
@@ -71,7 +75,7 @@ def _check_before_running(settings, out: Path) -> None:
         ancestor = ancestor.parent
     if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
         raise FedpalError(f"cannot write under {ancestor}: choose another --out")
-    FederationSettings.from_run_config(SimulationRun(settings, out).federation_overrides(1))
+    settings.federation(out)
     if settings.model not in (DEFAULT, TINY) and (Path(settings.model).expanduser().exists() or settings.model.count("/") != 1):
         resolve_model_path(settings.model)
 
@@ -82,7 +86,7 @@ def _fmt(value: float | None) -> str:
 
 @contextlib.contextmanager
 def progress_bars() -> Iterator[Callable[[str, int], Callable[[], None]]]:
-    """One rich bar per phase; the runner asks for a bar and gets back its advance function."""
+    """One rich bar per phase; the launcher asks for a bar and gets back its advance function."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import tomllib
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from fedpal.client.onnx_export import DEFAULT_PRECISION, PRECISIONS
 from fedpal.client.trainer import OBJECTIVES
 from fedpal.common.errors import FedpalError
 from fedpal.common.generation import PLACEMENTS
-from fedpal.server.strategy import STRATEGIES
+from fedpal.common.settings import FederationSettings, key_of
 from fedpal.simulations.styles import STYLES_BY_NAME
 
 
@@ -92,6 +93,8 @@ class SimulationConfig:
     population_shared_weight: float = 0.3
     minority_fraction: float = 0.2
     stated_fraction: float = 0.5
+    node_cpus: int = 1
+    node_gpus: float = 0.0
 
     def check(self) -> None:
         """One clear line for the first setting that cannot work, before anything is generated or written."""
@@ -112,52 +115,141 @@ class SimulationConfig:
         unknown = [style for style in self.styles if style not in STYLES_BY_NAME]
         if unknown:
             raise FedpalError(f"unknown style '{unknown[0]}'; known styles: {', '.join(STYLES_BY_NAME)}")
-        if self.strategy not in STRATEGIES:
-            raise FedpalError(f"strategy must be one of {', '.join(STRATEGIES)}, not '{self.strategy}'")
         if self.objective not in OBJECTIVES:
             raise FedpalError(f"objective must be one of {', '.join(OBJECTIVES)}, not '{self.objective}'")
-        positive = ("pairs_per_prompt", "candidate_tokens", "reply_tokens", "lora_rank", "batch_size")
-        for name in positive:
+        for name in ("pairs_per_prompt", "candidate_tokens", "reply_tokens"):
             if getattr(self, name) < 1:
                 raise FedpalError(f"{name} must be at least 1, not {getattr(self, name)}")
-        if self.max_length < 8:
-            raise FedpalError(f"max_length must be at least 8 tokens, not {self.max_length}")
         if not 1 <= self.personal_from_round <= self.rounds:
             raise FedpalError(f"personal_from_round must be between 1 and rounds ({self.rounds}), not {self.personal_from_round}")
-        if self.local_steps < 0 or self.personal_steps < 0:
-            raise FedpalError("local_steps and personal_steps must not be negative")
-        for name in ("learning_rate", "lora_alpha", "dpo_beta", "clipping_norm"):
-            if not math.isfinite(getattr(self, name)) or getattr(self, name) <= 0:
-                raise FedpalError(f"{name} must be a positive number, not {getattr(self, name)}")
-        if not math.isfinite(self.noise_multiplier) or self.noise_multiplier < 0 or (self.dp and self.noise_multiplier == 0):
-            raise FedpalError(f"noise_multiplier must be positive with dp on (0 or more without), not {self.noise_multiplier}")
-        if not 0 < self.delta < 1:
-            raise FedpalError(f"delta must be between 0 and 1, not {self.delta}")
         for name in ("population_shared_weight", "minority_fraction", "stated_fraction"):
             if not 0 <= getattr(self, name) <= 1:
                 raise FedpalError(f"{name} must be between 0 and 1, not {getattr(self, name)}")
         for name in ("w_shared", "w_personal"):
             if not math.isfinite(getattr(self, name)):
                 raise FedpalError(f"{name} must be a finite number, not {getattr(self, name)}")
-        if not [t for t in self.lora_targets.split(",") if t.strip()]:
-            raise FedpalError("lora_targets must name at least one module, e.g. 'q_proj,v_proj'")
         if self.candidate_source not in ("model", "synthetic"):
             raise FedpalError(f"candidate_source must be 'model' (the base model in each style) or 'synthetic' (templates), not '{self.candidate_source}'")
         if self.labelling not in ("favourite", "pairs"):
             raise FedpalError(f"labelling must be 'favourite' (best of the candidates) or 'pairs' (random pairs), not '{self.labelling}'")
-        if self.lora_top_layers < 0:
-            raise FedpalError("lora_top_layers must be 0 (all layers) or a positive number of last layers")
         if self.retrieval_in not in PLACEMENTS:
             raise FedpalError(f"retrieval_in must be one of {', '.join(PLACEMENTS)}, not '{self.retrieval_in}'")
         if self.fedpal_mode not in MODES:
             raise FedpalError(f"fedpal_mode must be one of {', '.join(MODES)}, not '{self.fedpal_mode}'")
         if self.precision not in PRECISIONS:
             raise FedpalError(f"precision must be one of {', '.join(PRECISIONS)}, not '{self.precision}'")
+        if self.node_cpus < 1 or not 0 <= self.node_gpus:
+            raise FedpalError(f"node_cpus must be at least 1 and node_gpus not negative, not {self.node_cpus} and {self.node_gpus}")
+        federation_checks(lambda: self.federation(Path(".")))
+
+    # -- the Flower app's settings -----------------------------------------------------
+
+    def federation(self, out: Path) -> FederationSettings:
+        """The federation's settings for a run in ``out`` (their checks are fedpal's own)."""
+        return FederationSettings(**{key.replace("-", "_"): value for key, value in {
+            "model": self.model,
+            "num-server-rounds": self.rounds,
+            "resume": False,
+            "final-adapter": False,  # the users' between-rounds message brings the last aggregate
+            "run-dir": str(Path(out) / "federation"),
+            "home-base": str(Path(out) / "users"),
+            "strategy": self.strategy,
+            "fraction-train": self.clients_per_round / self.users,
+            "min-clients": self.clients_per_round,
+            "population-size": self.users,
+            "seed": self.seed,
+            "deterministic": True,
+            "lora-rank": self.lora_rank,
+            "lora-alpha": self.lora_alpha,
+            "lora-targets": self.lora_targets,
+            "lora-top-layers": self.lora_top_layers,
+            "ffa-lora": self.ffa_lora,
+            "objective": self.objective,
+            "local-steps": self.local_steps,
+            "personal-steps": self.personal_steps,
+            "personal-from-round": self.personal_from_round,
+            "learning-rate": self.learning_rate,
+            "dpo-beta": self.dpo_beta,
+            "batch-size": self.batch_size,
+            "max-length": self.max_length,
+            "train-with-preferences": self.train_in_context,
+            "preferences-in": self.retrieval_in,
+            "dp": self.dp,
+            "noise-multiplier": self.noise_multiplier,
+            "clipping-norm": self.clipping_norm,
+            "delta": self.delta,
+            "secagg": self.secagg,
+            "client-threads": self.node_cpus,
+        }.items()})
+
+    def run_config(self, out: Path) -> dict[str, Any]:
+        """The app's whole Flower run config: the federation's keys, this config's fields as
+        ``sim-`` keys, and ``sim-out`` (where the ServerApp writes results)."""
+        return {**self.federation(out).run_config(), **to_run_config(self, SIM_PREFIX), SIM_PREFIX + "out": str(Path(out))}
+
+    @classmethod
+    def from_run_config(cls, run_config: dict[str, Any]) -> tuple["SimulationConfig", Path]:
+        """The config and output folder a run config of :meth:`run_config` describes."""
+        out = run_config.get(SIM_PREFIX + "out")
+        if not out:
+            raise FedpalError("this run config has no sim-out setting: it is not a fedpal simulate run")
+        return from_run_config(cls, run_config, SIM_PREFIX), Path(str(out))
+
+    def federation_config(self) -> dict[str, Any]:
+        """The Simulation Engine's settings for ``flwr run --federation-config``."""
+        return {"num-supernodes": self.users, "backend": "ray", "client-resources-num-cpus": self.node_cpus,
+                "client-resources-num-gpus": self.node_gpus}
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["styles"] = list(self.styles)
         return data
+
+
+SIM_PREFIX = "sim-"
+"""Run-config keys of a simulation's own settings (fedpal's are ``fedpal.server.strategy.DEFAULTS``)."""
+
+
+def federation_checks(build: Callable[[], FederationSettings]) -> None:
+    """Run the federation's own checks (strategy, LoRA, training, DP, SecAgg+) on the settings
+    ``build`` derives from a simulation's config, naming settings as that config does
+    (``lora_top_layers``, not the run-config key ``lora-top-layers``)."""
+    try:
+        build()
+    except FedpalError as err:
+        message = str(err)
+        for f in fields(FederationSettings):
+            message = message.replace(key_of(f.name), f.name)
+        raise FedpalError(message) from None
+
+
+def to_run_config(settings: Any, prefix: str) -> dict[str, Any]:
+    """A settings dataclass as Flower run-config keys: ``prefix`` + the field name in kebab
+    case; a tuple of names becomes one comma-separated string (run configs hold scalars)."""
+    out: dict[str, Any] = {}
+    for f in fields(settings):
+        value = getattr(settings, f.name)
+        out[prefix + f.name.replace("_", "-")] = ",".join(map(str, value)) if isinstance(value, tuple) else value
+    return out
+
+
+def from_run_config(cls: Any, run_config: dict[str, Any], prefix: str) -> Any:
+    """The dataclass ``cls`` read back from the keys :func:`to_run_config` wrote (each value as
+    its field's type); one clear line for a missing key."""
+    values: dict[str, Any] = {}
+    for f in fields(cls):
+        key = prefix + f.name.replace("_", "-")
+        if key not in run_config:
+            raise FedpalError(f"this run config has no {key} setting; it was not written by this fedpal version")
+        value, kind = run_config[key], str(f.type)
+        if kind.startswith("tuple"):
+            value = tuple(part for part in str(value).split(",") if part)
+        elif kind == "bool":
+            value = value if isinstance(value, bool) else str(value).lower() == "true"
+        elif kind in ("int", "float", "str"):
+            value = {"int": int, "float": float, "str": str}[kind](value)
+        values[f.name] = value
+    return cls(**values)
 
 
 PRESETS: dict[str, SimulationConfig] = {

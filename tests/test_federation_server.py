@@ -15,11 +15,10 @@ from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters
 from flwr.server.compat.grid_client_proxy import GridClientProxy
 
 from fedpal.common.errors import FedpalError
+from fedpal.common.settings import DEFAULTS, FederationSettings
 from fedpal.server.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from fedpal.server.strategy import (
-    DEFAULTS,
     FedpalStrategy,
-    FederationSettings,
     restore_strategy_state,
     strategy_state,
 )
@@ -178,6 +177,28 @@ def test_bad_settings_are_one_clear_error(overrides, message):
 def test_pyproject_run_config_lists_exactly_the_defaults():
     config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
     assert config == DEFAULTS
+
+
+def test_one_settings_class_the_client_reads_back_from_its_train_message():
+    """The server derives the train message from FederationSettings; the client reads the same
+    class back from it (typed, checked: no hand casts), and every setting says what it does."""
+    import json
+    import subprocess
+
+    settings = FederationSettings.from_run_config({"lora-rank": 4, "learning-rate": 1, "personal-from-round": 3,
+                                                   "secagg": "false", "min-clients": 2})
+    assert settings.learning_rate == 1.0 and isinstance(settings.learning_rate, float) and settings.secagg is False
+    for server_round, personal in ((2, 0), (3, settings.personal_steps)):
+        message = settings.train_config(server_round)
+        received = FederationSettings.from_message(message)
+        assert received.personal_steps == personal and received.lora_rank == 4 and received.learning_rate == 1.0
+    with pytest.raises(FedpalError, match="lora-rank = 'four' must be a whole number"):
+        FederationSettings.from_message({**settings.train_config(1), "lora-rank": "four"})
+    listed = subprocess.run(["fedpal", "server", "settings", "--json"], capture_output=True, text=True, timeout=120)
+    assert listed.returncode == 0, listed.stderr
+    rows = json.loads(listed.stdout)
+    assert {key: row["default"] for key, row in rows.items()} == DEFAULTS
+    assert all(len(row["help"]) > 10 for row in rows.values())
 
 
 def test_server_cli_reports_a_run_and_refuses_unknown_settings(tmp_path):

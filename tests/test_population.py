@@ -14,13 +14,13 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-import psutil
 import pytest
 
 from fedpal.common.errors import FedpalError
 from fedpal.common.privacy import PrivacyBudget, epsilon_after, noise_for_epsilon
 from fedpal.simulations.population.settings import PRESETS, load_population_config
 from fedpal.simulations.population.study import HeldoutScore, StudyPlan
+from ray_cluster import ActorParents, two_node_cluster
 
 QUICK = PRESETS["quick"]
 
@@ -148,63 +148,19 @@ def test_settings_read_each_field_as_its_type():
     assert np.isclose(config.noise(), noise_for_epsilon(PrivacyBudget(1.0, config.clipping_norm, config.delta, 100, 10), 4.0, 3))
 
 
-class ActorParents:
-    """The parent pids of Ray's ClientAppActor worker processes, sampled while a run goes on."""
-
-    def __init__(self) -> None:
-        import threading
-
-        self.seen: set[int] = set()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-
-    def __enter__(self) -> "ActorParents":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _loop(self) -> None:
-        while not self._stop.wait(0.3):
-            for process in psutil.process_iter(["cmdline", "ppid"]):
-                if (process.info["cmdline"] or [""])[0].startswith("ray::ClientAppActor"):
-                    self.seen.add(process.info["ppid"])
-
-
 @pytest.mark.slow
 def test_the_same_app_on_a_two_node_ray_cluster_gives_the_same_results(quick, tmp_path):
     """A Ray cluster of two nodes on this machine (``ray start --head`` plus ``ray start
     --address``); only the Ray address changes, and the results match the single-node run's."""
-    import shutil
-
     from fedpal.server.server_app import load_global_adapter
-    from fedpal.simulations.population.engine import free_port
 
     single, single_out = quick
-    ray = shutil.which("ray") or str(Path(sys.executable).parent / "ray")
-    address = f"127.0.0.1:{free_port()}"
-    quiet = {"capture_output": True, "text": True, "timeout": 120}
-    try:
-        head = subprocess.run([ray, "start", "--head", f"--port={address.rsplit(':', 1)[1]}", "--num-cpus=1",
-                               "--include-dashboard=false", "--disable-usage-stats"], **quiet)
-        assert head.returncode == 0, head.stderr[-2000:]
-        worker = subprocess.run([ray, "start", f"--address={address}", "--num-cpus=1", "--disable-usage-stats"], **quiet)
-        assert worker.returncode == 0, worker.stderr[-2000:]
-        nodes = subprocess.run([sys.executable, "-c", "import ray; ray.init(address='auto', logging_level='ERROR'); "
-                                "print(sum(n['Alive'] for n in ray.nodes()))"], **quiet)
-        assert nodes.stdout.strip().splitlines()[-1] == "2", nodes.stderr[-2000:]
-        raylets = {p.pid for p in psutil.process_iter(["name"]) if p.info["name"] == "raylet"}
-        assert len(raylets) == 2  # one per node
-        out = tmp_path / "two-nodes"
-        with ActorParents() as parents:
-            done = _cli("run", "--preset", "quick", "--out", str(out), "--ray-address", address, "--json")
+    out = tmp_path / "two-nodes"
+    with two_node_cluster() as (address, raylets), ActorParents() as parents:
+        done = _cli("run", "--preset", "quick", "--out", str(out), "--ray-address", address, "--json")
         assert done.returncode == 0, done.stderr[-3000:]
-        # Ray's workers are their node's raylet's children: the clients ran on both nodes, and on no Ray of their own
-        assert parents.seen == raylets, (parents.seen, raylets)
-    finally:
-        subprocess.run([ray, "stop", "--force"], **quiet)
+    # Ray's workers are their node's raylet's children: the clients ran on both nodes, and on no Ray of their own
+    assert parents.seen == raylets, (parents.seen, raylets)
     cluster = json.loads((out / "results.json").read_text())
     for key in ("rounds", "epsilon", "noise_multiplier", "score", "scored_users", "adapter_numbers"):
         assert cluster[key] == single[key], key
@@ -215,7 +171,8 @@ def test_the_same_app_on_a_two_node_ray_cluster_gives_the_same_results(quick, tm
 
 
 def test_secagg_shares_are_a_fraction_or_a_fixed_number_of_neighbours():
-    from fedpal.server.strategy import FederationSettings, secagg_shares
+    from fedpal.common.settings import FederationSettings
+    from fedpal.server.strategy import secagg_shares
 
     fixed = FederationSettings.from_run_config({"secagg-shares": 7.0})
     assert secagg_shares(fixed, 100) == 7 and isinstance(secagg_shares(fixed, 100), int)
@@ -278,7 +235,7 @@ def test_a_node_whose_update_is_zero_sends_it_instead_of_failing_the_round(monke
 
 
 def test_an_unreachable_ray_cluster_is_one_line_and_writes_nothing(tmp_path):
-    from fedpal.simulations.population.engine import free_port
+    from fedpal.simulations.engine import free_port
 
     address = f"127.0.0.1:{free_port()}"  # nothing listens there
     done = _cli("run", "--preset", "quick", "--out", str(tmp_path / "out"), "--ray-address", address, timeout=120)

@@ -14,7 +14,8 @@ from fedpal.common.errors import FedpalError
 from fedpal.simulations.config import PRESETS, load_config
 from fedpal.simulations.report import REQUIRED_KEYS
 from fedpal.server.server_app import load_global_adapter
-from fedpal.simulations.runner import BASELINES, simulate
+from fedpal.simulations.experiment.results import BASELINES
+from fedpal.simulations.runner import simulate
 
 SMALL = replace(PRESETS["quick"], users=3, clients_per_round=3, rounds=1, train_prompts=4, heldout_prompts=3,
                 curve_prompts=2, local_steps=2, personal_steps=2)
@@ -54,9 +55,33 @@ def test_quick_preset_writes_results_report_and_plots(quick_run):
 def test_quick_preset_really_federated(quick_run):
     out, _ = quick_run
     rounds = [json.loads(line) for line in (out / "federation" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["round"] for r in rounds] == [1, 2], "the second round resumed from the first round's checkpoint"
+    assert [r["round"] for r in rounds] == [1, 2]
     assert all(r["clients_summed"] == 4 and r["secagg"] and r["dp"] for r in rounds)
     assert all(r["global_change_norm"] > 0 for r in rounds)
+
+
+def test_the_whole_experiment_is_one_flwr_run_with_each_user_on_its_node(quick_run):
+    """One app, one ``flwr run`` on a simulation SuperLink: no per-round restart; the users'
+    phases between rounds were the ServerApp's, reported to the launcher's progress bars."""
+    out, result = quick_run
+    log = (out / "flwr-run.log").read_text()
+    assert log.count("Successfully started run") == 1
+    assert "(4 simulated SuperNodes)" in log
+    assert "run_simulation" not in log and "Successfully started run" not in result.stderr  # Flower's logs stay in the file
+    phases = [json.loads(line) for line in (out / "progress.jsonl").read_text().splitlines()]
+    started = [line["phase"] for line in phases if "total" in line]
+    assert started[0] == "users join and answer round 1's prompts" and len(started) == 4  # join, rounds, 2 x between
+    assert all(max(line["done"] for line in phases if line["phase"] == name and "done" in line) ==
+               next(line["total"] for line in phases if line["phase"] == name and "total" in line) for name in started)
+    from fedpal.client.memory import PreferenceMemory
+
+    for index in range(4):  # each node kept both of its user's homes, federated and local-only, with the same pairs
+        pairs = []
+        for home in (out / "users" / str(index), out / "local" / str(index)):
+            assert (home / "runtime" / "export.json").is_file()
+            with PreferenceMemory.open(home, passphrase="fedpal-simulation-0") as memory:
+                pairs.append(sorted((r.fields["prompt"], r.fields["chosen"]) for r in memory.records("pair")))
+        assert pairs[0] == pairs[1] and len(pairs[0]) > 0
 
 
 def test_fedpal_replies_are_what_fedpal_generate_gives_the_user(quick_run):
@@ -85,6 +110,28 @@ def test_memories_are_encrypted_and_hold_the_interactions(quick_run):
     some_reply = next(iter(replies.values()))[0]
     database = (out / "users" / "0" / "memory.sqlite").read_bytes()
     assert some_reply.encode()[:40] not in database
+
+
+@pytest.mark.slow
+def test_the_experiment_on_a_two_node_ray_cluster_gives_the_same_results(quick_run, tmp_path):
+    """Only the Ray address changes (``--ray-address``): the users' nodes run on both Ray nodes,
+    and results.json scores what the single-node run scored."""
+    from ray_cluster import ActorParents, two_node_cluster
+
+    single_out, _ = quick_run
+    out = tmp_path / "two-nodes"
+    with two_node_cluster() as (address, raylets), ActorParents() as parents:
+        done = subprocess.run([sys.executable, "-m", "fedpal.common.cli", "simulate", "--preset", "quick", "--out",
+                               str(out), "--ray-address", address], capture_output=True, text=True, timeout=900)
+        assert done.returncode == 0, done.stderr[-3000:]
+    assert parents.seen == raylets, (parents.seen, raylets)
+    single, cluster = (json.loads((folder / "results.json").read_text()) for folder in (single_out, out))
+    for key in ("baselines", "cross_user_matrix", "curves", "epsilon_per_round", "headroom", "users_detail"):
+        assert json.dumps(cluster[key], sort_keys=True) == json.dumps(single[key], sort_keys=True), key
+    assert json.loads((out / "replies.json").read_text()) == json.loads((single_out / "replies.json").read_text())
+    ours, theirs = load_global_adapter(out / "federation"), load_global_adapter(single_out / "federation")
+    for name in ours:
+        assert np.allclose(ours[name], theirs[name], atol=1e-6), name
 
 
 @pytest.mark.slow
@@ -118,7 +165,7 @@ def test_bad_settings_are_one_clear_line(tmp_path):
     with pytest.raises(FedpalError, match="at least 2 users"):
         load_config("quick", bad)
     for setting, message in (("labelling = 'vibes'", "labelling must be"), ("retrieval_in = 'footer'", "retrieval_in must be"),
-                             ("lora_top_layers = -1", "lora_top_layers must be 0")):
+                             ("lora_top_layers = -1", "lora_top_layers must be 0"), ("strategy = 'fedmagic'", "strategy must be one of")):
         bad.write_text(setting + "\n")
         with pytest.raises(FedpalError, match=message):
             load_config("quick", bad)
@@ -131,16 +178,17 @@ def test_bad_settings_are_one_clear_line(tmp_path):
 def test_personal_adapters_train_from_the_configured_round(tmp_path):
     """Before ``personal_from_round`` clients send shared updates only; the local-only baseline
     then catches up with every step a client trained until then."""
-    from fedpal.simulations.runner import SimulationRun
+    from fedpal.simulations.experiment.node import local_only_steps
 
     config = replace(SMALL, rounds=3, train_prompts=6, local_steps=2, personal_steps=3, personal_from_round=3)
-    run = SimulationRun(config, tmp_path)
-    assert [run.federation_overrides(r)["personal-steps"] for r in (1, 2, 3)] == [0, 0, 3]
-    assert run.local_only_steps(3) == 3 * 2 + 3
-    assert not run.federation_overrides(3)["final-adapter"], "the runner installs each round's aggregate itself"
-    every = SimulationRun(replace(config, personal_from_round=1), tmp_path / "every")
-    assert [every.local_only_steps(r) for r in (1, 2, 3)] == [5, 5, 5]
-    assert [every.federation_overrides(r)["personal-steps"] for r in (1, 2, 3)] == [3, 3, 3]
+    settings = config.federation(tmp_path)
+    assert [settings.train_config(r)["personal-steps"] for r in (1, 2, 3)] == [0, 0, 3]
+    assert local_only_steps(config, 3) == 3 * 2 + 3
+    assert not settings["final-adapter"], "the between-rounds message brings each round's aggregate"
+    every = replace(config, personal_from_round=1)
+    assert [local_only_steps(every, r) for r in (1, 2, 3)] == [5, 5, 5]
+    settings = every.federation(tmp_path)
+    assert [settings.train_config(r)["personal-steps"] for r in (1, 2, 3)] == [3, 3, 3]
     for bad in (0, 4):
         with pytest.raises(FedpalError, match="personal_from_round must be between 1 and rounds"):
             replace(config, personal_from_round=bad).check()

@@ -25,8 +25,9 @@ import numpy as np
 from fedpal.client.client_app import FedpalClient, node_home
 from fedpal.client.memory import PASSPHRASE_ENV
 from fedpal.common.errors import FedpalError
+from fedpal.common.settings import FederationSettings
 from fedpal.common.types import PreferencePair
-from fedpal.simulations.population.settings import SimulatedUsers, split_run_config
+from fedpal.simulations.population.settings import PopulationConfig, split_run_config
 
 HELDOUT_EVAL = "heldout-eval"
 """Config key of the server's "score the global adapter on your held-out pairs" message."""
@@ -57,9 +58,9 @@ def candidates(prompt: str, styles: tuple[str, ...], seed: int) -> list[str]:
 
 
 class SimulatedNodeUser:
-    """User ``index`` of a population: their choices, given their run's ``SimulatedUsers``."""
+    """User ``index`` of a population: their choices, given their run's settings."""
 
-    def __init__(self, sim: SimulatedUsers, index: int) -> None:
+    def __init__(self, sim: PopulationConfig, index: int) -> None:
         if not 0 <= index < sim.users:
             raise FedpalError(f"node partition {index} is outside the population of {sim.users} users")
         self.sim, self.index = sim, index
@@ -125,8 +126,8 @@ class PopulationClient(FedpalClient):
         from fedpal.common.adapters import SHARED
 
         user, home = self._user()
-        base, peft, _ = node_model(config)
-        install_global(peft, ClientHome.at(home), parameters, config)  # the node keeps the final adapter
+        base, peft, _ = node_model(FederationSettings.from_message(config))
+        install_global(peft, ClientHome.at(home), parameters, FederationSettings.from_message(config))  # the node keeps the final adapter
         pairs = user.heldout_pairs()
         base_right = ranking_accuracy(peft, base.tokenizer, pairs, ())
         shared_right = ranking_accuracy(peft, base.tokenizer, pairs, (SHARED,))

@@ -21,9 +21,9 @@ from flwr.serverapp import Grid, ServerApp
 from fedpal.common.errors import FedpalError
 from fedpal.server.cli import read_metrics
 from fedpal.server.server_app import load_global_adapter, run_federation, send_adapter
-from fedpal.server.strategy import FederationSettings
+from fedpal.common.settings import FederationSettings
 from fedpal.simulations.population.node import HELDOUT_EVAL, ROLL_CALL
-from fedpal.simulations.population.settings import SimulatedUsers, split_run_config
+from fedpal.simulations.population.settings import PopulationConfig, split_run_config
 
 log = logging.getLogger("fedpal.simulations")
 
@@ -49,7 +49,7 @@ def roll_call(grid: Grid) -> dict[int, int]:
     return answers
 
 
-def score_global_adapter(grid: Grid, settings: FederationSettings, sim: SimulatedUsers, folder,
+def score_global_adapter(grid: Grid, settings: FederationSettings, sim: PopulationConfig, folder,
                          users: dict[int, int]) -> dict:
     """Ask ``sim.eval_users`` nodes to score the final global adapter on their held-out pairs."""
     from flwr.compat.common import recorddict_compat as compat
@@ -81,8 +81,7 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    fedpal, sim = split_run_config(dict(context.run_config))
-    settings = FederationSettings.from_run_config(fedpal)
+    settings, sim = split_run_config(dict(context.run_config))
     users = roll_call(grid)
     folder = run_federation(grid, context, settings, node_order=users.__getitem__)
     evaluation = score_global_adapter(grid, settings, sim, folder, users)

@@ -1,7 +1,7 @@
 """Settings of a population study run: many simulated users, one Flower app, one ``flwr run``.
 
 ``PopulationConfig`` holds one run; from it come the app's whole Flower run config
-(fedpal's federation settings plus the simulated users' own keys, prefixed ``sim-``) and
+(fedpal's federation settings plus this config's own fields, prefixed ``sim-``) and
 the Simulation Engine's settings (number of virtual SuperNodes, each node's CPUs/GPUs).
 The named presets go from a quick check to 1000 users on a 2-core machine; the tiny
 model keeps a client's round under a second there, which is what makes a population of
@@ -16,12 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from fedpal.common.errors import FedpalError
-from fedpal.server.strategy import DEFAULTS, STRATEGIES
+from fedpal.common.settings import FederationSettings
+from fedpal.simulations.config import SIM_PREFIX, federation_checks, from_run_config, to_run_config
 from fedpal.simulations.styles import STYLES_BY_NAME
-
-SIM_PREFIX = "sim-"
-"""Run-config keys of the simulated users (fedpal's own keys are ``fedpal.server.strategy.DEFAULTS``)."""
-
 
 def _help(text: str) -> Any:
     return {"help": text}
@@ -76,31 +73,22 @@ class PopulationConfig:
             raise FedpalError(f"clients_per_round ({self.clients_per_round}) cannot exceed users ({self.users})")
         if self.secagg and self.clients_per_round < 3:
             raise FedpalError("SecAgg+ needs at least 3 clients per round: raise clients_per_round or set secagg = false")
+        if self.dp and self.target_epsilon <= 0 and not self.noise_multiplier > 0:
+            raise FedpalError("with dp on, set a positive noise_multiplier or target_epsilon")
         if self.prompts_per_round > self.train_prompts:
             raise FedpalError("prompts_per_round cannot exceed train_prompts")
         if len(self.styles) < 2 or any(s not in STYLES_BY_NAME for s in self.styles):
             raise FedpalError(f"styles must name at least two of: {', '.join(STYLES_BY_NAME)}")
         if self.labelling not in ("favourite", "pairs"):
             raise FedpalError(f"labelling must be 'favourite' or 'pairs', not '{self.labelling}'")
-        if self.strategy not in STRATEGIES:
-            raise FedpalError(f"strategy must be one of {', '.join(STRATEGIES)}, not '{self.strategy}'")
         for name in ("shared_weight", "minority_fraction"):
             if not 0 <= getattr(self, name) <= 1:
                 raise FedpalError(f"{name} must be between 0 and 1, not {getattr(self, name)}")
-        for name in ("learning_rate", "dpo_beta", "clipping_norm"):
-            if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
-                raise FedpalError(f"{name} must be a positive number, not {getattr(self, name)}")
-        if self.dp and self.target_epsilon <= 0 and not self.noise_multiplier > 0:
-            raise FedpalError("with dp on, set a positive noise_multiplier or target_epsilon")
-        if not 0 < self.delta < 1:
-            raise FedpalError(f"delta must be between 0 and 1, not {self.delta}")
-        if not (0 < self.secagg_shares <= 1 or (self.secagg_shares >= 3 and self.secagg_shares == int(self.secagg_shares))):
-            raise FedpalError(f"secagg_shares must be a fraction of the round's clients in (0, 1] or a whole number "
-                              f"of neighbours, at least 3; not {self.secagg_shares}")
         if self.node_cpus < 1:
             raise FedpalError(f"node_cpus must be a whole number of CPUs, at least 1, not {self.node_cpus}")
-        if self.node_gpus < 0 or self.lora_top_layers < 0 or self.local_steps < 0:
-            raise FedpalError("node_gpus, lora_top_layers and local_steps must not be negative")
+        if self.node_gpus < 0:
+            raise FedpalError("node_gpus must not be negative")
+        federation_checks(lambda: self._federation(1.0, Path(), Path()))
 
     # -- what the run is made of -------------------------------------------------------
 
@@ -116,30 +104,27 @@ class PopulationConfig:
                                population_size=self.users, sample_size=self.clients_per_round)
         return noise_for_epsilon(budget, self.target_epsilon, self.rounds)
 
+    def federation(self, run_dir: Path, home_base: Path) -> FederationSettings:
+        """fedpal's federation settings for this run (their checks are fedpal's own)."""
+        return self._federation(self.noise() if self.dp else FederationSettings().noise_multiplier, run_dir, home_base)
+
+    def _federation(self, noise: float, run_dir: Path, home_base: Path) -> FederationSettings:
+        return replace(
+            FederationSettings(), model=self.model, num_server_rounds=self.rounds, strategy=self.strategy,
+            fraction_train=self.clients_per_round / self.users, min_clients=self.clients_per_round,
+            population_size=self.users, seed=self.seed, deterministic=True, lora_rank=self.lora_rank,
+            lora_alpha=2.0 * self.lora_rank, lora_targets=self.lora_targets, lora_top_layers=self.lora_top_layers,
+            objective="both", local_steps=self.local_steps, personal_steps=0, personal_guard=False,
+            learning_rate=self.learning_rate, dpo_beta=self.dpo_beta, batch_size=self.batch_size,
+            max_length=self.max_length, dp=self.dp,
+            noise_multiplier=noise,
+            clipping_norm=self.clipping_norm, delta=self.delta, secagg=self.secagg, secagg_shares=self.secagg_shares,
+            final_adapter=False, run_dir=str(run_dir), home_base=str(home_base),
+        )
+
     def run_config(self, run_dir: Path, home_base: Path) -> dict[str, Any]:
-        """The Flower run config of the whole app: fedpal's settings and the ``sim-`` keys."""
-        fedpal = {
-            **DEFAULTS,
-            "model": self.model, "num-server-rounds": self.rounds, "strategy": self.strategy,
-            "fraction-train": self.clients_per_round / self.users, "min-clients": self.clients_per_round,
-            "population-size": self.users, "seed": self.seed, "deterministic": True,
-            "lora-rank": self.lora_rank, "lora-alpha": 2.0 * self.lora_rank, "lora-targets": self.lora_targets,
-            "lora-top-layers": self.lora_top_layers, "objective": "both", "local-steps": self.local_steps,
-            "personal-steps": 0, "personal-guard": False, "learning-rate": self.learning_rate,
-            "dpo-beta": self.dpo_beta, "batch-size": self.batch_size, "max-length": self.max_length,
-            "dp": self.dp, "noise-multiplier": self.noise() if self.dp else DEFAULTS["noise-multiplier"],
-            "clipping-norm": self.clipping_norm, "delta": self.delta, "secagg": self.secagg,
-            "secagg-shares": self.secagg_shares, "final-adapter": False, "run-dir": str(run_dir),
-            "home-base": str(home_base),
-        }
-        users = {
-            "train-prompts": self.train_prompts, "prompts-per-round": self.prompts_per_round,
-            "pairs-per-prompt": self.pairs_per_prompt, "heldout-prompts": self.heldout_prompts,
-            "eval-users": min(self.eval_users, self.users), "styles": ",".join(self.styles),
-            "labelling": self.labelling, "shared-weight": self.shared_weight,
-            "minority-fraction": self.minority_fraction,
-        }
-        return {**fedpal, **{SIM_PREFIX + k: v for k, v in users.items()}}
+        """The Flower run config of the whole app: fedpal's settings and this config's fields as ``sim-`` keys."""
+        return {**self.federation(run_dir, home_base).run_config(), **to_run_config(self, SIM_PREFIX)}
 
     def federation_config(self) -> dict[str, Any]:
         """The Simulation Engine's settings for ``flwr run --federation-config``."""
@@ -152,41 +137,10 @@ class PopulationConfig:
         return data
 
 
-@dataclass(frozen=True)
-class SimulatedUsers:
-    """The ``sim-`` part of a run config, as the ClientApp and the ServerApp read it."""
-
-    users: int
-    seed: int
-    train_prompts: int
-    prompts_per_round: int
-    pairs_per_prompt: int
-    heldout_prompts: int
-    eval_users: int
-    styles: tuple[str, ...]
-    labelling: str
-    shared_weight: float
-    minority_fraction: float
-
-    @classmethod
-    def from_run_config(cls, run_config: dict[str, Any]) -> "SimulatedUsers":
-        try:
-            get = {k[len(SIM_PREFIX):].replace("-", "_"): v for k, v in run_config.items() if k.startswith(SIM_PREFIX)}
-            return cls(users=int(run_config["population-size"]), seed=int(run_config["seed"]),
-                       train_prompts=int(get["train_prompts"]), prompts_per_round=int(get["prompts_per_round"]),
-                       pairs_per_prompt=int(get["pairs_per_prompt"]), heldout_prompts=int(get["heldout_prompts"]),
-                       eval_users=int(get["eval_users"]), styles=tuple(str(get["styles"]).split(",")),
-                       labelling=str(get["labelling"]), shared_weight=float(get["shared_weight"]),
-                       minority_fraction=float(get["minority_fraction"]))
-        except KeyError as err:
-            raise FedpalError(f"this run config has no {SIM_PREFIX}{str(err.args[0]).replace('_', '-')} setting: "
-                              "it is not a population simulation") from None
-
-
-def split_run_config(run_config: dict[str, Any]) -> tuple[dict[str, Any], SimulatedUsers]:
-    """fedpal's federation settings and the simulated users' settings of one run config."""
-    fedpal = {k: v for k, v in run_config.items() if not k.startswith(SIM_PREFIX)}
-    return fedpal, SimulatedUsers.from_run_config(run_config)
+def split_run_config(run_config: dict[str, Any]) -> tuple[FederationSettings, PopulationConfig]:
+    """fedpal's federation settings and the population's settings of one run config."""
+    fedpal = FederationSettings.from_run_config({k: v for k, v in run_config.items() if not k.startswith(SIM_PREFIX)})
+    return fedpal, from_run_config(PopulationConfig, run_config, SIM_PREFIX)
 
 
 _TINY_SCALE = dict(model="tiny", lora_rank=4, lora_top_layers=0, local_steps=4, secagg_shares=7.0)

@@ -126,13 +126,13 @@ class PrivacyAudit:
     def _load_model(self) -> None:
         from fedpal.common.adapters import AdapterConfig, adapter_to_arrays, attach_adapters
         from fedpal.common.models import load_base_model
-        from fedpal.server.strategy import FederationSettings
+        from fedpal.common.settings import FederationSettings
         from fedpal.simulations.privacy.federation import overrides
 
         settings = FederationSettings.from_run_config(overrides(self.config, RunPlan("probe", False, False, 0.0, False),
                                                                 self.out, self.config.users))
         self.base = load_base_model(self.config.model, device="cpu")
-        self.peft = attach_adapters(self.base.model, AdapterConfig.from_settings(settings.train_config(0)))
+        self.peft = attach_adapters(self.base.model, AdapterConfig.from_settings(settings))
         self.initial = adapter_to_arrays(self.peft, SHARED, self.parts, dtype=np.float32)
         self.fresh_personal = adapter_to_arrays(self.peft, PERSONAL, "AB")
         self.base_audited = self.score(self.texts.audited, ())

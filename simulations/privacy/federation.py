@@ -33,7 +33,6 @@ from fedpal.client.memory import PASSPHRASE_ENV
 from fedpal.common.types import PreferencePair
 from fedpal.simulations.privacy.config import AuditConfig
 from fedpal.simulations.privacy.population import AuditPopulation
-from fedpal.simulations.runner import quiet_flower
 
 CAPTURES = "captures"
 
@@ -261,3 +260,25 @@ def passphrase(seed: int) -> Iterator[None]:
         else:
             os.environ[PASSPHRASE_ENV] = old
 
+
+def _not_run_simulation_deprecation(record: logging.LogRecord) -> bool:
+    """Flower 1.41 deprecates ``run_simulation`` in favour of the ``flwr run`` CLI; the audit
+    keeps it because its attacks watch every round from inside the process. Flower would
+    say so every round."""
+    return "`run_simulation` function is deprecated" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def quiet_flower() -> Iterator[None]:
+    """Flower logs every message exchange at INFO; the audit shows its own progress bars."""
+    loggers = [logging.getLogger(name) for name in ("flwr", "ray")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.WARNING)
+    loggers[0].addFilter(_not_run_simulation_deprecation)
+    try:
+        yield
+    finally:
+        loggers[0].removeFilter(_not_run_simulation_deprecation)
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
