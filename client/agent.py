@@ -170,36 +170,42 @@ class AgentConfig:
         return self.folder / "agent.pid"
 
     def toml(self) -> str:
-        return "\n".join([
-            "# fedpal client agent (fedpal client init); read by the agent and, each round, by the ClientApp",
-            f"server = {json.dumps(self.server)}",
-            "",
-            "[policy]",
-            "# train only while the 1-minute load average per core is below this (0: no limit)",
-            f"max-load = {self.policy.max_load!r}",
-            "# train only on AC power (a machine without a battery counts as on AC)",
-            f"require-ac-power = {'true' if self.policy.require_ac else 'false'}",
-            "# local time HH:MM-HH:MM when training may start (empty: any time)",
-            f"window = {json.dumps(self.policy.window)}",
-            "",
-            "[logging]",
-            f"format = {json.dumps(self.log_format)}",
-            "",
-        ])
+        return "\n".join(
+            [
+                "# fedpal client agent (fedpal client init); read by the agent and, each round, by the ClientApp",
+                f"server = {json.dumps(self.server)}",
+                "",
+                "[policy]",
+                "# train only while the 1-minute load average per core is below this (0: no limit)",
+                f"max-load = {self.policy.max_load!r}",
+                "# train only on AC power (a machine without a battery counts as on AC)",
+                f"require-ac-power = {'true' if self.policy.require_ac else 'false'}",
+                "# local time HH:MM-HH:MM when training may start (empty: any time)",
+                f"window = {json.dumps(self.policy.window)}",
+                "",
+                "[logging]",
+                f"format = {json.dumps(self.log_format)}",
+                "",
+            ]
+        )
 
     @classmethod
     def load(cls, home: Path) -> "AgentConfig":
         """The agent of ``home``, or a one-line error saying how to make one."""
         path = home / AGENT_DIR / "agent.toml"
         if not path.is_file():
-            raise FedpalError(f"{home} has no client agent; set one up with: fedpal client init --home {home} "
-                              "--server HOST:PORT --ca ca.crt")
+            raise FedpalError(
+                f"{home} has no client agent; set one up with: fedpal client init --home {home} "
+                "--server HOST:PORT --ca ca.crt"
+            )
         try:
             data = tomllib.loads(path.read_text(encoding="utf-8"))
             policy_data = data.get("policy", {})
-            policy = Policy(max_load=float(policy_data.get("max-load", Policy.max_load)),
-                            require_ac=bool(policy_data.get("require-ac-power", Policy.require_ac)),
-                            window=str(policy_data.get("window", "")))
+            policy = Policy(
+                max_load=float(policy_data.get("max-load", Policy.max_load)),
+                require_ac=bool(policy_data.get("require-ac-power", Policy.require_ac)),
+                window=str(policy_data.get("window", "")),
+            )
             config = cls(home, str(data["server"]), policy, str(data.get("logging", {}).get("format", "json")))
         except (tomllib.TOMLDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as err:
             raise FedpalError(f"{path} is not a valid agent config ({first_line(err)})") from None
@@ -236,8 +242,10 @@ def check_ca_file(path: Path) -> bytes:
     except x509.ExtensionNotFound:
         is_ca = False
     if not is_ca:
-        raise FedpalError(f"{path} is not a CA certificate (it is {cert.subject.rfc4514_string()}); "
-                          "use the deployment's ca.crt, not the server's certificate")
+        raise FedpalError(
+            f"{path} is not a CA certificate (it is {cert.subject.rfc4514_string()}); "
+            "use the deployment's ca.crt, not the server's certificate"
+        )
     if cert.not_valid_after_utc < datetime.datetime.now(datetime.timezone.utc):
         raise FedpalError(f"the CA certificate in {path} expired on {cert.not_valid_after_utc:%Y-%m-%d}")
     return data
@@ -250,16 +258,22 @@ def tls_problem(address: str, ca: Path, timeout: float = 5.0) -> tuple[str | Non
     host, port = parse_address(address)
     context = ssl.create_default_context(cafile=str(ca))
     try:
-        with socket.create_connection((host, port), timeout=timeout) as sock, \
-                context.wrap_socket(sock, server_hostname=host):
+        with (
+            socket.create_connection((host, port), timeout=timeout) as sock,
+            context.wrap_socket(sock, server_hostname=host),
+        ):
             return None, True
     except ssl.SSLCertVerificationError as err:
         detail = err.verify_message or first_line(err)
         if "mismatch" in detail.lower():
-            return (f"the server's certificate does not name '{host}' ({detail}): use the address the operator "
-                    "gave you (the deployment's README names it)"), True
-        return (f"the server at {address} is not certified by the CA in {ca} ({detail}): "
-                "get the ca.crt of this deployment from the operator"), True
+            return (
+                f"the server's certificate does not name '{host}' ({detail}): use the address the operator "
+                "gave you (the deployment's README names it)"
+            ), True
+        return (
+            f"the server at {address} is not certified by the CA in {ca} ({detail}): "
+            "get the ca.crt of this deployment from the operator"
+        ), True
     except ssl.SSLError:
         return None, True
     except OSError:
@@ -271,8 +285,11 @@ def device_summary() -> dict[str, Any]:
     profile picks batch size and sequence length from what is free at each round."""
     import psutil
 
-    summary: dict[str, Any] = {"cpu_cores": os.cpu_count(), "memory_bytes": int(psutil.virtual_memory().total),
-                               "gpu": None}
+    summary: dict[str, Any] = {
+        "cpu_cores": os.cpu_count(),
+        "memory_bytes": int(psutil.virtual_memory().total),
+        "gpu": None,
+    }
     try:
         import torch
 
@@ -285,8 +302,9 @@ def device_summary() -> dict[str, Any]:
     return summary
 
 
-def init_agent(home: Path, server: str, ca_file: Path, policy: Policy, log_format: str,
-               passphrase: str | None) -> tuple[AgentConfig, str, bool]:
+def init_agent(
+    home: Path, server: str, ca_file: Path, policy: Policy, log_format: str, passphrase: str | None
+) -> tuple[AgentConfig, str, bool]:
     """Set up the agent in ``home``; returns its config, the public key line to send to the operator,
     and whether the server answered (its certificate then verified with the CA).
 
@@ -301,18 +319,22 @@ def init_agent(home: Path, server: str, ca_file: Path, policy: Policy, log_forma
     from fedpal.client.home import ClientHome
     from fedpal.client.memory import PreferenceMemory
     from fedpal.common.files import staged_folder
+
     host, port = parse_address(server)
     server = join_address(host, port)
     planned = ClientHome.planned(home)
     if "'" in str(planned.root):
-        raise FedpalError(f"the home path {planned.root} holds a single quote, which Flower's --node-config cannot carry")
+        raise FedpalError(
+            f"the home path {planned.root} holds a single quote, which Flower's --node-config cannot carry"
+        )
     config = AgentConfig(planned.root, server, policy, log_format)
     policy.check()
     if log_format not in LOG_FORMATS:
         raise FedpalError(f"log format must be one of {', '.join(LOG_FORMATS)}")
     if config.folder.exists():
-        raise FedpalError(f"{planned.root} already has a client agent ({config.folder}); its public key is in "
-                          f"{config.public_key}")
+        raise FedpalError(
+            f"{planned.root} already has a client agent ({config.folder}); its public key is in {config.public_key}"
+        )
     ca_pem = check_ca_file(ca_file.expanduser().resolve())
     problem, reachable = tls_problem(server, ca_file.expanduser().resolve())
     if problem:
@@ -320,8 +342,9 @@ def init_agent(home: Path, server: str, ca_file: Path, policy: Policy, log_forma
     device = device_summary()
     PreferenceMemory.open(planned.root, passphrase=passphrase).close()
     key = ec.generate_private_key(ec.SECP384R1())
-    private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
-                                serialization.NoEncryption())
+    private = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+    )
     public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode()
     with staged_folder(config.folder) as staging:
         write_atomic(staging / "node.key", private, 0o600)
@@ -344,8 +367,17 @@ def read_rounds(config: AgentConfig) -> dict[str, Any]:
     itself for the run's final adapter, ``last_global_final``); ``epsilon``/``delta``: the
     privacy the run had spent on it, as the server reported (None: no DP).
     """
-    empty = {"joined": 0, "declined": 0, "last_global_round": None, "last_global_at": None,
-             "last_global_final": False, "global_through": None, "epsilon": None, "delta": None, "recent": []}
+    empty = {
+        "joined": 0,
+        "declined": 0,
+        "last_global_round": None,
+        "last_global_at": None,
+        "last_global_final": False,
+        "global_through": None,
+        "epsilon": None,
+        "delta": None,
+        "recent": [],
+    }
     try:
         data = json.loads(config.rounds_file.read_text(encoding="utf-8"))
     except (FileNotFoundError, ValueError, UnicodeDecodeError):
@@ -353,8 +385,9 @@ def read_rounds(config: AgentConfig) -> dict[str, Any]:
     return {**empty, **data} if isinstance(data, dict) else empty
 
 
-def record_round(home: Path, event: str, server_round: int | None = None, reason: str = "",
-                 spent: PrivacySpent | None = None) -> None:
+def record_round(
+    home: Path, event: str, server_round: int | None = None, reason: str = "", spent: PrivacySpent | None = None
+) -> None:
     """Note a round joined (``event='joined'``, after the global adapter was saved), declined, or
     the run's final global adapter saved after round ``server_round`` (``event='final'``), with
     the privacy the server reported as spent on that adapter.
@@ -371,10 +404,14 @@ def record_round(home: Path, event: str, server_round: int | None = None, reason
         data[event] = int(data.get(event, 0)) + 1
     if event in ("joined", "final") and server_round is not None:
         final = event == "final"
-        data.update(last_global_round=server_round, last_global_at=now, last_global_final=final,
-                    global_through=server_round if final else server_round - 1,
-                    epsilon=spent.epsilon if spent is not None else None,
-                    delta=spent.delta if spent is not None else None)
+        data.update(
+            last_global_round=server_round,
+            last_global_at=now,
+            last_global_final=final,
+            global_through=server_round if final else server_round - 1,
+            epsilon=spent.epsilon if spent is not None else None,
+            delta=spent.delta if spent is not None else None,
+        )
     entry: dict[str, Any] = {"event": event, "round": server_round, "at": now}
     if reason:
         entry["reason"] = reason
@@ -398,8 +435,14 @@ class JsonLines(logging.Formatter):
     """One JSON object per record: time, level, logger, message (and the SuperNode's own level)."""
 
     def format(self, record: logging.LogRecord) -> str:
-        line = {"time": datetime.datetime.fromtimestamp(record.created, datetime.timezone.utc).isoformat(timespec="milliseconds"),
-                "level": record.levelname, "logger": record.name, "message": record.getMessage()}
+        line = {
+            "time": datetime.datetime.fromtimestamp(record.created, datetime.timezone.utc).isoformat(
+                timespec="milliseconds"
+            ),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
         line.update(getattr(record, "fields", {}))
         return json.dumps(line, ensure_ascii=False)
 
@@ -408,10 +451,14 @@ def agent_logger(config: AgentConfig) -> logging.Logger:
     """The agent's rotating log (``agent.jsonl`` or ``agent.log``), at most 6 x 5 MB."""
     config.logs.mkdir(parents=True, exist_ok=True)
     name = "agent.jsonl" if config.log_format == "json" else "agent.log"
-    handler = logging.handlers.RotatingFileHandler(config.logs / name, maxBytes=LOG_BYTES, backupCount=LOG_BACKUPS,
-                                                   encoding="utf-8")
-    handler.setFormatter(JsonLines() if config.log_format == "json"
-                         else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler = logging.handlers.RotatingFileHandler(
+        config.logs / name, maxBytes=LOG_BYTES, backupCount=LOG_BACKUPS, encoding="utf-8"
+    )
+    handler.setFormatter(
+        JsonLines()
+        if config.log_format == "json"
+        else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    )
     logger = logging.getLogger(f"fedpal.agent.{config.home}")
     logger.handlers[:] = [handler]
     logger.setLevel(logging.INFO)
@@ -430,7 +477,9 @@ def check_node_key(config: AgentConfig) -> None:
 
     path = config.private_key
     if not path.is_file():
-        raise FedpalError(f"the node key {path} is missing; this home cannot join (set up a new agent with fedpal client init)")
+        raise FedpalError(
+            f"the node key {path} is missing; this home cannot join (set up a new agent with fedpal client init)"
+        )
     mode = path.stat().st_mode & 0o777
     if mode & 0o077:
         raise FedpalError(f"the node key {path} can be read by others (mode {mode:o}); run: chmod 600 {path}")
@@ -463,9 +512,19 @@ def supernode_command(config: AgentConfig) -> list[str]:
     """``flower-supernode`` with TLS (the deployment's CA), the node key, and this home as node config."""
     # the SuperNode's local Runtime API (its ClientApp talks to it): any free port, so that
     # several agents (users) can share a machine
-    return [flower_command("flower-supernode"), "--superlink", config.server, "--root-certificates", str(config.ca),
-            "--auth-supernode-private-key", str(config.private_key), "--node-config", f"home='{config.home}'",
-            "--port", str(_free_port())]
+    return [
+        flower_command("flower-supernode"),
+        "--superlink",
+        config.server,
+        "--root-certificates",
+        str(config.ca),
+        "--auth-supernode-private-key",
+        str(config.private_key),
+        "--node-config",
+        f"home='{config.home}'",
+        "--port",
+        str(_free_port()),
+    ]
 
 
 @dataclass
@@ -486,6 +545,7 @@ def run_agent(config: AgentConfig, passphrase: str | None, say: Callable[[str], 
     one error line naming the key. All the SuperNode's output goes to the agent's log.
     """
     from fedpal.client.memory import PreferenceMemory
+
     check_node_key(config)
     check_ca_file(config.ca)
     problem, _ = tls_problem(config.server, config.ca)
@@ -506,8 +566,17 @@ def run_agent(config: AgentConfig, passphrase: str | None, say: Callable[[str], 
     write_atomic(config.pid_file, f"{os.getpid()}\n".encode())
     # its own process group: the SuperNode starts a SuperExec (and ClientApps), which must
     # all end with it, also when the SuperNode itself exits first
-    node = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                            env=env, text=True, errors="replace", bufsize=1, start_new_session=True)
+    node = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        env=env,
+        text=True,
+        errors="replace",
+        bufsize=1,
+        start_new_session=True,
+    )
     lines: queue.Queue[str | None] = queue.Queue()
     threading.Thread(target=_pump, args=(node, lines), daemon=True).start()
     stopping: list[int] = []
@@ -544,13 +613,17 @@ def run_agent(config: AgentConfig, passphrase: str | None, say: Callable[[str], 
             signal.signal(sig, handler)
         config.pid_file.unlink(missing_ok=True)
     code = node.returncode
-    logger.info("agent stopped", extra={"fields": {"supernode_exit": code, "signal": stopping[0] if stopping else None}})
+    logger.info(
+        "agent stopped", extra={"fields": {"supernode_exit": code, "signal": stopping[0] if stopping else None}}
+    )
     if stopping:
         return 0
     if watch.refused:
-        raise FedpalError(f"the server at {config.server} refused this node's key {config.public_key} ({fingerprint}): "
-                          "it was never added or has been removed; send that file to the operator "
-                          "(fedpal server add-client)")
+        raise FedpalError(
+            f"the server at {config.server} refused this node's key {config.public_key} ({fingerprint}): "
+            "it was never added or has been removed; send that file to the operator "
+            "(fedpal server add-client)"
+        )
     if code != 0:
         tail = " | ".join(watch.lines[-3:])
         raise FedpalError(f"the SuperNode stopped with exit status {code} ({tail}); see {config.logs}")
@@ -573,8 +646,9 @@ def _signal_group(node: subprocess.Popen, sig: int) -> None:
         pass
 
 
-def _watch_line(line: str, watch: _Watch, config: AgentConfig, logger: logging.Logger,
-                say: Callable[[str], None] | None) -> None:
+def _watch_line(
+    line: str, watch: _Watch, config: AgentConfig, logger: logging.Logger, say: Callable[[str], None] | None
+) -> None:
     if not line.strip():
         return
     head, sep, rest = line.partition(":")
@@ -610,6 +684,7 @@ def agent_status(config: AgentConfig) -> dict[str, Any]:
     privacy the run had spent on it, as the server reported.
     """
     from fedpal.client.home import ClientHome
+
     home = ClientHome(config.home)
     rounds = read_rounds(config)
     adapters = {}
@@ -617,8 +692,12 @@ def agent_status(config: AgentConfig) -> dict[str, Any]:
         weights = home.adapter_dir(name) / "adapter_model.safetensors"
         if weights.is_file():
             stat = weights.stat()
-            adapters[name] = {"saved": datetime.datetime.fromtimestamp(stat.st_mtime, datetime.timezone.utc)
-                              .isoformat(timespec="seconds"), "bytes": stat.st_size}
+            adapters[name] = {
+                "saved": datetime.datetime.fromtimestamp(stat.st_mtime, datetime.timezone.utc).isoformat(
+                    timespec="seconds"
+                ),
+                "bytes": stat.st_size,
+            }
     kept = sorted(p.name for p in (home.root / "kept-aside").iterdir()) if (home.root / "kept-aside").is_dir() else []
     memory = home.memory_db
     return {
@@ -658,26 +737,37 @@ def service_unit(config: AgentConfig, passphrase_file: Path) -> tuple[str, str]:
     import hashlib
 
     name = f"fedpal-agent-{hashlib.sha256(str(config.home).encode()).hexdigest()[:8]}.service"
-    start = [sys.executable, "-m", "fedpal.common.cli", "client", "start", "--home", str(config.home),
-             "--passphrase-file", str(passphrase_file)]
-    text = "\n".join([
-        "[Unit]",
-        f"Description=fedpal client agent for {config.home}",
-        "Wants=network-online.target",
-        "After=network-online.target",
-        "",
-        "[Service]",
-        "Type=simple",
-        "ExecStart=" + " ".join(_systemd_quote(part) for part in start),
-        "Restart=on-failure",
-        "RestartSec=30",
-        "RestartPreventExitStatus=2",
-        "Nice=10",
-        "",
-        "[Install]",
-        "WantedBy=default.target",
-        "",
-    ])
+    start = [
+        sys.executable,
+        "-m",
+        "fedpal.common.cli",
+        "client",
+        "start",
+        "--home",
+        str(config.home),
+        "--passphrase-file",
+        str(passphrase_file),
+    ]
+    text = "\n".join(
+        [
+            "[Unit]",
+            f"Description=fedpal client agent for {config.home}",
+            "Wants=network-online.target",
+            "After=network-online.target",
+            "",
+            "[Service]",
+            "Type=simple",
+            "ExecStart=" + " ".join(_systemd_quote(part) for part in start),
+            "Restart=on-failure",
+            "RestartSec=30",
+            "RestartPreventExitStatus=2",
+            "Nice=10",
+            "",
+            "[Install]",
+            "WantedBy=default.target",
+            "",
+        ]
+    )
     return name, text
 
 
@@ -702,4 +792,3 @@ def install_service(config: AgentConfig, passphrase_file: Path, unit_dir: Path, 
         raise FedpalError(f"{path} exists; add --force to replace it")
     write_atomic(path, text.encode())
     return path
-

@@ -58,8 +58,10 @@ def write_backup(client: ClientHome, out: Path, passphrase: str, kdf: KdfParams 
     archive = io.BytesIO()
     count = 0
     has_memory = client.memory_db.is_file()
-    with tempfile.TemporaryDirectory(prefix="fedpal-backup-") as scratch, \
-            tarfile.open(fileobj=archive, mode="w:gz") as tar:
+    with (
+        tempfile.TemporaryDirectory(prefix="fedpal-backup-") as scratch,
+        tarfile.open(fileobj=archive, mode="w:gz") as tar,
+    ):
         if has_memory:
             snapshot = Path(scratch) / _MEMORY
             _copy_database(client.memory_db, snapshot)
@@ -136,16 +138,17 @@ def _open_sealed(backup: Path, passphrase: str) -> bytes:
         raise FedpalError(f"{backup} is not a fedpal home backup")
     end = data.find(b"\n", len(MAGIC))
     try:
-        header = json.loads(data[len(MAGIC):end])
+        header = json.loads(data[len(MAGIC) : end])
         params = KdfParams.from_json(header["kdf"])
         if header["format"] != FORMAT:
             raise FedpalError(f"{backup} is backup format {header['format']}; this fedpal reads format {FORMAT}")
     except (ValueError, KeyError, TypeError):
         raise FedpalError(f"{backup} has a damaged header: not a readable fedpal home backup") from None
-    body = data[end + 1:]
+    body = data[end + 1 :]
     try:
         return AESGCM(derive_wrapping_key(passphrase, params)).decrypt(
-            body[:NONCE_BYTES], body[NONCE_BYTES:], data[: end + 1])
+            body[:NONCE_BYTES], body[NONCE_BYTES:], data[: end + 1]
+        )
     except (InvalidTag, ValueError):
         raise FedpalError(f"wrong passphrase for {backup}, or the file is damaged (nothing was restored)") from None
 

@@ -34,11 +34,15 @@ def backup(
     check_output_file(file, force, "fedpal-home.backup")
     source = PreferenceMemory.key_source(client.root)
     if source == "keyring":
-        raise FedpalError("this memory's key lives in the OS keyring, which a backup cannot carry; "
-                          "export the records instead (fedpal memory export)")
+        raise FedpalError(
+            "this memory's key lives in the OS keyring, which a backup cannot carry; "
+            "export the records instead (fedpal memory export)"
+        )
     passphrase = read_passphrase(os.environ.get(PASSPHRASE_ENV), passphrase_file, ask=True, confirm=source is None)
     if passphrase is None:
-        raise FedpalError(f"a backup is sealed with the memory passphrase: set {PASSPHRASE_ENV} or give --passphrase-file FILE")
+        raise FedpalError(
+            f"a backup is sealed with the memory passphrase: set {PASSPHRASE_ENV} or give --passphrase-file FILE"
+        )
     if source == "passphrase":
         with PreferenceMemory.open(client.root, passphrase):
             pass  # the passphrase that will open the restored memory must be this one
@@ -62,14 +66,17 @@ def restore(
     target = ClientHome.planned(home)
     passphrase = read_passphrase(os.environ.get(PASSPHRASE_ENV), passphrase_file, ask=True)
     if passphrase is None:
-        raise FedpalError(f"the backup opens with the memory passphrase: set {PASSPHRASE_ENV} or give --passphrase-file FILE")
+        raise FedpalError(
+            f"the backup opens with the memory passphrase: set {PASSPHRASE_ENV} or give --passphrase-file FILE"
+        )
     summary = restore_backup(file, target, passphrase)
     _report(summary, as_json, f"restored {summary.files} file(s) into the new home {target.root}")
 
 
 def _report(summary, as_json: bool, line: str) -> None:
     if as_json:
-        typer.echo(json.dumps({"file": summary.file, "files": summary.files, "memory": summary.memory,
-                               "bytes": summary.bytes}))
+        typer.echo(
+            json.dumps({"file": summary.file, "files": summary.files, "memory": summary.memory, "bytes": summary.bytes})
+        )
     else:
         typer.echo(line)

@@ -25,12 +25,16 @@ E = TypeVar("E", bound=Enum)
 
 
 def home_option(help: str) -> typer.models.OptionInfo:
-    """``--home``, required unless ``FEDPAL_USER_HOME`` is set (a string: an empty value must be seen, not read as '.')."""
+    """``--home``, required unless ``FEDPAL_USER_HOME`` is set (a string: an empty value must be seen, not read as
+    '.')."""
     return typer.Option(..., "--home", envvar=HOME_ENV, show_envvar=True, help=help)
 
 
 PASSPHRASE_FILE = typer.Option(
-    None, "--passphrase-file", envvar=PASSPHRASE_FILE_ENV, show_envvar=True,
+    None,
+    "--passphrase-file",
+    envvar=PASSPHRASE_FILE_ENV,
+    show_envvar=True,
     help="Read the memory passphrase from the first line of this file ('-': standard input).",
 )
 

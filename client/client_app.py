@@ -2,7 +2,8 @@
 
 Each round the node receives the global shared adapter (and keeps it in its home
 folder), trains it on the preference memory there, then trains its personal adapter on
-top of the global one and keeps that on disk too, next to the memory. The reply carries the shared adapter's tensors in the order
+top of the global one and keeps that on disk too, next to the memory. The reply carries the shared adapter's
+tensors in the order
 they came, a fingerprint of their names and shapes, and numbers (examples, losses,
 seconds, bytes): never the personal adapter and never memory text. After the last
 round the server sends the final global adapter in an "evaluate" message, which the
@@ -131,7 +132,9 @@ class FedpalClient(NumPyClient):
             checkpoint_every=0,
             threads=settings.client_threads,
         )
-        personalizer = Personalizer(base, peft, home, train, guard=GuardConfig() if checked else None, checkpoints=False)
+        personalizer = Personalizer(
+            base, peft, home, train, guard=GuardConfig() if checked else None, checkpoints=False
+        )
         # The shared adapter trains alone (personal off) so its update depends only on
         # the global adapter and this node's data, never on personal state.
         shared = personalizer.train_update(SHARED, shared_data, node_seed, steps=settings.local_steps)
@@ -143,8 +146,14 @@ class FedpalClient(NumPyClient):
             # the personal adapter learns on top of the global shared one, as used at inference;
             # it replaces the saved one only if it ranks held-out pairs better and stays fluent
             arrays_to_adapter(peft, SHARED, received, parts)
-            outcome = personalizer.train(PERSONAL, personal_data, reference_adapters=(SHARED,), seed=node_seed + 1,
-                                         progress=False, steps=settings.personal_steps)
+            outcome = personalizer.train(
+                PERSONAL,
+                personal_data,
+                reference_adapters=(SHARED,),
+                seed=node_seed + 1,
+                progress=False,
+                steps=settings.personal_steps,
+            )
             log.info("personal adapter: %s", outcome.line())
         out = list(update.values())
         if settings.deterministic:
@@ -172,7 +181,9 @@ class FedpalClient(NumPyClient):
         from fedpal.common.privacy import PrivacySpent
 
         if not config.get("final"):
-            raise FedpalError("this node evaluates nothing; the server sent an evaluate message that is not the final adapter")
+            raise FedpalError(
+                "this node evaluates nothing; the server sent an evaluate message that is not the final adapter"
+            )
         settings = FederationSettings.from_message(config)
         home = ClientHome.at(node_home(self.context, settings))
         _, peft, _ = node_model(settings)
@@ -181,8 +192,9 @@ class FedpalClient(NumPyClient):
         return 0.0, 0, {}
 
 
-def install_global(peft: Any, home: ClientHome, parameters: list[np.ndarray],
-                   settings: FederationSettings) -> dict[str, np.ndarray]:
+def install_global(
+    peft: Any, home: ClientHome, parameters: list[np.ndarray], settings: FederationSettings
+) -> dict[str, np.ndarray]:
     """Load the server's global shared adapter into ``peft`` and save it in ``home``; returns it by name."""
     from fedpal.common.adapters import SHARED, adapter_to_arrays, arrays_to_adapter, save_adapter
 
@@ -269,7 +281,9 @@ def half_precision_mod(msg: Message, ctxt: Context, call_next: Callable[[Message
     if not wants_fp16 or out.has_error():
         return out
     fit_res = compat.recorddict_to_fitres(out.content, keep_input=True)
-    fit_res.parameters = ndarrays_to_parameters([a.astype(np.float16) for a in parameters_to_ndarrays(fit_res.parameters)])
+    fit_res.parameters = ndarrays_to_parameters(
+        [a.astype(np.float16) for a in parameters_to_ndarrays(fit_res.parameters)]
+    )
     out.content = compat.fitres_to_recorddict(fit_res, keep_input=True)
     return out
 
@@ -292,7 +306,9 @@ def make_client_app(extra_mods: Sequence[Mod] = (), client_fn: Callable[[Context
 
     ``client_fn`` builds each node's client; a privacy audit swaps in canary clients for some
     nodes, which then go through the same mods (clipping, SecAgg+) as every user's."""
-    return ClientApp(client_fn=client_fn, mods=[*extra_mods, policy_mod, when_secagg, half_precision_mod, when_clipping])
+    return ClientApp(
+        client_fn=client_fn, mods=[*extra_mods, policy_mod, when_secagg, half_precision_mod, when_clipping]
+    )
 
 
 app = make_client_app()

@@ -77,9 +77,7 @@ def sequence_logprobs(logits: "torch.Tensor", labels: "torch.Tensor") -> "torch.
     return picked.sum(dim=-1)
 
 
-def encode_reply(
-    tokenizer, prompt_ids: list[int], reply: str, max_length: int
-) -> tuple[list[int], list[int]]:
+def encode_reply(tokenizer, prompt_ids: list[int], reply: str, max_length: int) -> tuple[list[int], list[int]]:
     """Token ids and labels of ``prompt_ids`` followed by ``reply`` and the end-of-turn token.
 
     Labels are ``IGNORE`` on the prompt so only the reply is scored. Too long: the prompt
@@ -93,7 +91,7 @@ def encode_reply(
     prompt = list(prompt_ids)
     if len(prompt) + len(reply_ids) > max_length:
         keep_prompt = max(max_length - len(reply_ids), min(len(prompt), max_length // 2))
-        prompt = prompt[len(prompt) - keep_prompt:] if keep_prompt > 0 else []
+        prompt = prompt[len(prompt) - keep_prompt :] if keep_prompt > 0 else []
         reply_ids = reply_ids[: max(max_length - len(prompt), 1)]
     ids = prompt + reply_ids
     labels = [IGNORE] * len(prompt) + reply_ids

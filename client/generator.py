@@ -215,7 +215,8 @@ class PersonalizedGenerator:
             raise FedpalError("the prompt is empty")
         if len(ids) >= self.export.context_length:
             raise FedpalError(
-                f"the prompt is {len(ids)} tokens, longer than the model's context of {self.export.context_length} tokens"
+                f"the prompt is {len(ids)} tokens, longer than the model's context of {self.export.context_length} "
+                "tokens"
             )
         return ids
 
@@ -257,9 +258,7 @@ class PersonalizedGenerator:
         except RuntimeError:
             pass  # still active in a live generator, so ORT keeps it; its unique name is never reused
 
-    def user_adapter(
-        self, home: ClientHome | Path | str, w_shared: float = 1.0, w_personal: float = 1.0
-    ) -> Path:
+    def user_adapter(self, home: ClientHome | Path | str, w_shared: float = 1.0, w_personal: float = 1.0) -> Path:
         """The user's ``w_shared * shared + w_personal * personal`` adapter file, converted if needed.
 
         Adapters the user has not trained yet (no folder) or weighted 0 are left out.
@@ -272,7 +271,8 @@ class PersonalizedGenerator:
         ]
         if not sources:
             raise FedpalError(
-                f"{home.root} has no trained shared or personal adapter with a non-zero weight; train first or use --mode base"
+                f"{home.root} has no trained shared or personal adapter with a non-zero weight; train first or use "
+                "--mode base"
             )
         label = "-".join(f"{Path(folder).name}{weight:g}" for folder, weight in sources)
         out = home.runtime / f"{self.export.key}" / f"{label}{ADAPTER_SUFFIX}"
@@ -327,7 +327,9 @@ class PersonalizedGenerator:
                 return
             yield token
 
-    def _stream_fused(self, ids: list[int], options: DecodeOptions, parts: Sequence[tuple[Adapter, float]]) -> Iterator[int]:
+    def _stream_fused(
+        self, ids: list[int], options: DecodeOptions, parts: Sequence[tuple[Adapter, float]]
+    ) -> Iterator[int]:
         """MOD-style decoding: ORT GenAI has no multi-model fusion, so the per-token
         combination is done here. The first component's generator samples from the fused
         log-probabilities (``set_logits``), so greedy/temperature/top-p/seed are ORT's own;
@@ -376,8 +378,12 @@ class PersonalizedGenerator:
         options = options or DecodeOptions()
         key = None
         if on_token is None and not options.do_sample:
-            key = (tuple(ids), self._adapter_key(adapter), tuple((a and self._adapter_key(a), w) for a, w in fusion or ()),
-                   options.max_new_tokens)
+            key = (
+                tuple(ids),
+                self._adapter_key(adapter),
+                tuple((a and self._adapter_key(a), w) for a, w in fusion or ()),
+                options.max_new_tokens,
+            )
             if key in self._memo:
                 self._memo.move_to_end(key)
                 return replace(self._memo[key], mode=mode or self._memo[key].mode)
@@ -423,7 +429,7 @@ class PersonalizedGenerator:
         generator = self.new_generator(len(ids), DecodeOptions(max_new_tokens=1))
         generator.append_tokens(np.asarray([ids], dtype=np.int32))
         hidden = np.asarray(generator.get_output("hidden_states"), dtype=np.float64).reshape(len(ids), -1)
-        features = np.concatenate([hidden[len(context):].mean(axis=0), [np.log1p(len(reply_ids))]])
+        features = np.concatenate([hidden[len(context) :].mean(axis=0), [np.log1p(len(reply_ids))]])
         self._features[key] = features
         while len(self._features) > MEMO_SIZE:
             self._features.popitem(last=False)
@@ -496,7 +502,9 @@ class PersonalizedGenerator:
         start = time.perf_counter()
         drafts: dict[str, Reply] = {}
         if _trained(home, w_shared, w_personal):
-            drafts["adapter"] = self.generate(context[0], self.user_adapter(home, w_shared, w_personal), options, context[1])
+            drafts["adapter"] = self.generate(
+                context[0], self.user_adapter(home, w_shared, w_personal), options, context[1]
+            )
         if context != (prompt, system):
             drafts["retrieval"] = self.generate(context[0], None, options, context[1])
         drafts["base"] = self.generate(prompt, None, options, system)
@@ -549,7 +557,9 @@ class PersonalizedGenerator:
             raise FedpalError("the prompt is empty")
         asked = (prompt, system)
         if retrieval:
-            prompt, system = place_preferences(prompt, system, self.stated_preferences(home, prompt, passphrase), retrieval_in)
+            prompt, system = place_preferences(
+                prompt, system, self.stated_preferences(home, prompt, passphrase), retrieval_in
+            )
         label = mode + ("+retrieval" if retrieval else "")
         if mode == "rerank":
             reply = self.rerank(home, *asked, (prompt, system), options, w_shared, w_personal, passphrase, label)
@@ -560,7 +570,9 @@ class PersonalizedGenerator:
             return self.generate(prompt, None, options, system, on_token=on_token, mode=label)
         if mode == "merge":
             if not _trained(home, w_shared, w_personal):  # nothing trained, or nothing passed the guard yet
-                return self.generate(prompt, None, options, system, on_token=on_token, mode=label.replace("merge", "base"))
+                return self.generate(
+                    prompt, None, options, system, on_token=on_token, mode=label.replace("merge", "base")
+                )
             adapter = self.user_adapter(home, w_shared, w_personal)
             return self.generate(prompt, adapter, options, system, on_token=on_token, mode=label)
         parts: list[tuple[Adapter, float]] = [(None, w_base)]
@@ -568,7 +580,9 @@ class PersonalizedGenerator:
             if not weight:
                 continue
             if not (home.adapter_dir(name) / CONFIG_FILE).is_file():
-                raise FedpalError(f"fusion gives the {name} adapter weight {weight:g}, but {home.root} has no {name} adapter")
+                raise FedpalError(
+                    f"fusion gives the {name} adapter weight {weight:g}, but {home.root} has no {name} adapter"
+                )
             one = (1.0, 0.0) if name == SHARED else (0.0, 1.0)
             parts.append((self.user_adapter(home, *one), weight))
         return self.generate(prompt, None, options, system, fusion=parts, on_token=on_token, mode=label)
@@ -576,8 +590,10 @@ class PersonalizedGenerator:
 
 def _trained(home: ClientHome, w_shared: float, w_personal: float) -> bool:
     """Whether the home has an adapter with a non-zero weight to answer with."""
-    return any(weight and (home.adapter_dir(name) / CONFIG_FILE).is_file()
-               for name, weight in ((SHARED, w_shared), (PERSONAL, w_personal)))
+    return any(
+        weight and (home.adapter_dir(name) / CONFIG_FILE).is_file()
+        for name, weight in ((SHARED, w_shared), (PERSONAL, w_personal))
+    )
 
 
 def _log_softmax(logits: np.ndarray) -> np.ndarray:

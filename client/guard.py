@@ -95,7 +95,7 @@ def words(text: str) -> list[str]:
     """Lower-cased words and punctuation marks: the units repetition is counted in."""
     units = []
     for unit in _WORD.findall(text.lower()):
-        units += [unit[i: i + 4] for i in range(0, len(unit), 4)] if len(unit) > LONG_WORD else [unit]
+        units += [unit[i : i + 4] for i in range(0, len(unit), 4)] if len(unit) > LONG_WORD else [unit]
     return units
 
 
@@ -113,7 +113,7 @@ def distinct(text: str, n: int = 2) -> float:
 
 
 def _ngrams(units: Sequence[str], n: int) -> list[tuple[str, ...]]:
-    return [tuple(units[i: i + n]) for i in range(len(units) - n + 1)]
+    return [tuple(units[i : i + n]) for i in range(len(units) - n + 1)]
 
 
 @dataclass(frozen=True)
@@ -244,4 +244,3 @@ class DegenerationGuard:
         """The new activation's replies against the ``before`` figures (from :meth:`measure`)."""
         after, texts = self.measure(probes, active)
         return GuardReport(len(probes), before, after, verdict(before, after, self.config), tuple(texts))
-

@@ -55,8 +55,9 @@ class ClientHome:
         if not os.access(path, os.R_OK | os.X_OK):
             raise FedpalError(f"cannot read the fedpal home {path}: permission denied")
         if not any((path / entry).exists() for entry in HOME_ENTRIES):
-            raise FedpalError(f"{path} is not a fedpal home (no memory, adapters or export in it); "
-                              f"{CREATE_HINT.format(root=path)}")
+            raise FedpalError(
+                f"{path} is not a fedpal home (no memory, adapters or export in it); {CREATE_HINT.format(root=path)}"
+            )
         return cls(path)
 
     @classmethod

@@ -196,8 +196,9 @@ def content_problem(kind: str, fields: dict[str, Any]) -> str | None:
     return None
 
 
-def fit_preferences(texts: Iterable[str], max_bytes: int = RETRIEVAL_MAX_BYTES,
-                    each_bytes: int = PREFERENCE_MAX_BYTES) -> list[str]:
+def fit_preferences(
+    texts: Iterable[str], max_bytes: int = RETRIEVAL_MAX_BYTES, each_bytes: int = PREFERENCE_MAX_BYTES
+) -> list[str]:
     """``texts`` in order, each cut to ``each_bytes`` and all together at most ``max_bytes`` of UTF-8.
 
     A preference that no longer fits is left out and the next (shorter) one tried, so the
@@ -288,9 +289,18 @@ class PreferenceMemory:
     Open with ``PreferenceMemory.open(home, passphrase)``; use one instance per thread.
     """
 
-    def __init__(self, conn: sqlite3.Connection, path: Path, store_id: str, key_source: str,
-                 key: bytes, key_id: str, wrapping_key: bytes | None, kdf: KdfParams | None,
-                 ranker: Ranker):
+    def __init__(
+        self,
+        conn: sqlite3.Connection,
+        path: Path,
+        store_id: str,
+        key_source: str,
+        key: bytes,
+        key_id: str,
+        wrapping_key: bytes | None,
+        kdf: KdfParams | None,
+        ranker: Ranker,
+    ):
         self._conn: sqlite3.Connection | None = conn
         self.path = path
         self._store_id = store_id
@@ -308,8 +318,15 @@ class PreferenceMemory:
     # ------------------------------------------------------------------ opening
 
     @classmethod
-    def open(cls, home: Path | str, passphrase: str | None = None, *, use_keyring: bool = False,
-             kdf: KdfParams = OWASP_ARGON2ID, ranker: Ranker | None = None) -> "PreferenceMemory":
+    def open(
+        cls,
+        home: Path | str,
+        passphrase: str | None = None,
+        *,
+        use_keyring: bool = False,
+        kdf: KdfParams = OWASP_ARGON2ID,
+        ranker: Ranker | None = None,
+    ) -> "PreferenceMemory":
         """Open (or create) the memory in ``home``.
 
         A passphrase store needs ``passphrase`` or ``FEDPAL_PASSPHRASE``; a keyring store
@@ -388,8 +405,15 @@ class PreferenceMemory:
         return dict(conn.execute("SELECT name, value FROM meta").fetchall())
 
     @classmethod
-    def _initialize(cls, conn: sqlite3.Connection, path: Path, passphrase: str | None, use_keyring: bool,
-                    kdf: KdfParams, ranker: Ranker) -> "PreferenceMemory | None":
+    def _initialize(
+        cls,
+        conn: sqlite3.Connection,
+        path: Path,
+        passphrase: str | None,
+        use_keyring: bool,
+        kdf: KdfParams,
+        ranker: Ranker,
+    ) -> "PreferenceMemory | None":
         """Create tables and key in one transaction; None if another process got there first."""
         store_id = uuid.uuid4().hex
         key_id = uuid.uuid4().hex
@@ -423,8 +447,9 @@ class PreferenceMemory:
         return cls(conn, path, store_id, meta["key_source"], data_key, key_id, wrapping_key, params, ranker)
 
     @classmethod
-    def _unlock(cls, conn: sqlite3.Connection, path: Path, meta: dict[str, str], passphrase: str | None,
-                ranker: Ranker) -> "PreferenceMemory":
+    def _unlock(
+        cls, conn: sqlite3.Connection, path: Path, meta: dict[str, str], passphrase: str | None, ranker: Ranker
+    ) -> "PreferenceMemory":
         version = int(meta.get("schema_version", "0"))
         if version != SCHEMA_VERSION:
             raise FedpalError(f"{path} uses memory schema {version}; this fedpal reads schema {SCHEMA_VERSION}")
@@ -461,8 +486,9 @@ class PreferenceMemory:
             self._key = self._keyring_key(meta)
         else:
             assert self._wrapping_key is not None and self._kdf is not None
-            self._key = unwrap_data_key(self._wrapping_key, bytes.fromhex(meta["wrapped_key"]),
-                                        self._store_id, self._kdf)
+            self._key = unwrap_data_key(
+                self._wrapping_key, bytes.fromhex(meta["wrapped_key"]), self._store_id, self._kdf
+            )
         self._key_id = meta["key_id"]
 
     @contextmanager
@@ -509,8 +535,10 @@ class PreferenceMemory:
             raise FedpalError(str(err)) from None
         record_id = uuid.uuid4().hex
         with self._transaction(write=True) as conn:
-            conn.execute("INSERT INTO records (id, kind, created, sealed) VALUES (?, ?, ?, ?)",
-                         (record_id, kind, time.time(), self._seal(record_id, kind, fields, clean_tags)))
+            conn.execute(
+                "INSERT INTO records (id, kind, created, sealed) VALUES (?, ?, ?, ?)",
+                (record_id, kind, time.time(), self._seal(record_id, kind, fields, clean_tags)),
+            )
         return record_id
 
     def add_stated(self, text: str, tags: Iterable[str] = ()) -> str:
@@ -615,7 +643,9 @@ class PreferenceMemory:
             order += [i for i, _ in snapshot.index.search(prompt, others, k - len(order))] if others else []
         return [records[i] for i in order[:k]]
 
-    def stated_preferences(self, prompt: str | None = None, k: int = 5, max_bytes: int = RETRIEVAL_MAX_BYTES) -> list[str]:
+    def stated_preferences(
+        self, prompt: str | None = None, k: int = 5, max_bytes: int = RETRIEVAL_MAX_BYTES
+    ) -> list[str]:
         """Texts of up to ``k`` stated preferences: most relevant to ``prompt`` first, else newest first.
 
         Together they take at most ``max_bytes`` of UTF-8 (see :func:`fit_preferences`): what
@@ -655,11 +685,12 @@ class PreferenceMemory:
                 ratings.setdefault(f["prompt"], []).append(r)
         for prompt, rated in ratings.items():
             for i, a in enumerate(rated):
-                for b in rated[i + 1:]:
+                for b in rated[i + 1 :]:
                     hi, lo = (a, b) if a.fields["score"] > b.fields["score"] else (b, a)
                     if hi.fields["score"] != lo.fields["score"] and hi.fields["response"] != lo.fields["response"]:
-                        pairs.append(PreferencePair(prompt, hi.fields["response"], lo.fields["response"],
-                                                    f"{hi.id}>{lo.id}"))
+                        pairs.append(
+                            PreferencePair(prompt, hi.fields["response"], lo.fields["response"], f"{hi.id}>{lo.id}")
+                        )
         return pairs
 
     def sft_examples(self) -> list[SFTExample]:
@@ -712,8 +743,9 @@ class PreferenceMemory:
             if record_id in seen_ids:
                 raise ValueError(f"id {record_id!r} appears twice in this file")
             seen_ids.add(record_id)
-        if created is not None and (isinstance(created, bool) or not isinstance(created, (int, float))
-                                    or not math.isfinite(created)):
+        if created is not None and (
+            isinstance(created, bool) or not isinstance(created, (int, float)) or not math.isfinite(created)
+        ):
             raise ValueError("'created' must be a finite number (epoch seconds)")
         kind, fields, tags = _validated(kind, obj, tags)
         return record_id, kind, None if created is None else float(created), fields, tags
@@ -731,7 +763,7 @@ class PreferenceMemory:
         except OSError as err:
             raise FedpalError(f"cannot read {path}: {err.strerror}") from None
         if data.startswith(codecs.BOM_UTF8):
-            data = data[len(codecs.BOM_UTF8):]
+            data = data[len(codecs.BOM_UTF8) :]
         parsed = []
         seen_ids: set[str] = set()
         for number, raw in enumerate(data.split(b"\n"), start=1):
@@ -752,7 +784,9 @@ class PreferenceMemory:
         """
         return self.import_records(self.parse_jsonl(path)).added
 
-    def import_records(self, parsed: Sequence[ParsedRecord], on_record: Callable[[], None] | None = None) -> ImportReport:
+    def import_records(
+        self, parsed: Sequence[ParsedRecord], on_record: Callable[[], None] | None = None
+    ) -> ImportReport:
         """Store records checked by :meth:`parse_jsonl`, all in one transaction.
 
         A record whose id is already stored is skipped (and counted). A record that
@@ -769,8 +803,14 @@ class PreferenceMemory:
                 if item.record_id in existing:
                     continue
                 record_id = item.record_id or uuid.uuid4().hex
-                rows.append((record_id, item.kind, now if item.created is None else item.created,
-                             self._seal(record_id, item.kind, item.fields, item.tags)))
+                rows.append(
+                    (
+                        record_id,
+                        item.kind,
+                        now if item.created is None else item.created,
+                        self._seal(record_id, item.kind, item.fields, item.tags),
+                    )
+                )
                 if on_record is not None:
                     on_record()
             conn.executemany("INSERT INTO records (id, kind, created, sealed) VALUES (?, ?, ?, ?)", rows)
@@ -799,9 +839,16 @@ class PreferenceMemory:
 
     # ------------------------------------------------------------------ forgetting
 
-    def forget(self, ids: Iterable[str] | str | None = None, *, since: float | datetime | None = None,
-               until: float | datetime | None = None, tag: str | None = None, everything: bool = False,
-               unknown_ids_ok: bool = True) -> int:
+    def forget(
+        self,
+        ids: Iterable[str] | str | None = None,
+        *,
+        since: float | datetime | None = None,
+        until: float | datetime | None = None,
+        tag: str | None = None,
+        everything: bool = False,
+        unknown_ids_ok: bool = True,
+    ) -> int:
         """Delete records and return how many went.
 
         Criteria combine (ids AND ``since <= created < until`` AND tag); naive datetimes
@@ -827,7 +874,8 @@ class PreferenceMemory:
                     raise FedpalError(f"no record with id {', '.join(unknown)} (nothing was forgotten)")
             rows = conn.execute(
                 "SELECT seq, id, kind, created, sealed FROM records WHERE created >= ? AND created < ?",
-                (-math.inf if lo is None else lo, math.inf if hi is None else hi)).fetchall()
+                (-math.inf if lo is None else lo, math.inf if hi is None else hi),
+            ).fetchall()
             doomed = []
             for seq, record_id, kind, created, sealed in rows:
                 if wanted is not None and record_id not in wanted:
@@ -842,9 +890,12 @@ class PreferenceMemory:
                 doomed.append((seq,))
             conn.executemany("DELETE FROM records WHERE seq = ?", doomed)
         if unreadable:
-            warnings.warn(CorruptRecordWarning(
-                f"could not read the tags of {len(unreadable)} corrupt record(s), kept: {', '.join(unreadable)}"),
-                stacklevel=2)
+            warnings.warn(
+                CorruptRecordWarning(
+                    f"could not read the tags of {len(unreadable)} corrupt record(s), kept: {', '.join(unreadable)}"
+                ),
+                stacklevel=2,
+            )
         self._checkpoint()
         return len(doomed)
 
@@ -926,4 +977,3 @@ def _enable_wal(conn: sqlite3.Connection) -> None:
             if not _is_busy(err) or time.monotonic() > deadline:
                 raise
             time.sleep(0.01)
-

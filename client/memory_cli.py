@@ -57,7 +57,11 @@ class Opened:
 
 @contextmanager
 def _memory(
-    home: str, passphrase_file: str | None, *, create: bool = False, keyring: bool = False,
+    home: str,
+    passphrase_file: str | None,
+    *,
+    create: bool = False,
+    keyring: bool = False,
     opened: Opened | None = None,
 ) -> Iterator["PreferenceMemory"]:
     """Open the memory, asking for the passphrase only when needed; warnings become one line each.
@@ -71,13 +75,20 @@ def _memory(
     client = ClientHome.planned(home) if create else ClientHome.existing(home)
     source = PreferenceMemory.key_source(client.root) if client.root.is_dir() else None
     if source is None and not create:
-        raise FedpalError(f"no preference memory in {client.root} yet; `fedpal memory add` or `fedpal memory import` creates one")
+        raise FedpalError(
+            f"no preference memory in {client.root} yet; `fedpal memory add` or `fedpal memory import` creates one"
+        )
     needs_passphrase = source == "passphrase" or (source is None and not keyring)
-    passphrase = read_passphrase(os.environ.get(PASSPHRASE_ENV), passphrase_file, ask=needs_passphrase,
-                                 confirm=source is None) if needs_passphrase else None
+    passphrase = (
+        read_passphrase(os.environ.get(PASSPHRASE_ENV), passphrase_file, ask=needs_passphrase, confirm=source is None)
+        if needs_passphrase
+        else None
+    )
     if source is None and needs_passphrase and passphrase is None:
-        raise FedpalError(f"a new memory in {client.root} needs a passphrase: set {PASSPHRASE_ENV}, give "
-                          "--passphrase-file FILE, type it in a terminal, or keep the key in the OS keyring (--keyring)")
+        raise FedpalError(
+            f"a new memory in {client.root} needs a passphrase: set {PASSPHRASE_ENV}, give "
+            "--passphrase-file FILE, type it in a terminal, or keep the key in the OS keyring (--keyring)"
+        )
     if source is not None:
         client.writable()
     made = client.create() if create else None
@@ -171,8 +182,11 @@ def _echo_json(data: dict) -> None:
 
 @app.command("import")
 def import_(
-    file: Path = typer.Argument(..., help="JSONL file, one record per line (fields: see the README); "
-                                          "a file written by `fedpal memory export` restores its records."),
+    file: Path = typer.Argument(
+        ...,
+        help="JSONL file, one record per line (fields: see the README); "
+        "a file written by `fedpal memory export` restores its records.",
+    ),
     home: str = HOME,
     keyring: bool = KEYRING,
     passphrase_file: str = PASSPHRASE_FILE,
@@ -195,15 +209,24 @@ def import_(
         with _progress(len(parsed)) as advance:
             report = memory.import_records(parsed, on_record=advance)
     if as_json:
-        _echo_json({"added": report.added, "skipped_duplicates": report.duplicates, "from_export": report.with_ids,
-                    "memory": str(memory.path), "created_home": opened.created_home,
-                    "created_memory": opened.created_memory})
+        _echo_json(
+            {
+                "added": report.added,
+                "skipped_duplicates": report.duplicates,
+                "from_export": report.with_ids,
+                "memory": str(memory.path),
+                "created_home": opened.created_home,
+                "created_memory": opened.created_memory,
+            }
+        )
         return
     skipped = f"; {report.duplicates} already there (same id) were skipped" if report.duplicates else ""
     typer.echo(f"imported {report.added} record(s) into {memory.path}{skipped}")
     if report.with_ids and not opened.created_memory:
-        typer.echo(f"{report.with_ids} of them came with ids from an export: any you had forgotten here are back "
-                   "(`fedpal memory forget ID` removes one again)")
+        typer.echo(
+            f"{report.with_ids} of them came with ids from an export: any you had forgotten here are back "
+            "(`fedpal memory forget ID` removes one again)"
+        )
 
 
 @contextmanager
@@ -223,8 +246,11 @@ def _progress(total: int) -> Iterator[object]:
 @app.command()
 def add(
     kind: Kind = typer.Argument(..., help="The kind of record; each takes its own VALUES, in this order."),
-    values: list[str] = typer.Argument(..., help="stated TEXT | pair PROMPT CHOSEN REJECTED | rating PROMPT "
-                                                 "RESPONSE SCORE(1-5) | edit PROMPT RESPONSE EDITED | turn ROLE TEXT"),
+    values: list[str] = typer.Argument(
+        ...,
+        help="stated TEXT | pair PROMPT CHOSEN REJECTED | rating PROMPT "
+        "RESPONSE SCORE(1-5) | edit PROMPT RESPONSE EDITED | turn ROLE TEXT",
+    ),
     tag: list[str] = typer.Option([], "--tag", help="A tag (repeatable)."),
     home: str = HOME,
     keyring: bool = KEYRING,
@@ -239,8 +265,9 @@ def add(
 
     kind = plain(kind)
     if len(values) != len(ADD_USAGE[kind]):
-        raise FedpalError(f"`add {kind}` takes {' '.join(ADD_USAGE[kind])} ({len(ADD_USAGE[kind])} values), "
-                          f"got {len(values)}")
+        raise FedpalError(
+            f"`add {kind}` takes {' '.join(ADD_USAGE[kind])} ({len(ADD_USAGE[kind])} values), got {len(values)}"
+        )
     args: list[object] = list(values)
     if kind == "rating":
         try:
@@ -256,10 +283,18 @@ def add(
     with _memory(home, passphrase_file, create=True, keyring=keyring, opened=opened) as memory:
         record_id = getattr(memory, f"add_{kind}")(*args, tags=tag)
     if kind == "stated" and len(values[0].encode("utf-8")) > PREFERENCE_MAX_BYTES:
-        typer.echo(f"warning: retrieval adds only the first {PREFERENCE_MAX_BYTES} bytes of a stated preference", err=True)
+        typer.echo(
+            f"warning: retrieval adds only the first {PREFERENCE_MAX_BYTES} bytes of a stated preference", err=True
+        )
     if as_json:
-        _echo_json({"id": record_id, "kind": kind, "created_home": opened.created_home,
-                    "created_memory": opened.created_memory})
+        _echo_json(
+            {
+                "id": record_id,
+                "kind": kind,
+                "created_home": opened.created_home,
+                "created_memory": opened.created_memory,
+            }
+        )
     else:
         typer.echo(record_id)
 
@@ -306,8 +341,9 @@ def search(
 
 @app.command()
 def forget(
-    ids: list[str] = typer.Argument(None, help="Ids of the records to delete (as `list` shows them); "
-                                               "an unknown id deletes nothing."),
+    ids: list[str] = typer.Argument(
+        None, help="Ids of the records to delete (as `list` shows them); an unknown id deletes nothing."
+    ),
     home: str = HOME,
     since: str = typer.Option(None, help="Only records created at or after this (epoch or ISO time)."),
     until: str = typer.Option(None, help="Only records created before this (epoch or ISO time)."),
@@ -339,8 +375,9 @@ def forget(
 def export(
     file: str = typer.Argument(..., help="Output JSONL file, decrypted, mode 0600; '-' writes to standard output."),
     home: str = HOME,
-    skip_corrupt: bool = typer.Option(False, "--skip-corrupt", help="Export the readable records even if some "
-                                                                    "are corrupt."),
+    skip_corrupt: bool = typer.Option(
+        False, "--skip-corrupt", help="Export the readable records even if some are corrupt."
+    ),
     force: bool = typer.Option(False, "--force", help="Replace FILE if it exists."),
     passphrase_file: str = PASSPHRASE_FILE,
     as_json: bool = typer.Option(False, "--json", help='Print {"exported", "file"} (not with FILE "-").'),
@@ -365,7 +402,9 @@ def export(
 def verify(
     home: str = HOME,
     passphrase_file: str = PASSPHRASE_FILE,
-    as_json: bool = typer.Option(False, "--json", help='Print {"records", "corrupt"} (and still fail if any is corrupt).'),
+    as_json: bool = typer.Option(
+        False, "--json", help='Print {"records", "corrupt"} (and still fail if any is corrupt).'
+    ),
 ) -> None:
     """Check every record's authentication tag; fails naming the ids of tampered records."""
     from fedpal.client.encryption import CorruptRecordError

@@ -44,9 +44,7 @@ def source_hash(folder: Path) -> str:
     return hasher.hexdigest()
 
 
-def convert_adapters(
-    export: ExportInfo, sources: Sequence[tuple[Path | str, float]], out_file: Path | str
-) -> Path:
+def convert_adapters(export: ExportInfo, sources: Sequence[tuple[Path | str, float]], out_file: Path | str) -> Path:
     """Write ``sum_i w_i * adapter_i`` (rank-concatenated) as an ONNX Runtime adapter file for ``export``.
 
     Returns ``out_file``; nothing is rewritten when its stamp already matches the sources.
@@ -93,11 +91,14 @@ def merged_parameters(export: ExportInfo, sources: Sequence[tuple[Path | str, fl
         )
     axis = {i.name: (1 if i.part == "A" else 0) for i in export.lora_inputs}
     return {
-        name: np.ascontiguousarray(np.concatenate(arrays, axis=axis[name]).astype(dtype)) for name, arrays in parts.items()
+        name: np.ascontiguousarray(np.concatenate(arrays, axis=axis[name]).astype(dtype))
+        for name, arrays in parts.items()
     }
 
 
-def _adapter_slots(export: ExportInfo, folder: Path) -> tuple[int, dict[tuple[int, str], tuple[np.ndarray, np.ndarray]]]:
+def _adapter_slots(
+    export: ExportInfo, folder: Path
+) -> tuple[int, dict[tuple[int, str], tuple[np.ndarray, np.ndarray]]]:
     """Check one peft adapter against the export; return its rank and scaled (A^T, (sB)^T) per layer/module."""
     config, arrays = read_adapter_files(folder)
     if config.get("peft_type", "LORA") != "LORA" or config.get("use_dora"):
@@ -124,7 +125,9 @@ def _adapter_slots(export: ExportInfo, folder: Path) -> tuple[int, dict[tuple[in
             )
         spec = export.lora_input(layer, module, part)
         if spec is None:
-            raise FedpalError(f"adapter at {folder} has {key}, which this export has no input for: it is for another base model")
+            raise FedpalError(
+                f"adapter at {folder} has {key}, which this export has no input for: it is for another base model"
+            )
         want = (rank, spec.rows) if part == "A" else (spec.cols, rank)
         if array.shape != want:
             raise FedpalError(
@@ -137,7 +140,9 @@ def _adapter_slots(export: ExportInfo, folder: Path) -> tuple[int, dict[tuple[in
     slots = {}
     for slot, pair in found.items():
         if set(pair) != {"A", "B"}:
-            raise FedpalError(f"adapter at {folder} has lora_A without lora_B (or the reverse) for layer {slot[0]} {slot[1]}")
+            raise FedpalError(
+                f"adapter at {folder} has lora_A without lora_B (or the reverse) for layer {slot[0]} {slot[1]}"
+            )
         slots[slot] = (pair["A"].T.astype(np.float32), (scale * pair["B"]).T.astype(np.float32))
     if not slots:
         raise FedpalError(f"adapter at {folder} has no LoRA weights")

@@ -152,8 +152,10 @@ def check_provider(execution_provider: str) -> None:
         import onnxruntime_genai as og
 
         if not og.is_cuda_available():
-            raise FedpalError("this machine has no CUDA execution provider for ONNX Runtime GenAI "
-                              "(it needs an NVIDIA GPU and the onnxruntime-genai-cuda package); use --provider cpu")
+            raise FedpalError(
+                "this machine has no CUDA execution provider for ONNX Runtime GenAI "
+                "(it needs an NVIDIA GPU and the onnxruntime-genai-cuda package); use --provider cpu"
+            )
 
 
 def check_loads(info: ExportInfo) -> ExportInfo:
@@ -222,11 +224,17 @@ def check_export(info: ExportInfo) -> ExportInfo:
     if info.format != EXPORT_FORMAT or info.key != expected or info.path.name != info.key:
         raise FedpalError(f"export at {info.path} does not match its manifest (format or key); re-run: fedpal export")
     if not (model_path / "config.json").is_file():
-        raise FedpalError(f"export at {info.path} was made from {model_path}, which no longer exists; re-run: fedpal export")
+        raise FedpalError(
+            f"export at {info.path} was made from {model_path}, which no longer exists; re-run: fedpal export"
+        )
     if base_fingerprint(model_path) != info.base_fingerprint:
-        raise FedpalError(f"export at {info.path} is stale: base model {model_path} changed since; re-run: fedpal export")
+        raise FedpalError(
+            f"export at {info.path} is stale: base model {model_path} changed since; re-run: fedpal export"
+        )
     if not (info.path / "genai_config.json").is_file() or not (info.path / "model.onnx").is_file():
-        raise FedpalError(f"export at {info.path} is incomplete (model.onnx or genai_config.json missing); re-run: fedpal export")
+        raise FedpalError(
+            f"export at {info.path} is incomplete (model.onnx or genai_config.json missing); re-run: fedpal export"
+        )
     return info
 
 
@@ -258,7 +266,9 @@ def export_model(
         lora_inputs, lora_dtype, layers = _lift_lora_to_inputs(raw, final)
         missing = sorted(set(targets) - {i.module for i in lora_inputs})
         if missing:
-            raise FedpalError(f"the ONNX builder put no LoRA on {missing[0]} for this model; choose other target modules")
+            raise FedpalError(
+                f"the ONNX builder put no LoRA on {missing[0]} for this model; choose other target modules"
+            )
         for extra in raw.iterdir():
             if extra.is_file() and not extra.name.startswith("model.onnx"):
                 shutil.copy2(extra, final / extra.name)
@@ -315,9 +325,21 @@ def _run_builder(
         # LoRA MatMuls stay float over the quantized base: their weights become run-time inputs.
         options.append("nodes_to_exclude=" + ",".join(_lora_node_names(model_path, targets)))
     command = [
-        sys.executable, "-m", "onnxruntime_genai.models.builder",
-        "-i", str(model_path), "-o", str(out), "-p", precision, "-e", provider, "-c", str(cache),
-        "--extra_options", *options,
+        sys.executable,
+        "-m",
+        "onnxruntime_genai.models.builder",
+        "-i",
+        str(model_path),
+        "-o",
+        str(out),
+        "-p",
+        precision,
+        "-e",
+        provider,
+        "-c",
+        str(cache),
+        "--extra_options",
+        *options,
     ]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0 or not (out / "model.onnx").is_file():

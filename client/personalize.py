@@ -62,8 +62,10 @@ def _ranks_no_better(result: TrainResult) -> str:
     if result.heldout_loss_first is None:
         return ""
     if result.best_step == 0 or result.heldout_preference_loss_best >= result.heldout_preference_loss_first:
-        return (f"it ranked the {result.heldout_pairs} held-out pairs no better than the current adapter "
-                f"(accuracy {result.heldout_accuracy_first:.2f} -> {result.heldout_accuracy_best:.2f})")
+        return (
+            f"it ranked the {result.heldout_pairs} held-out pairs no better than the current adapter "
+            f"(accuracy {result.heldout_accuracy_first:.2f} -> {result.heldout_accuracy_best:.2f})"
+        )
     return ""
 
 
@@ -147,10 +149,14 @@ class Outcome:
         t = self.train
         held = ""
         if t.heldout_accuracy_first is not None:
-            held = (f", held-out accuracy {t.heldout_accuracy_first:.2f} -> {t.heldout_accuracy_best:.2f}"
-                    f" on {t.heldout_pairs} pairs")
-        head = (f"{self.adapter}: {t.steps} steps on {t.pairs} pairs ({t.device}, {t.seconds:.1f}s, "
-                f"stopped: {t.stopped}){held}")
+            held = (
+                f", held-out accuracy {t.heldout_accuracy_first:.2f} -> {t.heldout_accuracy_best:.2f}"
+                f" on {t.heldout_pairs} pairs"
+            )
+        head = (
+            f"{self.adapter}: {t.steps} steps on {t.pairs} pairs ({t.device}, {t.seconds:.1f}s, "
+            f"stopped: {t.stopped}){held}"
+        )
         if self.activated:
             return f"{head}; active, saved to {self.adapter_dir}"
         where = f"; kept aside in {self.kept_aside}" if self.kept_aside else ""
@@ -198,8 +204,14 @@ class Personalizer:
             probes = self.guard.probes([(p.prompt, p.system) for p in data.heldout])
             before, _ = self.guard.measure(probes, active)
         trainer = LocalTrainer(self.base, self.model, config, checkpoint_dir=self.checkpoint_dir)
-        result = trainer.train(adapter, list(data.pairs), list(data.examples), reference_adapters,
-                               progress=progress, heldout=list(data.heldout))
+        result = trainer.train(
+            adapter,
+            list(data.pairs),
+            list(data.examples),
+            reference_adapters,
+            progress=progress,
+            heldout=list(data.heldout),
+        )
         reason = _ranks_no_better(result)
         report = None
         if self.guard is not None and not reason:
@@ -225,7 +237,6 @@ class Personalizer:
         trainer = LocalTrainer(self.base, self.model, self._config(seed, steps))
         everything = data.everything()
         return trainer.train(adapter, list(everything.pairs), list(everything.examples), progress=False)
-
 
     def _config(self, seed: int | None, steps: int | None) -> TrainConfig:
         changes = {k: v for k, v in (("seed", seed), ("steps", steps)) if v is not None}

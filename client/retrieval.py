@@ -22,8 +22,9 @@ def tokenize(text: str) -> list[str]:
 class RankIndex(Protocol):
     """Documents prepared for search."""
 
-    def search(self, query: str, candidates: Collection[int] | None = None,
-               limit: int | None = None) -> list[tuple[int, float]]:
+    def search(
+        self, query: str, candidates: Collection[int] | None = None, limit: int | None = None
+    ) -> list[tuple[int, float]]:
         """Up to ``limit`` relevant documents (index, score), best first; only ``candidates`` if given."""
         ...
 
@@ -31,8 +32,7 @@ class RankIndex(Protocol):
 class Ranker(Protocol):
     """Builds a ``RankIndex`` over a list of documents (positions are the document ids)."""
 
-    def index(self, documents: Sequence[str]) -> RankIndex:
-        ...
+    def index(self, documents: Sequence[str]) -> RankIndex: ...
 
 
 class _BM25Index:
@@ -59,12 +59,15 @@ class _BM25Index:
                 docs, tfs = lists.setdefault(word, ([], []))
                 docs.append(position)
                 tfs.append(tf)
-        self._postings = {w: (np.array(d, dtype=np.int64), np.array(t, dtype=np.float64)) for w, (d, t) in lists.items()}
+        self._postings = {
+            w: (np.array(d, dtype=np.int64), np.array(t, dtype=np.float64)) for w, (d, t) in lists.items()
+        }
         doc_len = np.array(self._bm25.doc_len, dtype=np.float64)
         self._norm = k1 * (1 - b + b * doc_len / self._bm25.avgdl)
 
-    def search(self, query: str, candidates: Collection[int] | None = None,
-               limit: int | None = None) -> list[tuple[int, float]]:
+    def search(
+        self, query: str, candidates: Collection[int] | None = None, limit: int | None = None
+    ) -> list[tuple[int, float]]:
         import numpy as np
 
         if self._bm25 is None:

@@ -62,8 +62,13 @@ class RewardModel:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
-        meta = {"l2": self.l2, "pairs": self.pairs, "prompts": self.prompts, "cv_accuracy": self.cv_accuracy,
-                "fingerprint": self.fingerprint}
+        meta = {
+            "l2": self.l2,
+            "pairs": self.pairs,
+            "prompts": self.prompts,
+            "cv_accuracy": self.cv_accuracy,
+            "fingerprint": self.fingerprint,
+        }
         with open(tmp, "wb") as handle:
             np.savez(handle, weights=self.weights, mean=self.mean, scale=self.scale, meta=json.dumps(meta))
         tmp.replace(path)
@@ -74,8 +79,16 @@ class RewardModel:
         try:
             with np.load(path) as data:
                 meta = json.loads(str(data["meta"]))
-                return cls(data["weights"], data["mean"], data["scale"], float(meta["l2"]), int(meta["pairs"]),
-                           int(meta["prompts"]), meta["cv_accuracy"], str(meta["fingerprint"]))
+                return cls(
+                    data["weights"],
+                    data["mean"],
+                    data["scale"],
+                    float(meta["l2"]),
+                    int(meta["pairs"]),
+                    int(meta["prompts"]),
+                    meta["cv_accuracy"],
+                    str(meta["fingerprint"]),
+                )
         except (OSError, ValueError, KeyError) as err:
             raise FedpalError(f"unreadable reward model {path}: {err}") from None
 
@@ -89,8 +102,12 @@ def pairs_fingerprint(pairs: Sequence[tuple[str, str, str]]) -> str:
 
 
 def fit_reward(
-    chosen: np.ndarray, rejected: np.ndarray, groups: Sequence[str], fingerprint: str = "",
-    l2_grid: Sequence[float] = L2_GRID, folds: int = FOLDS,
+    chosen: np.ndarray,
+    rejected: np.ndarray,
+    groups: Sequence[str],
+    fingerprint: str = "",
+    l2_grid: Sequence[float] = L2_GRID,
+    folds: int = FOLDS,
 ) -> RewardModel:
     """Fit the Bradley–Terry head on features of chosen and rejected replies (rows pair up).
 

@@ -35,18 +35,37 @@ Precision = choices("Precision", PRECISIONS)
 Provider = choices("Provider", PROVIDERS)
 
 HOME = home_option("The client's home folder (adapters, memory, runtime files).")
-MODEL = typer.Option(None, "--model", help="'default', 'tiny', a local folder or a hub id (default: the home's export).")
+MODEL = typer.Option(
+    None, "--model", help="'default', 'tiny', a local folder or a hub id (default: the home's export)."
+)
 PRECISION = typer.Option(None, "--precision", help=f"Default: the home's export, else {DEFAULT_PRECISION}.")
-PASSPHRASE = typer.Option(None, "--passphrase", envvar="FEDPAL_PASSPHRASE", show_envvar=True,
-                          help="Memory passphrase (for --retrieval, rerank and ratings); --passphrase-file keeps it off the command line.")
-MODE_HELP = ("base, merge (shared + personal in one adapter), fusion (per-token mix) or rerank "
-             "(drafts scored by a reward learned from your pairs; slower: one generation per draft).")
-W_SHARED = typer.Option(None, "--w-shared", help="Weight of the shared adapter (merge, fusion, rerank); default 1 if trained, else 0.")
-W_PERSONAL = typer.Option(None, "--w-personal", help="Weight of the personal adapter (merge, fusion, rerank); default 1 if trained, else 0.")
+PASSPHRASE = typer.Option(
+    None,
+    "--passphrase",
+    envvar="FEDPAL_PASSPHRASE",
+    show_envvar=True,
+    help="Memory passphrase (for --retrieval, rerank and ratings); --passphrase-file keeps it off the command line.",
+)
+MODE_HELP = (
+    "base, merge (shared + personal in one adapter), fusion (per-token mix) or rerank "
+    "(drafts scored by a reward learned from your pairs; slower: one generation per draft)."
+)
+W_SHARED = typer.Option(
+    None, "--w-shared", help="Weight of the shared adapter (merge, fusion, rerank); default 1 if trained, else 0."
+)
+W_PERSONAL = typer.Option(
+    None, "--w-personal", help="Weight of the personal adapter (merge, fusion, rerank); default 1 if trained, else 0."
+)
 W_BASE = typer.Option(0.0, "--w-base", help="Weight of the base model's log-probabilities (fusion only).")
-RETRIEVAL = typer.Option(False, "--retrieval", help="Add the user's most relevant stated preferences (see --retrieval-in).")
-RETRIEVAL_IN = typer.Option("prompt", "--retrieval-in", help="Where retrieved preferences go: after the request or in the system message.")
-MAX_NEW = typer.Option(128, "--max-new-tokens", min=1, help="Stop after this many new tokens (or at the model's context).")
+RETRIEVAL = typer.Option(
+    False, "--retrieval", help="Add the user's most relevant stated preferences (see --retrieval-in)."
+)
+RETRIEVAL_IN = typer.Option(
+    "prompt", "--retrieval-in", help="Where retrieved preferences go: after the request or in the system message."
+)
+MAX_NEW = typer.Option(
+    128, "--max-new-tokens", min=1, help="Stop after this many new tokens (or at the model's context)."
+)
 SAMPLE = typer.Option(False, "--sample", help="Sample instead of greedy decoding.")
 TEMPERATURE = typer.Option(0.8, "--temperature", help="Sampling temperature, > 0 (with --sample).")
 TOP_P = typer.Option(0.95, "--top-p", help="Nucleus sampling mass, in (0, 1] (with --sample).")
@@ -56,11 +75,27 @@ SEED = typer.Option(None, "--seed", min=0, max=2**31 - 1, help="Sampling seed: s
 def export(
     home: str = HOME,
     model: Annotated[str, typer.Option("--model", help="'default', 'tiny', a local folder or a hub id.")] = "default",
-    precision: Annotated[Precision, typer.Option("--precision", help="int8 (keeps trained styles), int4 (fastest; rounding blurs styles) or fp32; LoRA stays float.")] = DEFAULT_PRECISION,
-    max_rank: Annotated[int, typer.Option("--max-rank", min=1, help="Largest adapter rank (merges add ranks) the export accepts.")] = DEFAULT_MAX_RANK,
-    provider: Annotated[Provider, typer.Option("--provider", help="Execution provider; cuda needs an NVIDIA GPU and onnxruntime-genai-cuda.")] = "cpu",
+    precision: Annotated[
+        Precision,
+        typer.Option(
+            "--precision",
+            help="int8 (keeps trained styles), int4 (fastest; rounding blurs styles) or fp32; LoRA stays float.",
+        ),
+    ] = DEFAULT_PRECISION,
+    max_rank: Annotated[
+        int, typer.Option("--max-rank", min=1, help="Largest adapter rank (merges add ranks) the export accepts.")
+    ] = DEFAULT_MAX_RANK,
+    provider: Annotated[
+        Provider,
+        typer.Option("--provider", help="Execution provider; cuda needs an NVIDIA GPU and onnxruntime-genai-cuda."),
+    ] = "cpu",
     force: Annotated[bool, typer.Option("--force", help="Rebuild even if a matching export is cached.")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help='Print {"key", "path", "model", "precision", "provider", "max_rank", "lora_inputs", "home"}.')] = False,
+    as_json: Annotated[
+        bool,
+        typer.Option(
+            "--json", help='Print {"key", "path", "model", "precision", "provider", "max_rank", "lora_inputs", "home"}.'
+        ),
+    ] = False,
 ) -> None:
     """Export the base model to ONNX Runtime once, with LoRA weights as run-time inputs (cached).
 
@@ -77,11 +112,25 @@ def export(
         info = check_loads(export_model(model, precision, client.adapter_targets(), max_rank, provider, force=force))
     client.record_export(model, precision, max_rank, provider, info.key)
     if as_json:
-        typer.echo(json.dumps({"key": info.key, "path": str(info.path), "model": model, "precision": info.precision,
-                               "provider": info.execution_provider, "max_rank": info.max_rank,
-                               "lora_inputs": len(info.lora_inputs), "home": str(client.root)}))
+        typer.echo(
+            json.dumps(
+                {
+                    "key": info.key,
+                    "path": str(info.path),
+                    "model": model,
+                    "precision": info.precision,
+                    "provider": info.execution_provider,
+                    "max_rank": info.max_rank,
+                    "lora_inputs": len(info.lora_inputs),
+                    "home": str(client.root),
+                }
+            )
+        )
     else:
-        typer.echo(f"export {info.key} ({info.precision}, {len(info.lora_inputs)} LoRA inputs, max rank {info.max_rank}) at {info.path}")
+        typer.echo(
+            f"export {info.key} ({info.precision}, {len(info.lora_inputs)} LoRA inputs, max rank {info.max_rank}) "
+            f"at {info.path}"
+        )
 
 
 @contextmanager
@@ -114,7 +163,9 @@ def generate(
     seed: int = SEED,
     passphrase: str = PASSPHRASE,
     passphrase_file: str = PASSPHRASE_FILE,
-    as_json: bool = typer.Option(False, "--json", help='Print one JSON line {"text", "tokens", "seconds", "mode", "adapters"}.'),
+    as_json: bool = typer.Option(
+        False, "--json", help='Print one JSON line {"text", "tokens", "seconds", "mode", "adapters"}.'
+    ),
 ) -> None:
     """Reply to one prompt as this user would want, streaming the tokens (or one JSON line)."""
     from fedpal.client.home import ClientHome
@@ -130,8 +181,17 @@ def generate(
     generator = _generator(info)
     on_token = None if as_json else (lambda piece: (sys.stdout.write(piece), sys.stdout.flush()))
     reply = generator.generate_for(
-        client, prompt, mode=mode, w_shared=weights["shared"], w_personal=weights["personal"], w_base=w_base,
-        retrieval=retrieval, retrieval_in=retrieval_in, passphrase=passphrase, options=options, on_token=on_token,
+        client,
+        prompt,
+        mode=mode,
+        w_shared=weights["shared"],
+        w_personal=weights["personal"],
+        w_base=w_base,
+        retrieval=retrieval,
+        retrieval_in=retrieval_in,
+        passphrase=passphrase,
+        options=options,
+        on_token=on_token,
     )
     answered = _answered(reply, weights, w_base)
     _warn_if_cut(reply, info, max_new_tokens)
@@ -193,8 +253,14 @@ class _ChatSession:
     """The state of one interactive chat: the last exchange, which ratings and picks refer to."""
 
     def __init__(
-        self, generator: "PersonalizedGenerator", client: "ClientHome", mode: str, retrieval: bool,
-        max_new_tokens: int, passphrase: str | None, retrieval_in: str = "prompt",
+        self,
+        generator: "PersonalizedGenerator",
+        client: "ClientHome",
+        mode: str,
+        retrieval: bool,
+        max_new_tokens: int,
+        passphrase: str | None,
+        retrieval_in: str = "prompt",
     ) -> None:
         self.generator, self.client, self.mode, self.retrieval = generator, client, mode, retrieval
         self.retrieval_in = retrieval_in
@@ -229,8 +295,14 @@ class _ChatSession:
     def reply(self, prompt: str, options: "DecodeOptions", stream: bool = False) -> str:
         on_token = (lambda piece: (sys.stdout.write(piece), sys.stdout.flush())) if stream else None
         return self.generator.generate_for(
-            self.client, prompt, mode=self.mode, retrieval=self.retrieval, retrieval_in=self.retrieval_in,
-            passphrase=self.passphrase, options=options, on_token=on_token,
+            self.client,
+            prompt,
+            mode=self.mode,
+            retrieval=self.retrieval,
+            retrieval_in=self.retrieval_in,
+            passphrase=self.passphrase,
+            options=options,
+            on_token=on_token,
         ).text
 
     def rate(self, argument: str) -> None:
@@ -276,7 +348,10 @@ class _ChatSession:
             with PreferenceMemory.open(self.client.root, passphrase=self.passphrase) as memory:
                 write(memory)
             if source is None:
-                typer.echo(f"note: created a new memory in {self.client.root} (encrypted; key protected by your passphrase)", err=True)
+                typer.echo(
+                    f"note: created a new memory in {self.client.root} (encrypted; key protected by your passphrase)",
+                    err=True,
+                )
         except FedpalError:
             self.unsaved += 1
             raise
@@ -287,7 +362,9 @@ def _options(max_new_tokens: int, sample: bool, temperature: float, top_p: float
 
     if not (math.isfinite(temperature) and math.isfinite(top_p)):
         raise FedpalError("--temperature and --top-p must be finite numbers")
-    options = DecodeOptions(max_new_tokens=max_new_tokens, do_sample=sample, temperature=temperature, top_p=top_p, seed=seed)
+    options = DecodeOptions(
+        max_new_tokens=max_new_tokens, do_sample=sample, temperature=temperature, top_p=top_p, seed=seed
+    )
     options.check()
     return options
 
@@ -299,8 +376,10 @@ def _find_export(client: "ClientHome", model: str | None, precision: str | None,
 
     info = home_export(client, model, precision)
     if max_new_tokens >= info.context_length:
-        raise FedpalError(f"--max-new-tokens {max_new_tokens} does not fit the model's context of "
-                          f"{info.context_length} tokens (prompt included)")
+        raise FedpalError(
+            f"--max-new-tokens {max_new_tokens} does not fit the model's context of "
+            f"{info.context_length} tokens (prompt included)"
+        )
     return info
 
 
@@ -310,7 +389,9 @@ def _generator(info: "ExportInfo") -> "PersonalizedGenerator":
     return PersonalizedGenerator(info)
 
 
-def _weights(client: "ClientHome", mode: str, w_shared: float | None, w_personal: float | None, w_base: float) -> dict[str, float]:
+def _weights(
+    client: "ClientHome", mode: str, w_shared: float | None, w_personal: float | None, w_base: float
+) -> dict[str, float]:
     """The adapter weights to answer with: a trained adapter weighs 1 unless told otherwise, a missing one 0.
 
     A weight given for an adapter the home does not have is refused (merge would silently
@@ -324,8 +405,10 @@ def _weights(client: "ClientHome", mode: str, w_shared: float | None, w_personal
             raise FedpalError(f"--w-{name} must be a finite number, not {given}")
         trained = (client.adapter_dir(name) / CONFIG_FILE).is_file()
         if given and not trained and mode != "base":
-            raise FedpalError(f"--w-{name} {given:g} asks for the {name} adapter, but {client.root} has none; "
-                              f"train it (fedpal train --home {client.root} --adapter {name}) or leave --w-{name} out")
+            raise FedpalError(
+                f"--w-{name} {given:g} asks for the {name} adapter, but {client.root} has none; "
+                f"train it (fedpal train --home {client.root} --adapter {name}) or leave --w-{name} out"
+            )
         weights[name] = (1.0 if trained else 0.0) if given is None else float(given)
     if not math.isfinite(w_base):
         raise FedpalError(f"--w-base must be a finite number, not {w_base}")
@@ -347,7 +430,11 @@ def _answered(reply: "Reply", weights: dict[str, float], w_base: float) -> dict[
 
 
 def _memory_passphrase(
-    client: "ClientHome", needed: bool, retrieval: bool, passphrase: str | None, passphrase_file: str | None,
+    client: "ClientHome",
+    needed: bool,
+    retrieval: bool,
+    passphrase: str | None,
+    passphrase_file: str | None,
     stdin_free: bool = True,
 ) -> str | None:
     """The passphrase, checked against the memory before any model loads (a wrong one fails in 0.1 s)."""
@@ -370,5 +457,8 @@ def _memory_passphrase(
 
 def _warn_if_cut(reply: "Reply", info: "ExportInfo", max_new_tokens: int) -> None:
     if reply.tokens < max_new_tokens and reply.prompt_tokens + reply.tokens >= info.context_length:
-        typer.echo(f"warning: the reply stopped at the model's context of {info.context_length} tokens "
-                   f"({reply.prompt_tokens} of them the prompt), before --max-new-tokens {max_new_tokens}", err=True)
+        typer.echo(
+            f"warning: the reply stopped at the model's context of {info.context_length} tokens "
+            f"({reply.prompt_tokens} of them the prompt), before --max-new-tokens {max_new_tokens}",
+            err=True,
+        )

@@ -175,8 +175,9 @@ class HeldoutScore:
     margin: float
 
     @classmethod
-    def of(cls, margins: "torch.Tensor", objective: str = "dpo", chosen_nll: float = 0.0,
-           sft_weight: float = 1.0) -> "HeldoutScore":
+    def of(
+        cls, margins: "torch.Tensor", objective: str = "dpo", chosen_nll: float = 0.0, sft_weight: float = 1.0
+    ) -> "HeldoutScore":
         """From per-pair implicit reward margins (``beta`` already applied) and, for the "sft"
         and "both" objectives, the chosen replies' mean per-token NLL."""
         import torch.nn.functional as F
@@ -212,8 +213,11 @@ class LocalTrainer:
         self._last_run: tuple | None = None  # (judge, params, reference adapters, adapter) for fall_back
         if config.batch_size is None or config.max_length is None:
             profile = profile_device(
-                peft_model, self.device, sequences_per_example=1 if config.objective == "sft" else 2,
-                max_length=config.max_length, batch_size=config.batch_size,
+                peft_model,
+                self.device,
+                sequences_per_example=1 if config.objective == "sft" else 2,
+                max_length=config.max_length,
+                batch_size=config.batch_size,
             )
             self.batch_size, self.max_length = profile.batch_size, profile.max_length
         else:
@@ -230,15 +234,19 @@ class LocalTrainer:
         encoded = []
         for pair in pairs:
             prompt = chat_input_ids(self.tokenizer, pair.prompt, pair.system)
-            encoded.append((
-                encode_reply(self.tokenizer, prompt, pair.chosen, self.max_length),
-                encode_reply(self.tokenizer, prompt, pair.rejected, self.max_length),
-            ))
+            encoded.append(
+                (
+                    encode_reply(self.tokenizer, prompt, pair.chosen, self.max_length),
+                    encode_reply(self.tokenizer, prompt, pair.rejected, self.max_length),
+                )
+            )
         return encoded
 
     def _encode_examples(self, examples: Sequence[SFTExample]) -> list[Encoded]:
         return [
-            encode_reply(self.tokenizer, chat_input_ids(self.tokenizer, ex.prompt, ex.system), ex.response, self.max_length)
+            encode_reply(
+                self.tokenizer, chat_input_ids(self.tokenizer, ex.prompt, ex.system), ex.response, self.max_length
+            )
             for ex in examples
         ]
 
@@ -262,7 +270,7 @@ class LocalTrainer:
             first = int(labelled[0]) if len(labelled) else 1
             keep = ids.shape[1] - max(first - 1, 0)
             kwargs["logits_to_keep"] = keep
-            labels = labels[:, ids.shape[1] - keep:]
+            labels = labels[:, ids.shape[1] - keep :]
         with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
             logits = self.model(input_ids=ids, attention_mask=mask, **kwargs).logits
         return logits, labels
@@ -275,11 +283,11 @@ class LocalTrainer:
         chosen, rejected = [], []
         with torch.no_grad():
             for start in range(0, len(encoded), self.batch_size):
-                chunk = encoded[start: start + self.batch_size]
+                chunk = encoded[start : start + self.batch_size]
                 logits, labels = self._logits([c for c, _ in chunk] + [r for _, r in chunk])
                 logps = sequence_logprobs(logits, labels)
                 chosen.append(logps[: len(chunk)])
-                rejected.append(logps[len(chunk):])
+                rejected.append(logps[len(chunk) :])
         return torch.cat(chosen), torch.cat(rejected)
 
     def _reference_logprobs(
@@ -305,7 +313,9 @@ class LocalTrainer:
         import torch
 
         cfg = self.config
-        used = sorted({i for step in range(cfg.steps) for i in _batch_indices(len(encoded), self.batch_size, cfg.seed, step)})
+        used = sorted(
+            {i for step in range(cfg.steps) for i in _batch_indices(len(encoded), self.batch_size, cfg.seed, step)}
+        )
         chosen, rejected = self._reference_logprobs([encoded[i] for i in used], reference_adapters)
         index = torch.tensor(used, device=chosen.device)
         ref_chosen = torch.full((len(encoded),), float("nan"), dtype=chosen.dtype, device=chosen.device)
@@ -389,7 +399,12 @@ class LocalTrainer:
         elif judge is not None:
             judge.evaluate(0, params)
         resumed_from = state["step"]
-        loss_last, margin_last, stopped, note = state.get("loss_last", math.nan), state.get("margin_last", 0.0), "steps", ""
+        loss_last, margin_last, stopped, note = (
+            state.get("loss_last", math.nan),
+            state.get("margin_last", 0.0),
+            "steps",
+            "",
+        )
 
         rng_devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=rng_devices), _progress_bar(progress) as bar:
@@ -413,12 +428,18 @@ class LocalTrainer:
                     scaler.update()  # fp16 overflow: the scaler skips this step and lowers its scale
                     continue
                 if not torch.isfinite(grad_norm):
-                    stopped, note = "nan", f"gradient became non-finite at step {step + 1}; kept the weights of step {step}"
+                    stopped, note = (
+                        "nan",
+                        f"gradient became non-finite at step {step + 1}; kept the weights of step {step}",
+                    )
                     break
                 scaler.step(optimizer)
                 scaler.update()
                 if not all(torch.isfinite(p).all() for _, p in params):
-                    stopped, note = "nan", f"weights became non-finite at step {step + 1}; kept the weights of step {step}"
+                    stopped, note = (
+                        "nan",
+                        f"weights became non-finite at step {step + 1}; kept the weights of step {step}",
+                    )
                     break
                 for good, (_, p) in zip(last_good, params):
                     good.copy_(p.detach())
@@ -438,10 +459,16 @@ class LocalTrainer:
                     callback(state["step"], loss_last)
                 if exhausted:
                     stopped = "early"
-                    note = (f"held-out loss did not improve for {cfg.patience} evaluations; "
-                            f"kept the weights of step {judge.best_step}")
+                    note = (
+                        f"held-out loss did not improve for {cfg.patience} evaluations; "
+                        f"kept the weights of step {judge.best_step}"
+                    )
                     break
-                if cfg.time_budget_s is not None and time.perf_counter() - start >= cfg.time_budget_s and state["step"] < cfg.steps:
+                if (
+                    cfg.time_budget_s is not None
+                    and time.perf_counter() - start >= cfg.time_budget_s
+                    and state["step"] < cfg.steps
+                ):
                     stopped, note = "time", f"time budget of {cfg.time_budget_s:g}s reached after {state['step']} steps"
                     break
         self.model.eval()
@@ -528,16 +555,28 @@ class LocalTrainer:
     # ------------------------------------------------------------ checkpoint
     def _fingerprint(self, adapter, reference_adapters, pairs, examples, heldout=()) -> str:
         """What must match for a checkpoint to be resumed: data, settings and starting weights."""
-        settings = {f.name: getattr(self.config, f.name) for f in fields(self.config)
-                    if f.name not in ("steps", "time_budget_s", "checkpoint_every", "threads")}
+        settings = {
+            f.name: getattr(self.config, f.name)
+            for f in fields(self.config)
+            if f.name not in ("steps", "time_budget_s", "checkpoint_every", "threads")
+        }
         digest = hashlib.sha256()
-        digest.update(json.dumps({
-            "version": CHECKPOINT_VERSION, "adapter": adapter, "reference": list(reference_adapters),
-            "settings": settings, "batch_size": self.batch_size, "max_length": self.max_length,
-            "pairs": [[p.prompt, p.chosen, p.rejected] for p in pairs],
-            "examples": [[e.prompt, e.response] for e in examples],
-            "heldout": [[p.prompt, p.chosen, p.rejected] for p in heldout],
-        }, sort_keys=True).encode())
+        digest.update(
+            json.dumps(
+                {
+                    "version": CHECKPOINT_VERSION,
+                    "adapter": adapter,
+                    "reference": list(reference_adapters),
+                    "settings": settings,
+                    "batch_size": self.batch_size,
+                    "max_length": self.max_length,
+                    "pairs": [[p.prompt, p.chosen, p.rejected] for p in pairs],
+                    "examples": [[e.prompt, e.response] for e in examples],
+                    "heldout": [[p.prompt, p.chosen, p.rejected] for p in heldout],
+                },
+                sort_keys=True,
+            ).encode()
+        )
         involved = {adapter, *reference_adapters}
         for name, param in sorted(self.model.named_parameters(), key=lambda item: item[0]):
             if "lora_" in name and set(name.split(".")) & involved:
@@ -585,7 +624,9 @@ class LocalTrainer:
             for name, param in params:
                 param.copy_(payload["adapter_state"][name].to(param.device))
         optimizer.load_state_dict(payload["optimizer"])
-        return {k: payload[k] for k in ("step", "loss_first", "margin_first", "loss_last", "margin_last", "rng", "early")}
+        return {
+            k: payload[k] for k in ("step", "loss_first", "margin_first", "loss_last", "margin_last", "rng", "early")
+        }
 
     def _clear_checkpoint(self, adapter: str) -> None:
         path = self._checkpoint_path(adapter)
@@ -600,8 +641,9 @@ class _HeldoutJudge:
     pairs'; each evaluation then costs one no-grad forward over the held-out replies.
     """
 
-    def __init__(self, trainer: LocalTrainer, adapter: str, reference_adapters: Sequence[str],
-                 heldout: Sequence[PreferencePair]) -> None:
+    def __init__(
+        self, trainer: LocalTrainer, adapter: str, reference_adapters: Sequence[str], heldout: Sequence[PreferencePair]
+    ) -> None:
         self.trainer, self.adapter, self.reference = trainer, adapter, list(reference_adapters)
         self.encoded = trainer._encode_pairs(heldout)
         self.chosen_tokens = sum(sum(label != IGNORE for label in labels) for (_, labels), _ in self.encoded)
@@ -642,8 +684,13 @@ class _HeldoutJudge:
         return self.bad_evals >= self.trainer.config.patience
 
     def state(self) -> dict:
-        return {"first": self.first, "best": self.best, "best_step": self.best_step,
-                "best_weights": [w.cpu() for w in self.best_weights], "bad_evals": self.bad_evals}
+        return {
+            "first": self.first,
+            "best": self.best,
+            "best_step": self.best_step,
+            "best_weights": [w.cpu() for w in self.best_weights],
+            "bad_evals": self.bad_evals,
+        }
 
     def restore(self, state: dict) -> None:
         device = self.trainer.device
@@ -655,12 +702,16 @@ class _HeldoutJudge:
         """The ``TrainResult`` fields this judge fills (for ``step``/``best``: an earlier improvement)."""
         step, best = (self.best_step, self.best) if best is None else (step, best)
         return {
-            "heldout_pairs": len(self.encoded), "best_step": step,
-            "heldout_loss_first": self.first.loss, "heldout_loss_best": best.loss,
+            "heldout_pairs": len(self.encoded),
+            "best_step": step,
+            "heldout_loss_first": self.first.loss,
+            "heldout_loss_best": best.loss,
             "heldout_preference_loss_first": self.first.preference_loss,
             "heldout_preference_loss_best": best.preference_loss,
-            "heldout_accuracy_first": self.first.accuracy, "heldout_accuracy_best": best.accuracy,
-            "heldout_margin_first": self.first.margin, "heldout_margin_best": best.margin,
+            "heldout_accuracy_first": self.first.accuracy,
+            "heldout_accuracy_best": best.accuracy,
+            "heldout_margin_first": self.first.margin,
+            "heldout_margin_best": best.margin,
         }
 
 
@@ -709,7 +760,7 @@ def _batch_indices(n: int, batch_size: int, seed: int, step: int) -> list[int]:
     per_epoch = n // size
     epoch, slot = divmod(step, per_epoch)
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()
-    return order[slot * size: (slot + 1) * size]
+    return order[slot * size : (slot + 1) * size]
 
 
 def _get_rng(device) -> dict:
@@ -748,9 +799,21 @@ def _progress_bar(enabled: bool):
     if not enabled:
         return _NoBar()
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     return Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        TimeRemainingColumn(), TextColumn("{task.fields[loss]}"), console=Console(stderr=True),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[loss]}"),
+        console=Console(stderr=True),
     )

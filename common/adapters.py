@@ -58,7 +58,9 @@ class AdapterConfig:
         from peft import LoraConfig
 
         if self.top_layers < 0:
-            raise FedpalError(f"top_layers must be 0 (all layers) or a positive number of last layers, not {self.top_layers}")
+            raise FedpalError(
+                f"top_layers must be 0 (all layers) or a positive number of last layers, not {self.top_layers}"
+            )
         layers = None
         if self.top_layers:
             if num_layers is None:
@@ -188,9 +190,7 @@ def adapter_to_arrays(
     return arrays
 
 
-def arrays_to_adapter(
-    model: "PeftModel", name: str, arrays: Mapping[str, np.ndarray], parts: str = "AB"
-) -> None:
+def arrays_to_adapter(model: "PeftModel", name: str, arrays: Mapping[str, np.ndarray], parts: str = "AB") -> None:
     """Load named arrays into adapter ``name`` after checking names, shapes and finiteness.
 
     A mismatch raises instead of loading part of the adapter: a silent partial load would

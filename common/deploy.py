@@ -81,4 +81,3 @@ def stop_process_tree(proc: subprocess.Popen) -> None:
         except psutil.NoSuchProcess:
             pass
     proc.wait()
-

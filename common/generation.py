@@ -73,7 +73,7 @@ def generate_reply(
             pad_token_id=base.tokenizer.pad_token_id,
             eos_token_id=base.tokenizer.eos_token_id,
         )
-    new = out[0, ids.shape[1]:]
+    new = out[0, ids.shape[1] :]
     return base.tokenizer.decode(new, skip_special_tokens=True).strip(), int(new.shape[0])
 
 
@@ -92,20 +92,28 @@ def generate_replies(
     eos = tok.eos_token_id
     out: list[tuple[str, list[int]]] = []
     for start in range(0, len(prompts), batch_size):
-        rows = [chat_input_ids(tok, prompt, system) for prompt, system in prompts[start: start + batch_size]]
+        rows = [chat_input_ids(tok, prompt, system) for prompt, system in prompts[start : start + batch_size]]
         width = max(len(r) for r in rows)
         ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=base.device)
         mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=base.device)
         with torch.no_grad():
-            generated = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                                       do_sample=False, pad_token_id=pad, eos_token_id=eos)
+            generated = model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=pad,
+                eos_token_id=eos,
+            )
         for row in generated[:, width:].tolist():
             new = row[: row.index(eos)] if eos in row else row
             out.append((tok.decode(new, skip_special_tokens=True).strip(), new))
     return out
 
 
-def reply_nll(base: "BaseModel", model, prompts: Sequence[tuple[str, str | None]], replies: Sequence[list[int]]) -> float:
+def reply_nll(
+    base: "BaseModel", model, prompts: Sequence[tuple[str, str | None]], replies: Sequence[list[int]]
+) -> float:
     """Mean negative log-likelihood per token of ``replies`` (token ids) after their prompts, under ``model``."""
     import torch
 
@@ -116,8 +124,8 @@ def reply_nll(base: "BaseModel", model, prompts: Sequence[tuple[str, str | None]
                 continue
             context = chat_input_ids(base.tokenizer, prompt, system)
             ids = torch.tensor([context + list(reply)], device=base.device)
-            logits = model(input_ids=ids).logits[0, len(context) - 1: -1].float()
-            picked = torch.log_softmax(logits, dim=-1).gather(1, ids[0, len(context):, None])
+            logits = model(input_ids=ids).logits[0, len(context) - 1 : -1].float()
+            picked = torch.log_softmax(logits, dim=-1).gather(1, ids[0, len(context) :, None])
             total -= float(picked.sum())
             count += len(reply)
     return total / count if count else 0.0

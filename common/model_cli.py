@@ -42,7 +42,16 @@ def smoke(
     text, tokens = generate_reply(base, prompt, max_new_tokens=max_new_tokens)
     done = time.perf_counter()
     if as_json:
-        typer.echo(json.dumps({"model": str(base.path), "text": text, "tokens": tokens,
-                               "load_seconds": round(loaded - start, 3), "seconds": round(done - loaded, 3)}))
+        typer.echo(
+            json.dumps(
+                {
+                    "model": str(base.path),
+                    "text": text,
+                    "tokens": tokens,
+                    "load_seconds": round(loaded - start, 3),
+                    "seconds": round(done - loaded, 3),
+                }
+            )
+        )
     else:
         typer.echo(f"[{base.path.name} on {base.device}] {prompt}\n{text}")

@@ -51,7 +51,9 @@ def resolve_device(device: str | None = None) -> "torch.device":
         if chosen.type == "cuda" and not torch.cuda.is_available():
             raise FedpalError(f"device '{wanted}' was asked for but CUDA is not available here")
         if chosen.type == "cuda" and chosen.index is not None and chosen.index >= torch.cuda.device_count():
-            raise FedpalError(f"device '{wanted}' does not exist: this machine has {torch.cuda.device_count()} CUDA device(s)")
+            raise FedpalError(
+                f"device '{wanted}' does not exist: this machine has {torch.cuda.device_count()} CUDA device(s)"
+            )
         return chosen
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -80,7 +82,9 @@ def _download(repo_id: str) -> Path:
         return Path(snapshot_download(repo_id))
     except Exception as err:  # network, auth and missing-repo errors all end here
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise FedpalError(f"model '{repo_id}' is not a local folder and could not be fetched from the hub: {first}") from None
+        raise FedpalError(
+            f"model '{repo_id}' is not a local folder and could not be fetched from the hub: {first}"
+        ) from None
 
 
 def load_base_model(

@@ -27,16 +27,44 @@ STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedavgm")
 """Flower strategies the server can run (``fedpal.server.strategy`` builds them)."""
 
 RESUME_LOCKED = (
-    "model", "strategy", "lora-rank", "lora-alpha", "lora-targets", "lora-top-layers", "ffa-lora", "dp",
-    "noise-multiplier", "clipping-norm", "delta", "sampling", "seed", "deterministic",
+    "model",
+    "strategy",
+    "lora-rank",
+    "lora-alpha",
+    "lora-targets",
+    "lora-top-layers",
+    "ffa-lora",
+    "dp",
+    "noise-multiplier",
+    "clipping-norm",
+    "delta",
+    "sampling",
+    "seed",
+    "deterministic",
 )
 """Settings a resumed run must share with the run it continues: changing any of them mid-run
 would make the checkpoint's adapter or privacy ledger mean something else."""
 
 TRAIN_KEYS = (
-    "model", "seed", "deterministic", "lora-rank", "lora-alpha", "lora-targets", "lora-top-layers", "ffa-lora",
-    "objective", "local-steps", "learning-rate", "dpo-beta", "batch-size", "max-length", "train-with-preferences",
-    "preferences-in", "personal-guard", "client-threads", "home-base",
+    "model",
+    "seed",
+    "deterministic",
+    "lora-rank",
+    "lora-alpha",
+    "lora-targets",
+    "lora-top-layers",
+    "ffa-lora",
+    "objective",
+    "local-steps",
+    "learning-rate",
+    "dpo-beta",
+    "batch-size",
+    "max-length",
+    "train-with-preferences",
+    "preferences-in",
+    "personal-guard",
+    "client-threads",
+    "home-base",
 )
 """The settings a client trains with, sent in every train message (see :meth:`FederationSettings.train_config`)."""
 
@@ -57,8 +85,11 @@ def key_of(name: str) -> str:
 class FederationSettings:
     """One federation's settings (the Flower run config), typed, with a help line each."""
 
-    model: str = setting("tiny", "Base model: tiny (random, for tests), default (the embedded SmolLM2-135M-Instruct), "
-                                 "a model folder or a hub id already in the local cache.")
+    model: str = setting(
+        "tiny",
+        "Base model: tiny (random, for tests), default (the embedded SmolLM2-135M-Instruct), "
+        "a model folder or a hub id already in the local cache.",
+    )
     num_server_rounds: int = setting(3, "Federated rounds.")
     strategy: str = setting("fedavg", "Flower strategy: " + ", ".join(STRATEGIES) + ".")
     fraction_train: float = setting(1.0, "Fraction of the connected clients sampled per round, in (0, 1].")
@@ -75,17 +106,24 @@ class FederationSettings:
     objective: str = setting("both", "Local objective: dpo, sft or both.")
     local_steps: int = setting(10, "Local steps on the shared adapter per round.")
     personal_steps: int = setting(10, "Steps on the personal adapter per round (0: no personal training).")
-    personal_from_round: int = setting(1, "First round in which personal adapters train; before it the clients "
-                                          "send shared updates only.")
+    personal_from_round: int = setting(
+        1, "First round in which personal adapters train; before it the clients send shared updates only."
+    )
     learning_rate: float = setting(5e-4, "Local learning rate.")
     dpo_beta: float = setting(0.1, "DPO beta: how strongly the policy is held to the reference model.")
     batch_size: int = setting(4, "Local batch size.")
     max_length: int = setting(128, "Tokens per encoded example.")
-    train_with_preferences: bool = setting(False, "Train the personal adapter with the user's stated preferences in "
-                                                  "context (prompt or system), as `fedpal generate --retrieval` answers.")
+    train_with_preferences: bool = setting(
+        False,
+        "Train the personal adapter with the user's stated preferences in "
+        "context (prompt or system), as `fedpal generate --retrieval` answers.",
+    )
     preferences_in: str = setting("prompt", "Where stated preferences go: " + " or ".join(PLACEMENTS) + ".")
-    personal_guard: bool = setting(True, "A trained personal adapter replaces the saved one only if it ranks held-out "
-                                         "pairs better and its replies do not degenerate.")
+    personal_guard: bool = setting(
+        True,
+        "A trained personal adapter replaces the saved one only if it ranks held-out "
+        "pairs better and its replies do not degenerate.",
+    )
     proximal_mu: float = setting(0.01, "FedProx's proximal term (fedprox only).")
     server_learning_rate: float = setting(0.01, "Server optimizer's learning rate (fedadam, fedyogi).")
     server_momentum: float = setting(0.9, "Server momentum (fedavgm).")
@@ -95,11 +133,16 @@ class FederationSettings:
     clipping_norm: float = setting(0.5, "Clipping norm C of one user's update.")
     delta: float = setting(1e-5, "DP delta (keep below 1 / users).")
     max_epsilon: float = setting(0.0, "Stop before a round that would spend more (0: no limit).")
-    sampling: str = setting("without-replacement", "How the accountant models client sampling: without-replacement, poisson or none.")
+    sampling: str = setting(
+        "without-replacement", "How the accountant models client sampling: without-replacement, poisson or none."
+    )
     max_update_norm: float = setting(100.0, "Without DP, updates larger than this are rejected.")
     secagg: bool = setting(True, "SecAgg+: the server learns only the sum of the updates.")
-    secagg_shares: float = setting(1.0, "SecAgg+ neighbours per client: a fraction of the round's clients (1.0: all) or "
-                                        "a whole number >= 3 (constant cost per client).")
+    secagg_shares: float = setting(
+        1.0,
+        "SecAgg+ neighbours per client: a fraction of the round's clients (1.0: all) or "
+        "a whole number >= 3 (constant cost per client).",
+    )
     secagg_threshold: float = setting(0.8, "Fraction of shares needed to reconstruct a dropped client's mask.")
     secagg_clipping_range: float = setting(8.0, "SecAgg+ quantization range (must cover the clipping norm).")
     secagg_timeout: float = setting(600.0, "Seconds a SecAgg+ stage waits for clients (0: Flower's default).")
@@ -111,8 +154,13 @@ class FederationSettings:
     def __post_init__(self) -> None:
         for f in fields(self):  # a message config is untyped: its values must already be what the field says
             value = getattr(self, f.name)
-            if f.type == "bool" and not isinstance(value, bool) or f.type == "str" and not isinstance(value, str) or (
-                    f.type in ("int", "float") and (isinstance(value, bool) or not isinstance(value, (int, float)))):
+            if (
+                f.type == "bool"
+                and not isinstance(value, bool)
+                or f.type == "str"
+                and not isinstance(value, str)
+                or (f.type in ("int", "float") and (isinstance(value, bool) or not isinstance(value, (int, float))))
+            ):
                 raise FedpalError(f"run-config {key_of(f.name)} = {value!r} must be {KINDS[f.type]}")
             if f.type == "float" and not math.isfinite(value):
                 raise FedpalError(f"run-config {key_of(f.name)} = {value!r} must be a finite number")
@@ -143,7 +191,9 @@ class FederationSettings:
         if not [t for t in self.lora_targets.split(",") if t.strip()]:
             raise FedpalError("lora-targets must name at least one module, e.g. 'q_proj,v_proj'")
         if self.personal_from_round < 1:
-            raise FedpalError("personal-from-round must be at least 1 (the first round in which personal adapters train)")
+            raise FedpalError(
+                "personal-from-round must be at least 1 (the first round in which personal adapters train)"
+            )
         if self.preferences_in not in PLACEMENTS:
             raise FedpalError(f"preferences-in must be one of {', '.join(PLACEMENTS)}, not '{self.preferences_in}'")
         if self.lora_top_layers < 0:
@@ -152,8 +202,10 @@ class FederationSettings:
             raise FedpalError("with dp on, noise-multiplier and clipping-norm must be positive")
         shares = self.secagg_shares
         if not (0 < shares <= 1 or (shares >= 3 and shares == int(shares))):
-            raise FedpalError(f"secagg-shares must be a fraction of the round's clients in (0, 1] or a whole number "
-                              f"of shares, at least 3; not {shares}")
+            raise FedpalError(
+                f"secagg-shares must be a fraction of the round's clients in (0, 1] or a whole number "
+                f"of shares, at least 3; not {shares}"
+            )
         if self.secagg and self.clipping_norm > self.secagg_clipping_range:
             raise FedpalError("clipping-norm must not exceed secagg-clipping-range")
 

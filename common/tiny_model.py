@@ -46,7 +46,8 @@ def _corpus(seed: int, lines: int = 1500) -> list[str]:
 
 
 def build_tiny_model(target: Path, seed: int = 0) -> Path:
-    """Write a tiny Llama + tokenizer Hugging Face folder at ``target`` (atomically); a built one is found without importing torch."""
+    """Write a tiny Llama + tokenizer Hugging Face folder at ``target`` (atomically); a built one is found without
+    importing torch."""
     if (target / "config.json").is_file():
         return target
     import torch

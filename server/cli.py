@@ -19,7 +19,9 @@ import typer
 
 from fedpal.common.errors import FedpalError
 
-app = typer.Typer(help="Run and inspect the federation (Flower ServerApp).", no_args_is_help=True, suggest_commands=False)
+app = typer.Typer(
+    help="Run and inspect the federation (Flower ServerApp).", no_args_is_help=True, suggest_commands=False
+)
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 
@@ -63,11 +65,17 @@ def run_config_string(values: dict[str, str]) -> str:
 
 @app.command("run")
 def run_command(
-    superlink: str = typer.Argument(None, help="SuperLink connection name from Flower's config (FLWR_HOME/config.toml); default: Flower's default connection."),
+    superlink: str = typer.Argument(
+        None,
+        help="SuperLink connection name from Flower's config (FLWR_HOME/config.toml); default: Flower's default "
+        "connection.",
+    ),
     rounds: int = typer.Option(None, help="Number of server rounds."),
     resume: bool = typer.Option(False, "--resume", help="Continue after the last checkpoint in the run folder."),
     run_dir: Path = typer.Option(None, help="Folder for metrics.jsonl, the checkpoint and the global adapter."),
-    setting: list[str] = typer.Option([], "--set", help="Any run-config setting as key=value (repeatable), e.g. --set noise-multiplier=1.2"),
+    setting: list[str] = typer.Option(
+        [], "--set", help="Any run-config setting as key=value (repeatable), e.g. --set noise-multiplier=1.2"
+    ),
     app_dir: Path = typer.Option(PROJECT_DIR, help="The fedpal project folder (holds pyproject.toml)."),
     stream: bool = typer.Option(True, help="Stream the run's logs until it ends."),
 ) -> None:
@@ -98,8 +106,17 @@ def run_command(
 
 @app.command()
 def status(
-    folder: Path = typer.Argument(..., help="A deployment folder (`fedpal server init` made it) or a run folder (holds metrics.jsonl; `fedpal server run --run-dir` names it)."),
-    as_json: bool = typer.Option(False, "--json", help='Print one JSON document: for a run folder {"run_dir", "rounds": [metrics lines], "partial_last_line"}; for a deployment also "superlink_running", "clients", "clients_seen", "epsilon".'),
+    folder: Path = typer.Argument(
+        ...,
+        help="A deployment folder (`fedpal server init` made it) or a run folder (holds metrics.jsonl; `fedpal "
+        "server run --run-dir` names it).",
+    ),
+    as_json: bool = typer.Option(
+        False,
+        "--json",
+        help='Print one JSON document: for a run folder {"run_dir", "rounds": [metrics lines], '
+        '"partial_last_line"}; for a deployment also "superlink_running", "clients", "clients_seen", "epsilon".',
+    ),
 ) -> None:
     """Rounds done, privacy spent and traffic of a run; for a deployment also its clients."""
     from fedpal.server.deployment import CONFIG_FILE, Deployment
@@ -111,14 +128,24 @@ def status(
         if as_json:
             typer.echo(json.dumps(state))
             return
-        eps = f"epsilon {state['epsilon']:.3f} at delta {state['delta']:g}" if state["epsilon"] is not None else "no epsilon spent yet"
-        typer.echo(f"deployment {state['deployment']}: clients dial {state['address']}; SuperLink "
-                   f"{'running' if state['superlink_running'] else 'not running'}")
-        typer.echo(f"rounds {state['rounds_done']} of {state['rounds_planned']}; {eps}; "
-                   f"{state['clients_seen']} of {len(state['clients'])} added clients seen")
+        eps = (
+            f"epsilon {state['epsilon']:.3f} at delta {state['delta']:g}"
+            if state["epsilon"] is not None
+            else "no epsilon spent yet"
+        )
+        typer.echo(
+            f"deployment {state['deployment']}: clients dial {state['address']}; SuperLink "
+            f"{'running' if state['superlink_running'] else 'not running'}"
+        )
+        typer.echo(
+            f"rounds {state['rounds_done']} of {state['rounds_planned']}; {eps}; "
+            f"{state['clients_seen']} of {len(state['clients'])} added clients seen"
+        )
         for client in state["clients"]:
-            typer.echo(f"  client {client['name'] or '-'} node {client['node_id']} {client['fingerprint']}: "
-                       f"{client['status']}, asked in {client['rounds_asked']} round(s)")
+            typer.echo(
+                f"  client {client['name'] or '-'} node {client['node_id']} {client['fingerprint']}: "
+                f"{client['status']}, asked in {client['rounds_asked']} round(s)"
+            )
     else:
         rounds, partial = read_metrics(folder)
         if as_json:
@@ -129,8 +156,11 @@ def status(
     for line in rounds:
         typer.echo(_round_summary(line))
     if partial:
-        typer.echo("warning: the last line of metrics.jsonl is incomplete (a round being written, or the server "
-                   "stopped while writing it); it was left out", err=True)
+        typer.echo(
+            "warning: the last line of metrics.jsonl is incomplete (a round being written, or the server "
+            "stopped while writing it); it was left out",
+            err=True,
+        )
 
 
 @app.command("settings")
@@ -142,8 +172,10 @@ def settings_command(
 
     from fedpal.common.settings import DEFAULTS, FederationSettings, key_of
 
-    rows = {key_of(f.name): {"default": DEFAULTS[key_of(f.name)], "help": f.metadata["help"]}
-            for f in fields(FederationSettings)}
+    rows = {
+        key_of(f.name): {"default": DEFAULTS[key_of(f.name)], "help": f.metadata["help"]}
+        for f in fields(FederationSettings)
+    }
     if as_json:
         typer.echo(json.dumps(rows))
         return
@@ -161,21 +193,30 @@ def settings_command(
 @app.command("init")
 def init_command(
     folder: Path = typer.Argument(..., help="The deployment folder to create (must not exist, or be empty)."),
-    address: str = typer.Option(..., "--address", help="HOST:PORT that clients dial; HOST goes into the TLS certificate."),
+    address: str = typer.Option(
+        ..., "--address", help="HOST:PORT that clients dial; HOST goes into the TLS certificate."
+    ),
     listen: str = typer.Option("0.0.0.0", help="Interface the SuperLink listens on (0.0.0.0: all)."),
-    name: list[str] = typer.Option([], "--name", help="Another host name or IP the certificate must hold (repeatable)."),
+    name: list[str] = typer.Option(
+        [], "--name", help="Another host name or IP the certificate must hold (repeatable)."
+    ),
     rounds: int = typer.Option(3, help="num-server-rounds of the federation."),
     min_clients: int = typer.Option(3, help="Clients a round waits for (SecAgg+ needs at least 3)."),
-    setting: list[str] = typer.Option([], "--set", help="Any other federation setting as key=value (repeatable), e.g. --set model=tiny"),
+    setting: list[str] = typer.Option(
+        [], "--set", help="Any other federation setting as key=value (repeatable), e.g. --set model=tiny"
+    ),
 ) -> None:
-    """Create a deployment folder: a CA, the SuperLink's TLS certificate and key, a config, and a README of the next commands."""
+    """Create a deployment folder: a CA, the SuperLink's TLS certificate and key, a config, and a README of the
+    next commands."""
     from fedpal.server.deployment import init_deployment
 
     values: dict[str, object] = {"num-server-rounds": rounds, "min-clients": min_clients}
     for key, value in _settings(setting).items():
         values[key] = _typed(value)
     deployment = init_deployment(folder, address, listen, tuple(name), values)
-    typer.echo(f"created the deployment {deployment.root}; clients dial {deployment.address} and need {deployment.ca_cert}")
+    typer.echo(
+        f"created the deployment {deployment.root}; clients dial {deployment.address} and need {deployment.ca_cert}"
+    )
     typer.echo(f"next: fedpal server start {deployment.root}   (see {deployment.root / 'README.md'})")
 
 
@@ -193,14 +234,18 @@ def start_command(
 @app.command("add-client")
 def add_client_command(
     folder: Path = typer.Argument(..., help="The deployment folder; its SuperLink must be running."),
-    public_key: str = typer.Argument(..., help="The user's node public key: the line `fedpal client init` printed, or a file holding it."),
+    public_key: str = typer.Argument(
+        ..., help="The user's node public key: the line `fedpal client init` printed, or a file holding it."
+    ),
     name: str = typer.Option(None, help="A name for this client, shown by `fedpal server status`."),
 ) -> None:
     """Admit a user's node: register its public key with the SuperLink (flwr supernode register)."""
     from fedpal.server.deployment import Deployment, add_client
 
     added = add_client(Deployment.load(folder), public_key, name)
-    typer.echo(f"added node {added['node_id']} (key {added['fingerprint']}{', ' + added['name'] if added['name'] else ''})")
+    typer.echo(
+        f"added node {added['node_id']} (key {added['fingerprint']}{', ' + added['name'] if added['name'] else ''})"
+    )
 
 
 @app.command("remove-client")
@@ -279,8 +324,15 @@ def _metrics_problem(line: object) -> str | None:
         return f"expected a JSON object, got {type(line).__name__}"
     needed = {"round": int, "epsilon": (int, float, type(None))}
     if "stopped" not in line:
-        needed.update({"aggregated": bool, "clients_summed": int, "seconds": (int, float),
-                       "bytes_up_per_client": (int, float), "bytes_down_per_client": (int, float)})
+        needed.update(
+            {
+                "aggregated": bool,
+                "clients_summed": int,
+                "seconds": (int, float),
+                "bytes_up_per_client": (int, float),
+                "bytes_down_per_client": (int, float),
+            }
+        )
     for key, kind in needed.items():
         if key not in line:
             return f"missing '{key}'"

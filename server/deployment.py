@@ -86,7 +86,9 @@ def read_public_key(value: str) -> str:
     try:
         key = serialization.load_ssh_public_key(text.encode())
     except (ValueError, UnsupportedAlgorithm) as err:
-        raise FedpalError(f"{where} is not an OpenSSH public key ({first_line(err)}); send the line `fedpal client init` printed") from None
+        raise FedpalError(
+            f"{where} is not an OpenSSH public key ({first_line(err)}); send the line `fedpal client init` printed"
+        ) from None
     if not isinstance(key, ec.EllipticCurvePublicKey):
         raise FedpalError(f"{where} is not an EC key: Flower's node authentication takes NIST-curve EC keys")
     return key.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode()
@@ -154,9 +156,14 @@ class Deployment:
         path = Path(root).expanduser().resolve()
         config = path / CONFIG_FILE
         if not path.is_dir():
-            raise FedpalError(f"no deployment folder at {path}; create one with: fedpal server init {path} --address HOST:PORT")
+            raise FedpalError(
+                f"no deployment folder at {path}; create one with: fedpal server init {path} --address HOST:PORT"
+            )
         if not config.is_file():
-            raise FedpalError(f"{path} is not a fedpal deployment (no {CONFIG_FILE}); create one with: fedpal server init DIR --address HOST:PORT")
+            raise FedpalError(
+                f"{path} is not a fedpal deployment (no {CONFIG_FILE}); create one with: fedpal server init DIR "
+                "--address HOST:PORT"
+            )
         try:
             data = tomllib.loads(config.read_text(encoding="utf-8"))
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
@@ -175,7 +182,9 @@ class Deployment:
         deployment.check_federation()
         for needed in (deployment.ca_cert, deployment.server_cert, deployment.server_key):
             if not needed.is_file():
-                raise FedpalError(f"{needed} is missing: the deployment is incomplete (make a new one with fedpal server init)")
+                raise FedpalError(
+                    f"{needed} is missing: the deployment is incomplete (make a new one with fedpal server init)"
+                )
         return deployment
 
     def check_federation(self) -> None:
@@ -190,8 +199,10 @@ class Deployment:
     def write_flwr_config(self) -> Path:
         """Flower's connection file for this deployment (rewritten each time: the folder may have moved)."""
         self.flwr_home.mkdir(parents=True, exist_ok=True)
-        text = (f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
-                f"address = {json.dumps(self.control_address)}\nroot-certificates = {json.dumps(str(self.ca_cert))}\n")
+        text = (
+            f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
+            f"address = {json.dumps(self.control_address)}\nroot-certificates = {json.dumps(str(self.ca_cert))}\n"
+        )
         write_atomic(self.flwr_home / "config.toml", text.encode())
         return self.flwr_home
 
@@ -221,21 +232,39 @@ def _certificates(names: list[str]) -> dict[str, bytes]:
     ca_key = ec.generate_private_key(ec.SECP384R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"fedpal deployment CA ({names[0]})")])
     ca = (
-        x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=CA_DAYS))
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=CA_DAYS))
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(x509.KeyUsage(digital_signature=False, content_commitment=False, key_encipherment=False,
-                                     data_encipherment=False, key_agreement=False, key_cert_sign=True, crl_sign=True,
-                                     encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=False,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
         .sign(ca_key, hashes.SHA384())
     )
     key = ec.generate_private_key(ec.SECP256R1())
     alt = [x509.IPAddress(ipaddress.ip_address(n)) if _is_ip(n) else x509.DNSName(n) for n in names]
     cert = (
-        x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])]))
-        .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(minutes=5))
         .not_valid_after(now + datetime.timedelta(days=SERVER_CERT_DAYS))
         .add_extension(x509.SubjectAlternativeName(alt), critical=False)
@@ -253,8 +282,13 @@ def _certificates(names: list[str]) -> dict[str, bytes]:
     }
 
 
-def init_deployment(root: Path | str, address: str, listen: str = "0.0.0.0", names: tuple[str, ...] = (),
-                    federation: dict[str, Any] | None = None) -> Deployment:
+def init_deployment(
+    root: Path | str,
+    address: str,
+    listen: str = "0.0.0.0",
+    names: tuple[str, ...] = (),
+    federation: dict[str, Any] | None = None,
+) -> Deployment:
     """Create the deployment folder at ``root`` (which must not exist or be empty); returns it.
 
     Everything is checked first and the folder appears in one rename, so a refused or
@@ -269,8 +303,9 @@ def init_deployment(root: Path | str, address: str, listen: str = "0.0.0.0", nam
     for name in names:
         if not name.strip() or any(c.isspace() or c in "/:" for c in name) and not _is_ip(name):
             raise FedpalError(f"--name '{name}' is not a host name or IP address")
-    all_names = list(dict.fromkeys([host, *names, "localhost", "127.0.0.1",
-                                    *([listen] if listen not in ("0.0.0.0", "::") else [])]))
+    all_names = list(
+        dict.fromkeys([host, *names, "localhost", "127.0.0.1", *([listen] if listen not in ("0.0.0.0", "::") else [])])
+    )
     settings = {**FEDERATION_DEFAULTS, **(federation or {})}
     deployment = Deployment(path, join_address(host, port), listen, port, settings)
     deployment.check_federation()
@@ -278,11 +313,18 @@ def init_deployment(root: Path | str, address: str, listen: str = "0.0.0.0", nam
         (staging / "tls").mkdir()
         for name, data in _certificates(all_names).items():
             write_atomic(staging / "tls" / name, data, 0o600 if name.endswith(".key") else 0o644)
-        lines = ["# fedpal deployment (fedpal server init); edit [federation] between runs",
-                 "[server]", f"# clients dial this; the TLS certificate names: {', '.join(all_names)}",
-                 f"address = {toml_value(deployment.address)}", "# the interface the SuperLink listens on",
-                 f"listen = {toml_value(listen)}", f"port = {port}", "",
-                 "# fedpal's run config (any key of [tool.flwr.app.config]); the run folder is run/", "[federation]"]
+        lines = [
+            "# fedpal deployment (fedpal server init); edit [federation] between runs",
+            "[server]",
+            f"# clients dial this; the TLS certificate names: {', '.join(all_names)}",
+            f"address = {toml_value(deployment.address)}",
+            "# the interface the SuperLink listens on",
+            f"listen = {toml_value(listen)}",
+            f"port = {port}",
+            "",
+            "# fedpal's run config (any key of [tool.flwr.app.config]); the run folder is run/",
+            "[federation]",
+        ]
         lines += [f"{k} = {toml_value(v)}" for k, v in settings.items()]
         write_atomic(staging / CONFIG_FILE, ("\n".join(lines) + "\n").encode())
         write_atomic(staging / "clients.json", b"{}\n")
@@ -354,17 +396,27 @@ def _flwr(deployment: Deployment, *args: str, timeout: float = 60) -> dict[str, 
     """``flwr ARGS fedpal --format json`` on this deployment's SuperLink; its JSON answer, or a one-line error."""
     flwr = flower_command("flwr")
     if not superlink_listening(deployment):
-        raise FedpalError(f"the SuperLink of {deployment.root} is not running on port {deployment.port}; "
-                          f"start it with: fedpal server start {deployment.root}")
+        raise FedpalError(
+            f"the SuperLink of {deployment.root} is not running on port {deployment.port}; "
+            f"start it with: fedpal server start {deployment.root}"
+        )
     try:
-        done = subprocess.run([flwr, *args, CONNECTION, "--format", "json"], env=deployment.flwr_env(),
-                              capture_output=True, text=True, timeout=timeout)
+        done = subprocess.run(
+            [flwr, *args, CONNECTION, "--format", "json"],
+            env=deployment.flwr_env(),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
     except subprocess.TimeoutExpired:
         raise FedpalError(f"flwr {args[0]} {args[1]} got no answer from the SuperLink within {timeout:.0f} s") from None
     try:
-        answer = json.loads(done.stdout[done.stdout.index("{"):])
+        answer = json.loads(done.stdout[done.stdout.index("{") :])
     except ValueError:
-        answer = {"success": False, "error-message": (done.stderr or done.stdout).strip() or f"exit status {done.returncode}"}
+        answer = {
+            "success": False,
+            "error-message": (done.stderr or done.stdout).strip() or f"exit status {done.returncode}",
+        }
     if not answer.get("success"):
         message = str(answer.get("error-message", "")).strip().splitlines()
         raise _FlwrRefused(message[-1] if message else "no reason given")
@@ -382,10 +434,15 @@ def add_client(deployment: Deployment, public_key: str, name: str | None = None)
     clients = read_clients(deployment)
     known = clients.get(fingerprint)
     if known and not known.get("removed"):
-        raise FedpalError(f"key {fingerprint} is already admitted (node {known['node_id']}{', ' + known['name'] if known.get('name') else ''})")
+        raise FedpalError(
+            f"key {fingerprint} is already admitted (node "
+            f"{known['node_id']}{', ' + known['name'] if known.get('name') else ''})"
+        )
     if known:
-        raise FedpalError(f"key {fingerprint} was removed on {known['removed']} and Flower does not admit a removed key "
-                          "again; the user makes a new home with a new key (fedpal client init)")
+        raise FedpalError(
+            f"key {fingerprint} was removed on {known['removed']} and Flower does not admit a removed key "
+            "again; the user makes a new home with a new key (fedpal client init)"
+        )
     keys = deployment.root / "state" / "keys"
     keys.mkdir(parents=True, exist_ok=True)
     key_file = keys / (fingerprint.split(":", 1)[1].replace("/", "_").replace("+", "-") + ".pub")
@@ -398,8 +455,13 @@ def add_client(deployment: Deployment, public_key: str, name: str | None = None)
     except _FlwrRefused as err:
         key_file.unlink(missing_ok=True)
         raise FedpalError(f"the SuperLink refused key {fingerprint}: {err}") from None
-    entry = {"public_key": line, "name": name or "", "node_id": int(answer["node-id"]),
-             "added": _now(), "removed": None}
+    entry = {
+        "public_key": line,
+        "name": name or "",
+        "node_id": int(answer["node-id"]),
+        "added": _now(),
+        "removed": None,
+    }
     clients[fingerprint] = entry
     _write_clients(deployment, clients)
     return {"fingerprint": fingerprint, **entry}
@@ -411,13 +473,17 @@ def remove_client(deployment: Deployment, public_key: str) -> dict[str, Any]:
     clients = read_clients(deployment)
     known = clients.get(fingerprint)
     if known is None:
-        raise FedpalError(f"key {fingerprint} was never added to {deployment.root} (see: fedpal server status {deployment.root})")
+        raise FedpalError(
+            f"key {fingerprint} was never added to {deployment.root} (see: fedpal server status {deployment.root})"
+        )
     if known.get("removed"):
         raise FedpalError(f"key {fingerprint} was already removed on {known['removed']}")
     try:
         _flwr(deployment, "supernode", "unregister", str(known["node_id"]))
     except _FlwrRefused as err:
-        raise FedpalError(f"the SuperLink refused to remove node {known['node_id']} (key {fingerprint}): {err}") from None
+        raise FedpalError(
+            f"the SuperLink refused to remove node {known['node_id']} (key {fingerprint}): {err}"
+        ) from None
     known["removed"] = _now()
     _write_clients(deployment, clients)
     return {"fingerprint": fingerprint, **known}
@@ -442,11 +508,29 @@ def superlink_listening(deployment: Deployment, timeout: float = 1.0) -> bool:
 
 def superlink_command(deployment: Deployment) -> list[str]:
     """``flower-superlink`` with TLS, node authentication, a persistent database and rotated logs."""
-    return [flower_command("flower-superlink"), "--ssl-ca-certfile", str(deployment.ca_cert), "--ssl-certfile", str(deployment.server_cert),
-            "--ssl-keyfile", str(deployment.server_key), "--enable-supernode-auth",
-            "--host", deployment.listen, "--port", str(deployment.port), "--database", str(deployment.database),
-            "--disable-runtime-dependency-installation", "--log-file", str(deployment.logs / "superlink.log"),
-            "--log-rotation-interval-hours", "24", "--log-rotation-backup-count", "7"]
+    return [
+        flower_command("flower-superlink"),
+        "--ssl-ca-certfile",
+        str(deployment.ca_cert),
+        "--ssl-certfile",
+        str(deployment.server_cert),
+        "--ssl-keyfile",
+        str(deployment.server_key),
+        "--enable-supernode-auth",
+        "--host",
+        deployment.listen,
+        "--port",
+        str(deployment.port),
+        "--database",
+        str(deployment.database),
+        "--disable-runtime-dependency-installation",
+        "--log-file",
+        str(deployment.logs / "superlink.log"),
+        "--log-rotation-interval-hours",
+        "24",
+        "--log-rotation-backup-count",
+        "7",
+    ]
 
 
 def run_settings(deployment: Deployment) -> dict[str, str]:
@@ -487,9 +571,18 @@ def status(deployment: Deployment) -> dict[str, Any]:
         node = int(entry["node_id"])
         state = "removed" if entry.get("removed") else online.get(node, "unknown" if not running else "registered")
         asked = sum(1 for r in rounds if str(node) in r.get("bytes_down", {}))
-        rows.append({"fingerprint": fingerprint, "name": entry.get("name", ""), "node_id": node,
-                     "added": entry.get("added"), "removed": entry.get("removed"), "status": state,
-                     "rounds_asked": asked, "seen": state in ("online", "offline") or asked > 0})
+        rows.append(
+            {
+                "fingerprint": fingerprint,
+                "name": entry.get("name", ""),
+                "node_id": node,
+                "added": entry.get("added"),
+                "removed": entry.get("removed"),
+                "status": state,
+                "rounds_asked": asked,
+                "seen": state in ("online", "offline") or asked > 0,
+            }
+        )
     done = [r for r in rounds if "stopped" not in r]
     epsilon = next((r["epsilon"] for r in reversed(rounds) if r.get("epsilon") is not None), None)
     return {
@@ -519,7 +612,9 @@ def serve(deployment: Deployment, say: Callable[[str], None]) -> int:
 
     flwr = flower_command("flwr")
     if superlink_listening(deployment):
-        raise FedpalError(f"port {deployment.port} is already in use: is the server of {deployment.root} running already?")
+        raise FedpalError(
+            f"port {deployment.port} is already in use: is the server of {deployment.root} running already?"
+        )
     command = superlink_command(deployment)
     settings = run_config_string(run_settings(deployment))
     env = deployment.flwr_env()
@@ -541,8 +636,10 @@ def serve(deployment: Deployment, say: Callable[[str], None]) -> int:
                 tail = [line for line in console.read_text(errors="replace").splitlines() if line.strip()][-3:]
                 raise FedpalError(f"the SuperLink did not start ({' | '.join(tail) or 'no output'}); see {console}")
             time.sleep(0.3)
-        say(f"note: SuperLink listening on {deployment.listen}:{deployment.port} (TLS, node authentication on); "
-            f"clients dial {deployment.address}")
+        say(
+            f"note: SuperLink listening on {deployment.listen}:{deployment.port} (TLS, node authentication on); "
+            f"clients dial {deployment.address}"
+        )
         with tempfile.TemporaryDirectory(prefix="fedpal-app-") as folder:
             run = [flwr, "run", str(write_app_folder(Path(folder))), CONNECTION, "--run-config", settings]
             code = subprocess.call([*run, "--stream"], env=env)

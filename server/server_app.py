@@ -73,7 +73,9 @@ class CountingGrid(Grid):
     def run(self) -> Any:
         return self._inner.run
 
-    def create_message(self, content: Any, message_type: str, dst_node_id: int, group_id: str, ttl: float | None = None) -> Message:
+    def create_message(
+        self, content: Any, message_type: str, dst_node_id: int, group_id: str, ttl: float | None = None
+    ) -> Message:
         return self._inner.create_message(content, message_type, dst_node_id, group_id, ttl)
 
     def get_node_ids(self) -> Iterable[int]:
@@ -147,9 +149,14 @@ def run_dir(settings: FederationSettings) -> Path:
     return Path(settings["run-dir"]).expanduser() if settings["run-dir"] else fedpal_home() / "runs" / "default"
 
 
-def run_federation(grid: Grid, context: Context, settings: FederationSettings,
-                   observers: Sequence[Observer] = (), node_order: Callable[[int], int] | None = None,
-                   after_round: Callable[[int, list[np.ndarray]], None] | None = None) -> Path:
+def run_federation(
+    grid: Grid,
+    context: Context,
+    settings: FederationSettings,
+    observers: Sequence[Observer] = (),
+    node_order: Callable[[int], int] | None = None,
+    after_round: Callable[[int, list[np.ndarray]], None] | None = None,
+) -> Path:
     """Run (or resume) the federation described by ``settings``; returns the run folder.
 
     ``observers`` see every round's replies as the server receives them (privacy audits);
@@ -175,7 +182,11 @@ def run_federation(grid: Grid, context: Context, settings: FederationSettings,
     if checkpoint is None and (folder / METRICS_FILE).exists():
         (folder / METRICS_FILE).unlink()
     if checkpoint is not None:
-        changed = {k: (checkpoint.run_settings.get(k), v) for k, v in settings.locked().items() if checkpoint.run_settings.get(k) != v}
+        changed = {
+            k: (checkpoint.run_settings.get(k), v)
+            for k, v in settings.locked().items()
+            if checkpoint.run_settings.get(k) != v
+        }
         if changed:
             key, (old, new) = next(iter(changed.items()))
             raise FedpalError(f"cannot resume: {key} was {old!r} in the checkpointed run and is {new!r} now")
@@ -241,15 +252,30 @@ def run_federation(grid: Grid, context: Context, settings: FederationSettings,
         start = checkpoint.round + 1 if checkpoint is not None else 1
         skipped = checkpoint.rounds_skipped if checkpoint is not None else 0
         last = start - 1
-        log.info("fedpal federation: %s; population %d, %d per round; rounds %d..%d",
-                 settings_summary(settings), population, per_round, start, settings["num-server-rounds"])
+        log.info(
+            "fedpal federation: %s; population %d, %d per round; rounds %d..%d",
+            settings_summary(settings),
+            population,
+            per_round,
+            start,
+            settings["num-server-rounds"],
+        )
         for server_round in range(start, settings["num-server-rounds"] + 1):
             if accountant is not None and not accountant.next_round_allowed():
-                line = {"round": server_round, "stopped": "privacy budget",
-                        "epsilon": accountant.epsilon(), "epsilon_if_run": accountant.epsilon_after_next(),
-                        "max_epsilon": settings["max-epsilon"]}
-                log.warning("stopping before round %d: it would take epsilon from %.3f to %.3f, over max-epsilon %.3f",
-                            server_round, line["epsilon"], line["epsilon_if_run"], settings["max-epsilon"])
+                line = {
+                    "round": server_round,
+                    "stopped": "privacy budget",
+                    "epsilon": accountant.epsilon(),
+                    "epsilon_if_run": accountant.epsilon_after_next(),
+                    "max_epsilon": settings["max-epsilon"],
+                }
+                log.warning(
+                    "stopping before round %d: it would take epsilon from %.3f to %.3f, over max-epsilon %.3f",
+                    server_round,
+                    line["epsilon"],
+                    line["epsilon_if_run"],
+                    settings["max-epsilon"],
+                )
                 _append_metrics(folder, line)
                 break
             seed_round(secret, server_round)
@@ -298,8 +324,9 @@ def run_federation(grid: Grid, context: Context, settings: FederationSettings,
     return folder
 
 
-def send_final_adapter(grid: Grid, settings: FederationSettings, arrays: list[np.ndarray], last_round: int,
-                       spent: PrivacySpent | None) -> int:
+def send_final_adapter(
+    grid: Grid, settings: FederationSettings, arrays: list[np.ndarray], last_round: int, spent: PrivacySpent | None
+) -> int:
     """Send the run's final global adapter to every connected node; returns how many saved it.
 
     Each round's train message carries the global adapter of the round before, so without
@@ -317,23 +344,30 @@ def send_final_adapter(grid: Grid, settings: FederationSettings, arrays: list[np
     replies = send_adapter(grid, nodes, arrays, config, FINAL_GROUP, FINAL_ADAPTER_TIMEOUT)
     saved = sum(1 for reply in replies if not reply.has_error())
     if saved < len(nodes):
-        log.warning("the final global adapter (through round %d) reached %d of %d nodes; the others keep the one of "
-                    "the last round they joined", last_round, saved, len(nodes))
+        log.warning(
+            "the final global adapter (through round %d) reached %d of %d nodes; the others keep the one of "
+            "the last round they joined",
+            last_round,
+            saved,
+            len(nodes),
+        )
     else:
         log.info("the final global adapter (through round %d) reached all %d nodes", last_round, saved)
     return saved
 
 
-def send_adapter(grid: Grid, nodes: Sequence[int], arrays: list[np.ndarray], config: dict, group: str,
-                 timeout: float) -> list[Message]:
+def send_adapter(
+    grid: Grid, nodes: Sequence[int], arrays: list[np.ndarray], config: dict, group: str, timeout: float
+) -> list[Message]:
     """An adapter and ``config`` to each of ``nodes`` in Flower's "evaluate" message; the replies
     that came back within ``timeout`` seconds (a node that failed answers with an error)."""
     from flwr.common import EvaluateIns, MessageType, ndarrays_to_parameters
     from flwr.compat.common import recorddict_compat as compat
 
     content = compat.evaluateins_to_recorddict(EvaluateIns(ndarrays_to_parameters(arrays), config), keep_input=True)
-    messages = [Message(content=content, dst_node_id=node, message_type=MessageType.EVALUATE, group_id=group)
-                for node in nodes]
+    messages = [
+        Message(content=content, dst_node_id=node, message_type=MessageType.EVALUATE, group_id=group) for node in nodes
+    ]
     return list(grid.send_and_receive(messages, timeout=timeout))
 
 
@@ -341,8 +375,10 @@ def _why_not_aggregated(report: Any, settings: FederationSettings) -> str:
     if report is None:
         return "no clients could be sampled"
     if settings["secagg"] and report.results == 0:
-        return ("SecAgg+ aborted the round: too few clients stayed to reconstruct the masks "
-                f"(reconstruction threshold {settings['secagg-threshold']} of the shares); see the SecAgg+ log above")
+        return (
+            "SecAgg+ aborted the round: too few clients stayed to reconstruct the masks "
+            f"(reconstruction threshold {settings['secagg-threshold']} of the shares); see the SecAgg+ log above"
+        )
     if report.aggregate_error:
         return report.aggregate_error
     if report.rejected and not report.results - len(report.rejected):
@@ -374,8 +410,15 @@ def seed_round(secret: int, server_round: int) -> None:
     np.random.seed([(secret >> shift) & 0xFFFFFFFF for shift in (0, 32, 64, 96)] + [server_round])
 
 
-def _metrics_line(server_round: int, elapsed: float, report: Any, counting: CountingGrid,
-                  settings: FederationSettings, epsilon: float | None, aggregated: bool) -> dict:
+def _metrics_line(
+    server_round: int,
+    elapsed: float,
+    report: Any,
+    counting: CountingGrid,
+    settings: FederationSettings,
+    epsilon: float | None,
+    aggregated: bool,
+) -> dict:
     group = str(server_round)
     up, down = dict(counting.up.get(group, {})), dict(counting.down.get(group, {}))
     clients = report.clients if report is not None else {}

@@ -33,6 +33,7 @@ from fedpal.server.validation import UpdateSpec, check_aggregate, check_update, 
 
 log = logging.getLogger("fedpal.server")
 
+
 def secagg_shares(settings: FederationSettings, per_round: int) -> int | float:
     """SecAgg+'s ``num_shares`` for rounds of ``per_round`` clients: a fraction as Flower reads it
     (1.0: every client shares with every other), or a fixed number of neighbours, which keeps
@@ -89,7 +90,9 @@ def strategy_state(strategy: Any) -> dict[str, list[np.ndarray]]:
     """The server optimizer's state (FedAdam/FedYogi moments, FedAvgM momentum) for a checkpoint."""
     from flwr.common import parameters_to_ndarrays
 
-    state = {a: [np.asarray(x) for x in getattr(strategy, a)] for a in _STATE_ATTRS if getattr(strategy, a, None) is not None}
+    state = {
+        a: [np.asarray(x) for x in getattr(strategy, a)] for a in _STATE_ATTRS if getattr(strategy, a, None) is not None
+    }
     if type(strategy).__name__ == "FedAvgM" and strategy.initial_parameters is not None:
         state["initial_parameters"] = parameters_to_ndarrays(strategy.initial_parameters)
     return state
@@ -137,8 +140,13 @@ class FedpalStrategy:
     Duck-types ``flwr.server.strategy.Strategy`` (the workflows call only its methods).
     """
 
-    def __init__(self, settings: FederationSettings, spec: UpdateSpec, initial: list[np.ndarray],
-                 observers: Sequence[Observer] = ()) -> None:
+    def __init__(
+        self,
+        settings: FederationSettings,
+        spec: UpdateSpec,
+        initial: list[np.ndarray],
+        observers: Sequence[Observer] = (),
+    ) -> None:
         from flwr.server.strategy import DifferentialPrivacyClientSideFixedClipping, FedAvg
 
         self.settings = settings
@@ -154,7 +162,9 @@ class FedpalStrategy:
         if self.dp:
             z, c = settings["noise-multiplier"], settings["clipping-norm"]
             self.front: Any = DifferentialPrivacyClientSideFixedClipping(self.inner, z, c, 1)
-            self.noiser: Any = DifferentialPrivacyClientSideFixedClipping(FedAvg(fit_metrics_aggregation_fn=_no_metrics), z, c, 1)
+            self.noiser: Any = DifferentialPrivacyClientSideFixedClipping(
+                FedAvg(fit_metrics_aggregation_fn=_no_metrics), z, c, 1
+            )
         else:
             self.front, self.noiser = self.inner, None
         self.report = RoundReport(round=0)
@@ -246,7 +256,9 @@ class FedpalStrategy:
             # noise N(0, (zC/k)^2) on the mean of the k summed updates = N(0, (zC)^2) on the sum
             self.noiser.num_sampled_clients = report.clients_summed
             mean_params, _ = self.noiser.aggregate_fit(server_round, averaging, [])
-            report.noise_stddev_on_mean = self.settings["noise-multiplier"] * self.settings["clipping-norm"] / report.clients_summed
+            report.noise_stddev_on_mean = (
+                self.settings["noise-multiplier"] * self.settings["clipping-norm"] / report.clients_summed
+            )
             averaging = [(to_average[0][0], fit_res(parameters_to_ndarrays(mean_params), 1))]
         new_params, _ = self.inner.aggregate_fit(server_round, averaging, [])
         if new_params is None:

@@ -17,6 +17,7 @@ import numpy as np
 
 from fedpal.common.adapters import adapter_fingerprint
 
+
 @dataclass(frozen=True)
 class UpdateSpec:
     """What a valid update looks like: the global adapter's names and shapes, a norm limit."""
@@ -56,7 +57,9 @@ def check_update(
     Order matters for the message: a wrong layout is reported before the values in it.
     """
     if fingerprint != spec.fingerprint:
-        return f"tensor names/shapes fingerprint {fingerprint!r} does not match the global adapter's {spec.fingerprint!r}"
+        return (
+            f"tensor names/shapes fingerprint {fingerprint!r} does not match the global adapter's {spec.fingerprint!r}"
+        )
     if len(arrays) != len(spec.shapes):
         return f"{len(arrays)} tensors where the global adapter has {len(spec.shapes)}"
     for name, shape, array in zip(spec.names, spec.shapes, arrays):

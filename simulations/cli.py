@@ -18,11 +18,17 @@ Preset = Enum("Preset", {name: name for name in ("quick", "default", "large")}, 
 
 def simulate(
     out: Path = typer.Option(..., "--out", help="Folder for results.json, report.md and the PNG plots."),
-    preset: Preset = typer.Option("quick", help="quick (tiny model, < 2 min), default (SmolLM2-135M, 8 users), large (GPU or cluster)."),
-    config: Path = typer.Option(None, "--config", help="TOML or JSON file overriding preset settings (see fedpal.simulations.config)."),
+    preset: Preset = typer.Option(
+        "quick", help="quick (tiny model, < 2 min), default (SmolLM2-135M, 8 users), large (GPU or cluster)."
+    ),
+    config: Path = typer.Option(
+        None, "--config", help="TOML or JSON file overriding preset settings (see fedpal.simulations.config)."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print results.json instead of the summary table."),
     verbose: bool = typer.Option(False, "--verbose", help="Show Flower's and Ray's logs (else in OUT/flwr-run.log)."),
-    ray_address: str = typer.Option(None, "--ray-address", help="Run on this Ray cluster (HOST:PORT of `ray start --head`)."),
+    ray_address: str = typer.Option(
+        None, "--ray-address", help="Run on this Ray cluster (HOST:PORT of `ray start --head`)."
+    ),
 ) -> None:
     """Simulate users with known preferences, federate their adapters, score every baseline.
 
@@ -46,17 +52,25 @@ def simulate(
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"fedpal simulate --preset {settings.preset}: {results['users']} users, {results['rounds']} rounds, "
-                        f"epsilon {_fmt(results['epsilon'])} at delta {results['delta']}")
+    table = Table(
+        title=f"fedpal simulate --preset {settings.preset}: {results['users']} users, {results['rounds']} rounds, "
+        f"epsilon {_fmt(results['epsilon'])} at delta {results['delta']}"
+    )
     for column in ("baseline", "mean utility", "win rate vs base", "worst user"):
         table.add_column(column)
     for name, row in results["baselines"].items():
-        table.add_row(BASELINE_LABELS.get(name, name), f"{row['mean_utility']:.3f}", f"{row['win_rate_vs_base']:.0%}",
-                      f"{row['worst_user_utility']:.3f}")
+        table.add_row(
+            BASELINE_LABELS.get(name, name),
+            f"{row['mean_utility']:.3f}",
+            f"{row['win_rate_vs_base']:.0%}",
+            f"{row['worst_user_utility']:.3f}",
+        )
     console = Console()
     console.print(table)
-    console.print(f"own adapters best for {results['cross_user_diagonal_best_fraction']:.0%} of users; "
-                  f"{results['bytes_per_client_round']} bytes up per client-round; {results['wall_time_s']} s")
+    console.print(
+        f"own adapters best for {results['cross_user_diagonal_best_fraction']:.0%} of users; "
+        f"{results['bytes_per_client_round']} bytes up per client-round; {results['wall_time_s']} s"
+    )
     console.print(f"wrote {out / 'results.json'}, {out / 'report.md'} and plots")
 
 
@@ -76,7 +90,9 @@ def _check_before_running(settings, out: Path) -> None:
     if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
         raise FedpalError(f"cannot write under {ancestor}: choose another --out")
     settings.federation(out)
-    if settings.model not in (DEFAULT, TINY) and (Path(settings.model).expanduser().exists() or settings.model.count("/") != 1):
+    if settings.model not in (DEFAULT, TINY) and (
+        Path(settings.model).expanduser().exists() or settings.model.count("/") != 1
+    ):
         resolve_model_path(settings.model)
 
 
@@ -91,8 +107,13 @@ def progress_bars() -> Iterator[Callable[[str, int], Callable[[], None]]]:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     # on stderr, so that stdout holds only the summary or, with --json, one JSON document
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=Console(stderr=True)) as bars:
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=Console(stderr=True),
+    ) as bars:
 
         def phase(description: str, total: int) -> Callable[[], None]:
             task = bars.add_task(description, total=total)

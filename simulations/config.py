@@ -101,13 +101,20 @@ class SimulationConfig:
         if self.users < 2:
             raise FedpalError("a simulation needs at least 2 users (the cross-user matrix compares them)")
         if not 1 <= self.clients_per_round <= self.users:
-            raise FedpalError(f"clients_per_round must be between 1 and users ({self.users}), not {self.clients_per_round}")
+            raise FedpalError(
+                f"clients_per_round must be between 1 and users ({self.users}), not {self.clients_per_round}"
+            )
         if self.secagg and self.clients_per_round < 3:
-            raise FedpalError("SecAgg+ needs at least 3 clients per round: raise clients_per_round or set secagg = false")
+            raise FedpalError(
+                "SecAgg+ needs at least 3 clients per round: raise clients_per_round or set secagg = false"
+            )
         if self.rounds < 1:
             raise FedpalError("rounds must be at least 1")
         if self.train_prompts < self.rounds:
-            raise FedpalError(f"train_prompts ({self.train_prompts}) must be at least rounds ({self.rounds}): each round adds new interactions")
+            raise FedpalError(
+                f"train_prompts ({self.train_prompts}) must be at least rounds ({self.rounds}): each round adds "
+                "new interactions"
+            )
         if self.heldout_prompts < 1 or not 1 <= self.curve_prompts <= self.heldout_prompts:
             raise FedpalError("heldout_prompts must be at least 1 and curve_prompts between 1 and heldout_prompts")
         if len(self.styles) < 2:
@@ -121,7 +128,9 @@ class SimulationConfig:
             if getattr(self, name) < 1:
                 raise FedpalError(f"{name} must be at least 1, not {getattr(self, name)}")
         if not 1 <= self.personal_from_round <= self.rounds:
-            raise FedpalError(f"personal_from_round must be between 1 and rounds ({self.rounds}), not {self.personal_from_round}")
+            raise FedpalError(
+                f"personal_from_round must be between 1 and rounds ({self.rounds}), not {self.personal_from_round}"
+            )
         for name in ("population_shared_weight", "minority_fraction", "stated_fraction"):
             if not 0 <= getattr(self, name) <= 1:
                 raise FedpalError(f"{name} must be between 0 and 1, not {getattr(self, name)}")
@@ -129,9 +138,15 @@ class SimulationConfig:
             if not math.isfinite(getattr(self, name)):
                 raise FedpalError(f"{name} must be a finite number, not {getattr(self, name)}")
         if self.candidate_source not in ("model", "synthetic"):
-            raise FedpalError(f"candidate_source must be 'model' (the base model in each style) or 'synthetic' (templates), not '{self.candidate_source}'")
+            raise FedpalError(
+                f"candidate_source must be 'model' (the base model in each style) or 'synthetic' (templates), not "
+                f"'{self.candidate_source}'"
+            )
         if self.labelling not in ("favourite", "pairs"):
-            raise FedpalError(f"labelling must be 'favourite' (best of the candidates) or 'pairs' (random pairs), not '{self.labelling}'")
+            raise FedpalError(
+                f"labelling must be 'favourite' (best of the candidates) or 'pairs' (random pairs), not "
+                f"'{self.labelling}'"
+            )
         if self.retrieval_in not in PLACEMENTS:
             raise FedpalError(f"retrieval_in must be one of {', '.join(PLACEMENTS)}, not '{self.retrieval_in}'")
         if self.fedpal_mode not in MODES:
@@ -139,53 +154,64 @@ class SimulationConfig:
         if self.precision not in PRECISIONS:
             raise FedpalError(f"precision must be one of {', '.join(PRECISIONS)}, not '{self.precision}'")
         if self.node_cpus < 1 or not 0 <= self.node_gpus:
-            raise FedpalError(f"node_cpus must be at least 1 and node_gpus not negative, not {self.node_cpus} and {self.node_gpus}")
+            raise FedpalError(
+                f"node_cpus must be at least 1 and node_gpus not negative, not {self.node_cpus} and {self.node_gpus}"
+            )
         federation_checks(lambda: self.federation(Path(".")))
 
     # -- the Flower app's settings -----------------------------------------------------
 
     def federation(self, out: Path) -> FederationSettings:
         """The federation's settings for a run in ``out`` (their checks are fedpal's own)."""
-        return FederationSettings(**{key.replace("-", "_"): value for key, value in {
-            "model": self.model,
-            "num-server-rounds": self.rounds,
-            "resume": False,
-            "final-adapter": False,  # the users' between-rounds message brings the last aggregate
-            "run-dir": str(Path(out) / "federation"),
-            "home-base": str(Path(out) / "users"),
-            "strategy": self.strategy,
-            "fraction-train": self.clients_per_round / self.users,
-            "min-clients": self.clients_per_round,
-            "population-size": self.users,
-            "seed": self.seed,
-            "deterministic": True,
-            "lora-rank": self.lora_rank,
-            "lora-alpha": self.lora_alpha,
-            "lora-targets": self.lora_targets,
-            "lora-top-layers": self.lora_top_layers,
-            "ffa-lora": self.ffa_lora,
-            "objective": self.objective,
-            "local-steps": self.local_steps,
-            "personal-steps": self.personal_steps,
-            "personal-from-round": self.personal_from_round,
-            "learning-rate": self.learning_rate,
-            "dpo-beta": self.dpo_beta,
-            "batch-size": self.batch_size,
-            "max-length": self.max_length,
-            "train-with-preferences": self.train_in_context,
-            "preferences-in": self.retrieval_in,
-            "dp": self.dp,
-            "noise-multiplier": self.noise_multiplier,
-            "clipping-norm": self.clipping_norm,
-            "delta": self.delta,
-            "secagg": self.secagg,
-            "client-threads": self.node_cpus,
-        }.items()})
+        return FederationSettings(
+            **{
+                key.replace("-", "_"): value
+                for key, value in {
+                    "model": self.model,
+                    "num-server-rounds": self.rounds,
+                    "resume": False,
+                    "final-adapter": False,  # the users' between-rounds message brings the last aggregate
+                    "run-dir": str(Path(out) / "federation"),
+                    "home-base": str(Path(out) / "users"),
+                    "strategy": self.strategy,
+                    "fraction-train": self.clients_per_round / self.users,
+                    "min-clients": self.clients_per_round,
+                    "population-size": self.users,
+                    "seed": self.seed,
+                    "deterministic": True,
+                    "lora-rank": self.lora_rank,
+                    "lora-alpha": self.lora_alpha,
+                    "lora-targets": self.lora_targets,
+                    "lora-top-layers": self.lora_top_layers,
+                    "ffa-lora": self.ffa_lora,
+                    "objective": self.objective,
+                    "local-steps": self.local_steps,
+                    "personal-steps": self.personal_steps,
+                    "personal-from-round": self.personal_from_round,
+                    "learning-rate": self.learning_rate,
+                    "dpo-beta": self.dpo_beta,
+                    "batch-size": self.batch_size,
+                    "max-length": self.max_length,
+                    "train-with-preferences": self.train_in_context,
+                    "preferences-in": self.retrieval_in,
+                    "dp": self.dp,
+                    "noise-multiplier": self.noise_multiplier,
+                    "clipping-norm": self.clipping_norm,
+                    "delta": self.delta,
+                    "secagg": self.secagg,
+                    "client-threads": self.node_cpus,
+                }.items()
+            }
+        )
 
     def run_config(self, out: Path) -> dict[str, Any]:
         """The app's whole Flower run config: the federation's keys, this config's fields as
         ``sim-`` keys, and ``sim-out`` (where the ServerApp writes results)."""
-        return {**self.federation(out).run_config(), **to_run_config(self, SIM_PREFIX), SIM_PREFIX + "out": str(Path(out))}
+        return {
+            **self.federation(out).run_config(),
+            **to_run_config(self, SIM_PREFIX),
+            SIM_PREFIX + "out": str(Path(out)),
+        }
 
     @classmethod
     def from_run_config(cls, run_config: dict[str, Any]) -> tuple["SimulationConfig", Path]:
@@ -197,8 +223,12 @@ class SimulationConfig:
 
     def federation_config(self) -> dict[str, Any]:
         """The Simulation Engine's settings for ``flwr run --federation-config``."""
-        return {"num-supernodes": self.users, "backend": "ray", "client-resources-num-cpus": self.node_cpus,
-                "client-resources-num-gpus": self.node_gpus}
+        return {
+            "num-supernodes": self.users,
+            "backend": "ray",
+            "client-resources-num-cpus": self.node_cpus,
+            "client-resources-num-gpus": self.node_gpus,
+        }
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -294,7 +324,16 @@ PRESETS: dict[str, SimulationConfig] = {
         personal_steps=10,
         learning_rate=5e-4,
         max_length=256,
-        styles=("plain", "one_sentence", "bulleted", "warm_question", "detailed_example", "formal", "casual", "budget_simple"),
+        styles=(
+            "plain",
+            "one_sentence",
+            "bulleted",
+            "warm_question",
+            "detailed_example",
+            "formal",
+            "casual",
+            "budget_simple",
+        ),
     ),
 }
 
@@ -321,7 +360,9 @@ def read_overrides(path: Path, template: Any) -> dict[str, Any]:
         text = path.read_text(encoding="utf-8-sig")
         data = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
     except (ValueError, tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
-        raise FedpalError(f"config file {path} is not valid {'JSON' if path.suffix == '.json' else 'TOML'}: {err}") from None
+        raise FedpalError(
+            f"config file {path} is not valid {'JSON' if path.suffix == '.json' else 'TOML'}: {err}"
+        ) from None
     if not isinstance(data, dict):
         raise FedpalError(f"config file {path} must hold an object of settings, not a {type(data).__name__}")
     known = {f.name: f for f in fields(template)}
@@ -334,8 +375,11 @@ def read_overrides(path: Path, template: Any) -> dict[str, Any]:
         if isinstance(default, tuple):
             example = list(default[:2]) or list(known[key].default[:2])  # a preset may empty a list the class fills
             numbers = bool(example) and all(isinstance(item, float) for item in example)
-            ok = (lambda item: isinstance(item, (int, float)) and not isinstance(item, bool)) if numbers else (
-                lambda item: isinstance(item, str))
+            ok = (
+                (lambda item: isinstance(item, (int, float)) and not isinstance(item, bool))
+                if numbers
+                else (lambda item: isinstance(item, str))
+            )
             if not isinstance(value, list) or not all(ok(item) for item in value):
                 kind = "numbers" if numbers else "names"
                 raise FedpalError(f"config file {path}: '{key}' must be a list of {kind}, like {json.dumps(example)}")
@@ -343,6 +387,8 @@ def read_overrides(path: Path, template: Any) -> dict[str, Any]:
         elif isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         if type(value) is not type(default):
-            raise FedpalError(f"config file {path}: '{key}' must be {type(default).__name__}, not {type(value).__name__}")
+            raise FedpalError(
+                f"config file {path}: '{key}' must be {type(default).__name__}, not {type(value).__name__}"
+            )
         overrides[key] = value
     return overrides

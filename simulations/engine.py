@@ -42,12 +42,16 @@ def check_ray_address(address: str, timeout: float = 5.0) -> None:
     keep the run waiting for it)."""
     host, sep, port = address.rpartition(":")
     if not sep or not port.isdigit():
-        raise FedpalError(f"--ray-address takes HOST:PORT of a Ray head node (ray start --head --port ...), not {address!r}")
+        raise FedpalError(
+            f"--ray-address takes HOST:PORT of a Ray head node (ray start --head --port ...), not {address!r}"
+        )
     try:
         socket.create_connection((host.strip("[]") or "127.0.0.1", int(port)), timeout=timeout).close()
     except OSError as err:
-        raise FedpalError(f"no Ray cluster answers at {address} ({err.strerror or err}); start one with "
-                          "`ray start --head` or leave --ray-address out") from None
+        raise FedpalError(
+            f"no Ray cluster answers at {address} ({err.strerror or err}); start one with "
+            "`ray start --head` or leave --ray-address out"
+        ) from None
 
 
 def free_port() -> int:
@@ -59,10 +63,23 @@ def free_port() -> int:
 def write_app(folder: Path, name: str, components: dict[str, str], run_config: dict[str, Any]) -> Path:
     """The app folder ``flwr run`` bundles: a pyproject naming the ``serverapp``/``clientapp``
     components (fedpal is installed where they run) and this run's whole config."""
-    lines = ['[build-system]', 'requires = ["setuptools>=69"]', 'build-backend = "setuptools.build_meta"', "",
-             "[project]", f'name = "{name}"', 'version = "0.1.0"',
-             f'description = "{name} (one simulation run)"', 'license = "Apache-2.0"', "dependencies = []", "",
-             "[tool.flwr.app]", 'publisher = "fedpal"', "", "[tool.flwr.app.components]"]
+    lines = [
+        "[build-system]",
+        'requires = ["setuptools>=69"]',
+        'build-backend = "setuptools.build_meta"',
+        "",
+        "[project]",
+        f'name = "{name}"',
+        'version = "0.1.0"',
+        f'description = "{name} (one simulation run)"',
+        'license = "Apache-2.0"',
+        "dependencies = []",
+        "",
+        "[tool.flwr.app]",
+        'publisher = "fedpal"',
+        "",
+        "[tool.flwr.app.components]",
+    ]
     lines += [f"{k} = {json.dumps(v)}" for k, v in components.items()]
     lines += ["", "[tool.flwr.app.config]"] + [f"{k} = {toml_value(v)}" for k, v in run_config.items()]
     folder.mkdir(parents=True, exist_ok=True)
@@ -84,21 +101,37 @@ class SimulationSuperLink:
     def __enter__(self) -> "SimulationSuperLink":
         home = self.folder / "flwr"
         home.mkdir(parents=True, exist_ok=True)
-        (home / "config.toml").write_text(f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
-                                          f'address = "127.0.0.1:{self.port}"\ninsecure = true\n')
+        (home / "config.toml").write_text(
+            f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
+            f'address = "127.0.0.1:{self.port}"\ninsecure = true\n'
+        )
         log = self.folder / "superlink.log"
-        command = [flower_command("flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
-                   "--host", "127.0.0.1", "--port", str(self.port), "--database", str(self.folder / "superlink.db"),
-                   "--disable-runtime-dependency-installation"]
+        command = [
+            flower_command("flower-superlink"),
+            "--insecure",
+            "--simulation",
+            "--isolation",
+            "subprocess",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--database",
+            str(self.folder / "superlink.db"),
+            "--disable-runtime-dependency-installation",
+        ]
         with log.open("w") as handle:
-            self.process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                            env=self.env)
+            self.process = subprocess.Popen(
+                command, stdout=handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=self.env
+            )
         deadline = time.monotonic() + START_TIMEOUT
         while not self._healthy():
             if self.process.poll() is not None or time.monotonic() > deadline:
                 self.__exit__(None, None, None)
                 tail = [line for line in log.read_text(errors="replace").splitlines() if line.strip()][-2:]
-                raise FedpalError(f"the simulation SuperLink did not start ({' | '.join(tail) or 'no output'}); see {log}")
+                raise FedpalError(
+                    f"the simulation SuperLink did not start ({' | '.join(tail) or 'no output'}); see {log}"
+                )
             time.sleep(0.3)
         return self
 
@@ -165,8 +198,15 @@ class MemorySampler:
             self._stop.wait(self.every)
 
 
-def flwr_run(app: Path, federation_config: dict[str, Any], out: Path, follow: Callable[[], None] = lambda: None, *,
-             verbose: bool = False, ray_address: str | None = None) -> tuple[float, int]:
+def flwr_run(
+    app: Path,
+    federation_config: dict[str, Any],
+    out: Path,
+    follow: Callable[[], None] = lambda: None,
+    *,
+    verbose: bool = False,
+    ray_address: str | None = None,
+) -> tuple[float, int]:
     """``flwr run app`` on a fresh simulation SuperLink under ``out``; returns (wall seconds, peak
     memory in bytes). ``follow`` is called every second while it runs; a failed run is one line.
     Callers check ``ray_address`` (:func:`check_ray_address`) before they write anything."""
@@ -177,14 +217,21 @@ def flwr_run(app: Path, federation_config: dict[str, Any], out: Path, follow: Ca
         log = out / "flwr-run.log"
         with log.open("w") as handle:
             output = None if verbose else handle
-            submitted = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT if output else None,
-                                         stdin=subprocess.DEVNULL, env=link.env)
+            submitted = subprocess.Popen(
+                command,
+                stdout=output,
+                stderr=subprocess.STDOUT if output else None,
+                stdin=subprocess.DEVNULL,
+                env=link.env,
+            )
             while submitted.poll() is None:
                 time.sleep(1.0)
                 follow()
         follow()
         if submitted.returncode != 0:
-            raise FedpalError(f"flwr run failed (exit {submitted.returncode}); see {log} and {out / 'superlink' / 'superlink.log'}")
+            raise FedpalError(
+                f"flwr run failed (exit {submitted.returncode}); see {log} and {out / 'superlink' / 'superlink.log'}"
+            )
     return time.perf_counter() - started, memory.peak_bytes
 
 
@@ -222,7 +269,7 @@ class ProgressLog:
         if not self.path.is_file():
             return
         text = self.path.read_text()
-        complete = text[self._read:].rpartition("\n")[0]
+        complete = text[self._read :].rpartition("\n")[0]
         if not complete:
             return
         self._read += len(complete) + 1

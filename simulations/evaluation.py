@@ -55,9 +55,7 @@ class BaselineResult:
         return data
 
 
-def utility_table(
-    users: Sequence[SimulatedUser], replies_per_user: Sequence[Sequence[str]]
-) -> np.ndarray:
+def utility_table(users: Sequence[SimulatedUser], replies_per_user: Sequence[Sequence[str]]) -> np.ndarray:
     """Shape ``(n_users, n_prompts)``: user ``i``'s utility of ``replies_per_user[i][p]``."""
     if len(users) != len(replies_per_user):
         raise ValueError("need one list of replies per user")
@@ -89,7 +87,9 @@ def bootstrap(
 ) -> dict[str, np.ndarray]:
     """Win rate and mean utility over ``samples`` resamplings of the prompts (columns)."""
     utilities = np.asarray(utilities, dtype=np.float64)
-    wins = np.where(np.isclose(utilities, base_utilities, rtol=0.0, atol=1e-12), 0.5, (utilities > base_utilities) * 1.0)
+    wins = np.where(
+        np.isclose(utilities, base_utilities, rtol=0.0, atol=1e-12), 0.5, (utilities > base_utilities) * 1.0
+    )
     columns = np.random.default_rng(seed).integers(0, utilities.shape[1], size=(samples, utilities.shape[1]))
     return {"win_rate": wins[:, columns].mean(axis=(0, 2)), "mean_utility": utilities[:, columns].mean(axis=(0, 2))}
 
@@ -147,17 +147,13 @@ def evaluate_baseline(
     return summarize_baseline(name, utilities, base, [u.is_minority for u in users])
 
 
-def cross_user_matrix(
-    users: Sequence[SimulatedUser], replies_by_adapter: Sequence[Sequence[str]]
-) -> np.ndarray:
+def cross_user_matrix(users: Sequence[SimulatedUser], replies_by_adapter: Sequence[Sequence[str]]) -> np.ndarray:
     """``M[i, j]``: user ``i``'s mean utility of the replies from user ``j``'s adapters.
 
     Attributes of each adapter's replies are measured once and scored by every user.
     """
     attributes = [attribute_matrix(replies) for replies in replies_by_adapter]
-    return np.array(
-        [[float(u.utility_of_attributes(a).mean()) for a in attributes] for u in users]
-    )
+    return np.array([[float(u.utility_of_attributes(a).mean()) for a in attributes] for u in users])
 
 
 def _check_square(matrix: np.ndarray) -> np.ndarray:

@@ -31,13 +31,8 @@ class Prompt:
 @cache
 def _load() -> dict[str, tuple[Prompt, ...]]:
     """Read the JSON once per process; callers get immutable tuples."""
-    raw = json.loads(
-        resources.files("fedpal.simulations").joinpath("data/prompts.json").read_text("utf-8")
-    )
-    return {
-        split: tuple(Prompt(text=p["text"], category=p["category"]) for p in raw[split])
-        for split in SPLITS
-    }
+    raw = json.loads(resources.files("fedpal.simulations").joinpath("data/prompts.json").read_text("utf-8"))
+    return {split: tuple(Prompt(text=p["text"], category=p["category"]) for p in raw[split]) for split in SPLITS}
 
 
 def load_prompt_records(split: Split) -> tuple[Prompt, ...]:

@@ -176,7 +176,8 @@ def _verdict(baselines: Mapping[str, Mapping[str, float]], ablations=(), base: s
     if ours.get("minority_utility") is not None and baselines.get(base, {}).get("minority_utility") is not None:
         below = ours["minority_utility"] < baselines[base]["minority_utility"]
         lines.append(
-            f"- minority users: fedpal {_fmt(ours['minority_utility'])} vs base {_fmt(baselines[base]['minority_utility'])}"
+            f"- minority users: fedpal {_fmt(ours['minority_utility'])} vs base "
+            f"{_fmt(baselines[base]['minority_utility'])}"
             f" mean utility: **{'below' if below else 'not below'} base**."
         )
     return lines
@@ -272,8 +273,10 @@ def _save(fig: Figure, path: Path) -> None:
 
 
 def _plot_learning_curves(curves: Mapping[str, Any], path: Path) -> None:
-    titles = {"rounds": ("federated round", "after each round"),
-              "pairs": ("preference pairs per user", "by amount of feedback")}
+    titles = {
+        "rounds": ("federated round", "after each round"),
+        "pairs": ("preference pairs per user", "by amount of feedback"),
+    }
     present = [k for k in ("rounds", "pairs") if curves.get(k, {}).get("series")]
     fig = Figure(figsize=(5.5 * max(1, len(present)), 4), layout="constrained")
     if not present:

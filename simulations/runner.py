@@ -62,8 +62,15 @@ def prepare_candidates(config: SimulationConfig, out: Path, progress: Progress =
     export = export_model(config.model, config.precision, targets, max_rank=max(DEFAULT_MAX_RANK, 2 * config.lora_rank))
     train_prompts = sample_prompts("train", config.train_prompts, config.seed)
     cache = out / CANDIDATES_FILE
-    key = {"source": config.candidate_source, "model": config.model, "precision": config.precision,
-           "styles": list(config.styles), "tokens": config.candidate_tokens, "prompts": train_prompts, "seed": config.seed}
+    key = {
+        "source": config.candidate_source,
+        "model": config.model,
+        "precision": config.precision,
+        "styles": list(config.styles),
+        "tokens": config.candidate_tokens,
+        "prompts": train_prompts,
+        "seed": config.seed,
+    }
     if cache.is_file():
         stored = json.loads(cache.read_text())
         if stored.get("key") == key:
@@ -89,8 +96,14 @@ def prepare_candidates(config: SimulationConfig, out: Path, progress: Progress =
     return result
 
 
-def run_experiment(config: SimulationConfig, out: Path | str, progress: Progress | None = None, *,
-                   verbose: bool = False, ray_address: str | None = None) -> dict[str, Any]:
+def run_experiment(
+    config: SimulationConfig,
+    out: Path | str,
+    progress: Progress | None = None,
+    *,
+    verbose: bool = False,
+    ray_address: str | None = None,
+) -> dict[str, Any]:
     """Prepare the candidates, run the experiment app as one ``flwr run``; returns ``results.json``'s dictionary."""
     config.check()
     if ray_address:
@@ -105,8 +118,9 @@ def run_experiment(config: SimulationConfig, out: Path | str, progress: Progress
         stale.unlink(missing_ok=True)
     app = write_app(out / "app", "fedpal-simulate", APP_COMPONENTS, config.run_config(out))
     phases = ProgressLog(out / PROGRESS_FILE)
-    flwr_run(app, config.federation_config(), out, lambda: phases.follow(progress), verbose=verbose,
-             ray_address=ray_address)
+    flwr_run(
+        app, config.federation_config(), out, lambda: phases.follow(progress), verbose=verbose, ray_address=ray_address
+    )
     path = out / "results.json"
     if not path.is_file():
         raise FedpalError(f"the experiment ended without results ({path} missing); see {out / 'flwr-run.log'}")
@@ -115,8 +129,14 @@ def run_experiment(config: SimulationConfig, out: Path | str, progress: Progress
     return results
 
 
-def simulate(config: SimulationConfig, out: Path | str, progress: Progress | None = None, *, verbose: bool = False,
-             ray_address: str | None = None) -> dict[str, Any]:
+def simulate(
+    config: SimulationConfig,
+    out: Path | str,
+    progress: Progress | None = None,
+    *,
+    verbose: bool = False,
+    ray_address: str | None = None,
+) -> dict[str, Any]:
     """Run the experiment, write ``results.json``, ``report.md`` and the plots into ``out``."""
     from fedpal.simulations.report import write_report
 

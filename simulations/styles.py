@@ -39,8 +39,7 @@ STYLES: tuple[Style, ...] = (
     Style("casual", "Answer casually, like a friend sending a text."),
     Style(
         "budget_simple",
-        "Use very simple words and short sentences. Focus on the cheapest option and say "
-        "how long it takes.",
+        "Use very simple words and short sentences. Focus on the cheapest option and say how long it takes.",
     ),
 )
 """``plain`` has no instruction: it is the base model's own answer."""
@@ -55,9 +54,7 @@ def style_prompt(prompt: str, style: Style) -> str:
     return f"{prompt.rstrip()}\n\n{style.instruction}"
 
 
-def candidate_generation_prompts(
-    prompt: str, styles: Sequence[Style] = STYLES
-) -> list[str]:
+def candidate_generation_prompts(prompt: str, styles: Sequence[Style] = STYLES) -> list[str]:
     """One generation prompt per style, in ``styles`` order."""
     return [style_prompt(prompt, style) for style in styles]
 
@@ -70,9 +67,7 @@ _LEADING = re.compile(
     re.IGNORECASE,
 )
 
-_DANGLING = frozenset(
-    "a an the as to for of and or in on at with my your our by from that this is".split()
-)
+_DANGLING = frozenset("a an the as to for of and or in on at with my your our by from that this is".split())
 
 _TIPS: tuple[str, ...] = (
     "start with the simplest version of {topic} and build up from there",
@@ -127,9 +122,7 @@ def synthetic_reply(prompt: str, style: Style | str, rng: np.random.Generator) -
         return f"Steps for {topic}:\n" + "\n".join(f"- {_cap(t)}." for t in items)
     if name == "warm_question":
         a, b = _tips(topic, rng, 2)
-        question = rng.choice(
-            ["What have you tried so far?", "What part feels hardest for you right now?"]
-        )
+        question = rng.choice(["What have you tried so far?", "What part feels hardest for you right now?"])
         return (
             f"Great question, I love that you're working on {topic}! {_cap(a)}. "
             f"{_cap(b)}, and enjoy the process. You've got this! {question}"

@@ -24,13 +24,20 @@ _NUMBERED = re.compile(r"^\s*\d{1,2}[.)]\s")
 _EXAMPLE = re.compile(r"\b(for example|for instance|e\.g\.)", re.IGNORECASE)
 
 WARM_OPENERS = (
-    "Great question!", "Oh, I love this one!", "Happy to help with this!", "What a fun thing to ask!",
-    "Ooh, good one!", "Glad you asked!",
+    "Great question!",
+    "Oh, I love this one!",
+    "Happy to help with this!",
+    "What a fun thing to ask!",
+    "Ooh, good one!",
+    "Glad you asked!",
 )
 FOLLOW_UPS = (
-    "Would you like more detail on any of these?", "What have you tried so far?",
-    "Which part would you like to start with?", "Does that fit what you had in mind?",
-    "Want me to go deeper on one of these?", "How does that sound to you?",
+    "Would you like more detail on any of these?",
+    "What have you tried so far?",
+    "Which part would you like to start with?",
+    "Does that fit what you had in mind?",
+    "Want me to go deeper on one of these?",
+    "How does that sound to you?",
 )
 
 
@@ -56,7 +63,7 @@ def as_bullets(text: str) -> str:
     if len(items) < 2:  # one long sentence (or a random model's words): three chunks of words
         words = text.split()
         third = max(len(words) // 3, 1)
-        items = [" ".join(words[i: i + third]) for i in range(0, len(words), third)]
+        items = [" ".join(words[i : i + third]) for i in range(0, len(words), third)]
     return "\n".join(f"- {s}" for s in items)
 
 
@@ -98,33 +105,45 @@ class StyleUser:
 
 STYLE_USERS: tuple[StyleUser, ...] = (
     StyleUser(
-        "bullets", "structure", "answers as a bulleted list",
+        "bullets",
+        "structure",
+        "answers as a bulleted list",
         edit=lambda prompt, reply, extra, rng: as_bullets(complete(reply)),
         shows=is_bulleted,
     ),
     StyleUser(
-        "concise", "length", "answers of at most 30 words",
+        "concise",
+        "length",
+        "answers of at most 30 words",
         edit=lambda prompt, reply, extra, rng: _first_sentences(complete(reply)),
         shows=lambda reply: 0 < word_count(reply) <= 30,
     ),
     StyleUser(
-        "warm", "tone", "a warm, enthusiastic opening",
+        "warm",
+        "tone",
+        "a warm, enthusiastic opening",
         edit=lambda prompt, reply, extra, rng: f"{rng.choice(WARM_OPENERS)} {complete(reply)}",
         shows=lambda reply: "!" in (sentences(reply) or [""])[0],
     ),
     StyleUser(
-        "question", "engagement", "a follow-up question (asked at the end)",
+        "question",
+        "engagement",
+        "a follow-up question (asked at the end)",
         edit=lambda prompt, reply, extra, rng: _then(complete(reply), rng.choice(FOLLOW_UPS)),
         shows=lambda reply: any(sentence.endswith("?") for sentence in sentences(reply)),
     ),
     StyleUser(
-        "example", "content", "a concrete example right after the main point (\"For example, ...\")",
+        "example",
+        "content",
+        'a concrete example right after the main point ("For example, ...")',
         edit=lambda prompt, reply, extra, rng: _example_second(complete(reply), extra),
         shows=lambda reply: bool(_EXAMPLE.search(reply)),
         extra_request="Give one short, concrete example for this, in one sentence.",
     ),
     StyleUser(
-        "summary", "format", "a one-line summary first (\"In short: ...\")",
+        "summary",
+        "format",
+        'a one-line summary first ("In short: ...")',
         edit=lambda prompt, reply, extra, rng: _summary_first(complete(reply)),
         shows=lambda reply: reply.lstrip().lower().startswith("in short"),
     ),
@@ -140,7 +159,7 @@ def _split_first(text: str) -> tuple[str, str]:
     end = re.search(r"[.!?](?=\s)|\n", text)
     if end is None:
         return text.strip(), ""
-    return text[: end.end()].strip(), text[end.end():].strip(" ")
+    return text[: end.end()].strip(), text[end.end() :].strip(" ")
 
 
 def _then(text: str, addition: str) -> str:
@@ -156,7 +175,7 @@ def _example_second(text: str, extra: str) -> str:
 
 
 def _summary_first(text: str) -> str:
-    """"In short: <the first sentence>", then the rest of the reply (nothing said twice)."""
+    """ "In short: <the first sentence>", then the rest of the reply (nothing said twice)."""
     first, rest = _split_first(text)
     if not first:
         return text

@@ -344,8 +344,7 @@ def choose_favourite(
     weights = np.exp(logits - logits.max())
     favourite = int(rng.choice(len(candidates), p=weights / weights.sum()))
     others = [
-        j for j, reply in enumerate(candidates)
-        if reply != candidates[favourite] and list(candidates).index(reply) == j
+        j for j, reply in enumerate(candidates) if reply != candidates[favourite] and list(candidates).index(reply) == j
     ]
     if max_pairs is not None and len(others) > max_pairs:
         keep = rng.choice(len(others), size=max_pairs, replace=False)
@@ -369,10 +368,7 @@ def label_candidates(
     """
     utilities = user.utilities(candidates)
     index_pairs = [
-        (i, j)
-        for i in range(len(candidates))
-        for j in range(i + 1, len(candidates))
-        if candidates[i] != candidates[j]
+        (i, j) for i in range(len(candidates)) for j in range(i + 1, len(candidates)) if candidates[i] != candidates[j]
     ]
     if max_pairs is not None and len(index_pairs) > max_pairs:
         keep = rng.choice(len(index_pairs), size=max_pairs, replace=False)

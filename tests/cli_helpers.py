@@ -12,17 +12,30 @@ PASSPHRASE = "cli contract passphrase"
 _OWN_VARS = ("FEDPAL_PASSPHRASE", "FEDPAL_PASSPHRASE_FILE", "FEDPAL_USER_HOME")
 
 
-def fedpal(*args: str, passphrase: str | None = PASSPHRASE, env: dict[str, str] | None = None,
-           input: str | None = None, timeout: float = 300, cwd: Path | None = None) -> subprocess.CompletedProcess:
+def fedpal(
+    *args: str,
+    passphrase: str | None = PASSPHRASE,
+    env: dict[str, str] | None = None,
+    input: str | None = None,
+    timeout: float = 300,
+    cwd: Path | None = None,
+) -> subprocess.CompletedProcess:
     """``fedpal ARGS`` in a fresh process: no terminal on stdin, wide output (rich does not wrap help)."""
     environment = {k: v for k, v in os.environ.items() if k not in _OWN_VARS}
     environment["COLUMNS"] = "250"
     if passphrase is not None:
         environment["FEDPAL_PASSPHRASE"] = passphrase
     environment.update(env or {})
-    return subprocess.run([sys.executable, "-m", "fedpal.common.cli", *args], env=environment, input=input,
-                          stdin=None if input is not None else subprocess.DEVNULL, capture_output=True, text=True,
-                          timeout=timeout, cwd=cwd)
+    return subprocess.run(
+        [sys.executable, "-m", "fedpal.common.cli", *args],
+        env=environment,
+        input=input,
+        stdin=None if input is not None else subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=cwd,
+    )
 
 
 def user_error(result: subprocess.CompletedProcess, *needles: str) -> str:

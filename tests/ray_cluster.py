@@ -46,13 +46,32 @@ def two_node_cluster() -> Iterator[tuple[str, set[int]]]:
     address = f"127.0.0.1:{free_port()}"
     quiet = {"capture_output": True, "text": True, "timeout": 120}
     try:
-        head = subprocess.run([ray, "start", "--head", f"--port={address.rsplit(':', 1)[1]}", "--num-cpus=1",
-                               "--include-dashboard=false", "--disable-usage-stats"], **quiet)
+        head = subprocess.run(
+            [
+                ray,
+                "start",
+                "--head",
+                f"--port={address.rsplit(':', 1)[1]}",
+                "--num-cpus=1",
+                "--include-dashboard=false",
+                "--disable-usage-stats",
+            ],
+            **quiet,
+        )
         assert head.returncode == 0, head.stderr[-2000:]
-        worker = subprocess.run([ray, "start", f"--address={address}", "--num-cpus=1", "--disable-usage-stats"], **quiet)
+        worker = subprocess.run(
+            [ray, "start", f"--address={address}", "--num-cpus=1", "--disable-usage-stats"], **quiet
+        )
         assert worker.returncode == 0, worker.stderr[-2000:]
-        nodes = subprocess.run([sys.executable, "-c", "import ray; ray.init(address='auto', logging_level='ERROR'); "
-                                "print(sum(n['Alive'] for n in ray.nodes()))"], **quiet)
+        nodes = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                "import ray; ray.init(address='auto', logging_level='ERROR'); "
+                "print(sum(n['Alive'] for n in ray.nodes()))",
+            ],
+            **quiet,
+        )
         assert nodes.stdout.strip().splitlines()[-1] == "2", nodes.stderr[-2000:]
         raylets = {p.pid for p in psutil.process_iter(["name"]) if p.info["name"] == "raylet"}
         assert len(raylets) == 2  # one per node

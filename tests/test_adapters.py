@@ -137,8 +137,14 @@ def test_wrong_names_shapes_and_nan_are_refused(tiny_base):
 
 
 def test_adapter_for_another_architecture_is_one_clear_error(tiny_base, tmp_path):
-    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2)
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     other = attach_adapters(LlamaForCausalLM(config), AdapterConfig())
     save_adapter(other, SHARED, tmp_path / "other")
     model = attach_adapters(tiny_base.model, AdapterConfig())

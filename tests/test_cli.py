@@ -8,8 +8,9 @@ import sys
 
 
 def run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "fedpal.common.cli", *args],
-                          capture_output=True, text=True, timeout=300, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "fedpal.common.cli", *args], capture_output=True, text=True, timeout=300, env=env
+    )
 
 
 def test_help_lists_the_commands():

@@ -18,8 +18,12 @@ import pytest
 from cli_helpers import PASSPHRASE, fedpal, ok, snapshot, user_error
 
 PAIRS = [
-    {"kind": "pair", "prompt": f"How should I answer question {i}?", "chosen": f"Briefly: point {i}.",
-     "rejected": f"Well, there are many long considerations about question {i} to go through first."}
+    {
+        "kind": "pair",
+        "prompt": f"How should I answer question {i}?",
+        "chosen": f"Briefly: point {i}.",
+        "rejected": f"Well, there are many long considerations about question {i} to go through first.",
+    }
     for i in range(6)
 ]
 STATED = {"kind": "stated", "text": "I like short answers with one example."}
@@ -37,13 +41,40 @@ def built(tmp_path_factory) -> dict:
     """A home made only through the CLI: memory imported, personal adapter trained with retrieval, fp32 export."""
     root = tmp_path_factory.mktemp("contract")
     home = root / "home"
-    imported = json.loads(ok(fedpal("memory", "import", str(write_jsonl(root / "prefs.jsonl", [STATED, LONG_STATED, *PAIRS])),
-                                    "--home", str(home), "--json")).stdout)
-    trained = ok(fedpal("train", "--home", str(home), "--model", "tiny", "--steps", "1", "--holdout", "0", "--no-guard",
-                        "--batch-size", "2", "--max-length", "32", "--retrieval", "--json"))
+    imported = json.loads(
+        ok(
+            fedpal(
+                "memory",
+                "import",
+                str(write_jsonl(root / "prefs.jsonl", [STATED, LONG_STATED, *PAIRS])),
+                "--home",
+                str(home),
+                "--json",
+            )
+        ).stdout
+    )
+    trained = ok(
+        fedpal(
+            "train",
+            "--home",
+            str(home),
+            "--model",
+            "tiny",
+            "--steps",
+            "1",
+            "--holdout",
+            "0",
+            "--no-guard",
+            "--batch-size",
+            "2",
+            "--max-length",
+            "32",
+            "--retrieval",
+            "--json",
+        )
+    )
     exported = ok(fedpal("export", "--home", str(home), "--model", "tiny", "--precision", "fp32", "--json"))
-    return {"root": root, "home": home, "imported": imported, "trained": trained,
-            "export": json.loads(exported.stdout)}
+    return {"root": root, "home": home, "imported": imported, "trained": trained, "export": json.loads(exported.stdout)}
 
 
 # ------------------------------------------------------------------ 1. export provider
@@ -56,10 +87,13 @@ def test_1_a_provider_the_machine_lacks_is_refused_and_the_working_export_stays(
         pytest.skip("this machine has CUDA: the refusal cannot be seen here")
     home = built["home"]
     before = snapshot(home)
-    user_error(fedpal("export", "--home", str(home), "--model", "tiny", "--provider", "cuda"), "no CUDA", "--provider cpu")
+    user_error(
+        fedpal("export", "--home", str(home), "--model", "tiny", "--provider", "cuda"), "no CUDA", "--provider cpu"
+    )
     assert snapshot(home) == before
-    reply = json.loads(ok(fedpal("generate", "--home", str(home), "--prompt", "hi", "--max-new-tokens", "3",
-                                 "--json")).stdout)
+    reply = json.loads(
+        ok(fedpal("generate", "--home", str(home), "--prompt", "hi", "--max-new-tokens", "3", "--json")).stdout
+    )
     assert reply["tokens"] <= 3 and reply["adapters"] == {"personal": 1.0}  # no shared adapter was trained
     assert built["export"]["provider"] == "cpu" and built["export"]["home"] == str(home)
 
@@ -74,8 +108,9 @@ def test_2_records_have_a_size_limit_and_retrieval_fits_the_context(built):
     user_error(fedpal("memory", "import", str(huge), "--home", str(home)), "huge.jsonl:1", "limit is 100,000")
     assert snapshot(home) == before
     # The imported 100 kB stated preference is within the limit; retrieval adds at most 1000 bytes of preferences.
-    reply = ok(fedpal("generate", "--home", str(home), "--prompt", "hi", "--retrieval", "--max-new-tokens", "4",
-                      "--json"))
+    reply = ok(
+        fedpal("generate", "--home", str(home), "--prompt", "hi", "--retrieval", "--max-new-tokens", "4", "--json")
+    )
     assert json.loads(reply.stdout)["mode"] == "merge+retrieval"
     # train --retrieval says how many sequences its length limit cut, instead of cutting silently.
     trained = built["trained"]
@@ -90,8 +125,12 @@ def test_3_a_file_or_unwritable_place_as_home_is_one_line(built, tmp_path):
     a_file = tmp_path / "not-a-folder"
     a_file.write_text("hello")
     prefs = write_jsonl(tmp_path / "p.jsonl", [STATED])
-    for args in (["memory", "import", str(prefs)], ["memory", "add", "stated", "x"], ["train", "--model", "tiny"],
-                 ["export", "--model", "tiny"]):
+    for args in (
+        ["memory", "import", str(prefs)],
+        ["memory", "add", "stated", "x"],
+        ["train", "--model", "tiny"],
+        ["export", "--model", "tiny"],
+    ):
         user_error(fedpal(*args, "--home", str(a_file)), "is a file")
     assert a_file.read_text() == "hello"
 
@@ -107,29 +146,42 @@ def test_3_a_file_or_unwritable_place_as_home_is_one_line(built, tmp_path):
 
 
 def test_3_server_status_on_a_bad_or_partial_metrics_file(tmp_path):
-    good = {"round": 1, "aggregated": True, "clients_summed": 3, "epsilon": 1.25, "seconds": 2.0,
-            "bytes_up_per_client": 1000.0, "bytes_down_per_client": 2000.0}
+    good = {
+        "round": 1,
+        "aggregated": True,
+        "clients_summed": 3,
+        "epsilon": 1.25,
+        "seconds": 2.0,
+        "bytes_up_per_client": 1000.0,
+        "bytes_down_per_client": 2000.0,
+    }
     metrics = tmp_path / "metrics.jsonl"
     metrics.write_text(json.dumps(good) + '\n{"round": 2, "aggreg')  # the server died mid-line
     partial = ok(fedpal("server", "status", str(tmp_path)))
     assert partial.stdout.startswith("round 1: ok; 3 clients, epsilon 1.250") and "incomplete" in partial.stderr
     status = json.loads(ok(fedpal("server", "status", str(tmp_path), "--json")).stdout)
     assert status["rounds"] == [good] and status["partial_last_line"] is True
-    for text, needle in (("garbage\n" + json.dumps(good) + "\n", "metrics.jsonl:1: not a JSON line"),
-                         ('{"round": 1}\n', "missing 'epsilon'"), ("7\n", "expected a JSON object"),
-                         (json.dumps({**good, "seconds": "fast"}) + "\n", "'seconds' has the wrong type")):
+    for text, needle in (
+        ("garbage\n" + json.dumps(good) + "\n", "metrics.jsonl:1: not a JSON line"),
+        ('{"round": 1}\n', "missing 'epsilon'"),
+        ("7\n", "expected a JSON object"),
+        (json.dumps({**good, "seconds": "fast"}) + "\n", "'seconds' has the wrong type"),
+    ):
         metrics.write_text(text)
         user_error(fedpal("server", "status", str(tmp_path)), needle)
     user_error(fedpal("server", "status", str(metrics)), "is a file")
 
 
-@pytest.mark.parametrize("content, needle", [
-    ('{"styles": "plain"}', "must be a list of names"),
-    ('{"styles": 3}', "must be a list of names"),
-    ('{"styles": ["plain", "shouting"]}', "unknown style 'shouting'"),
-    ("42", "must hold an object of settings"),
-    ('{"strategy": "fedmagic"}', "strategy must be one of"),
-])
+@pytest.mark.parametrize(
+    "content, needle",
+    [
+        ('{"styles": "plain"}', "must be a list of names"),
+        ('{"styles": 3}', "must be a list of names"),
+        ('{"styles": ["plain", "shouting"]}', "unknown style 'shouting'"),
+        ("42", "must hold an object of settings"),
+        ('{"strategy": "fedmagic"}', "strategy must be one of"),
+    ],
+)
 def test_3_and_7_simulate_config_errors_come_before_anything_is_written(tmp_path, content, needle):
     config = tmp_path / "config.json"
     config.write_text(content)
@@ -227,13 +279,37 @@ def test_8_memory_export_never_overwrites_or_writes_a_folder_by_accident(built, 
 def test_8_a_weight_for_a_missing_adapter_is_refused_and_json_names_the_adapters(built):
     home = built["home"]
     for mode in ("merge", "fusion"):
-        user_error(fedpal("generate", "--home", str(home), "--prompt", "hi", "--mode", mode, "--w-shared", "0.5"),
-                   "has none", "--adapter shared")
-    fused = json.loads(ok(fedpal("generate", "--home", str(home), "--prompt", "hi", "--mode", "fusion", "--w-base", "0.5",
-                                 "--max-new-tokens", "3", "--json")).stdout)
+        user_error(
+            fedpal("generate", "--home", str(home), "--prompt", "hi", "--mode", mode, "--w-shared", "0.5"),
+            "has none",
+            "--adapter shared",
+        )
+    fused = json.loads(
+        ok(
+            fedpal(
+                "generate",
+                "--home",
+                str(home),
+                "--prompt",
+                "hi",
+                "--mode",
+                "fusion",
+                "--w-base",
+                "0.5",
+                "--max-new-tokens",
+                "3",
+                "--json",
+            )
+        ).stdout
+    )
     assert fused["mode"] == "fusion" and fused["adapters"] == {"base": 0.5, "personal": 1.0}
-    base = json.loads(ok(fedpal("generate", "--home", str(home), "--prompt", "hi", "--mode", "base",
-                                "--max-new-tokens", "3", "--json")).stdout)
+    base = json.loads(
+        ok(
+            fedpal(
+                "generate", "--home", str(home), "--prompt", "hi", "--mode", "base", "--max-new-tokens", "3", "--json"
+            )
+        ).stdout
+    )
     assert base["adapters"] == {}
 
 
@@ -245,11 +321,15 @@ def test_9_memory_edge_cases(built, tmp_path):
     added = json.loads(ok(fedpal("memory", "add", "stated", "keep it short", "--home", str(home), "--json")).stdout)
     assert added["created_home"] and added["created_memory"] and added["kind"] == "stated"
     before = snapshot(home)
-    user_error(fedpal("memory", "forget", "no-such-id", added["id"], "--home", str(home)), "no record with id no-such-id")
+    user_error(
+        fedpal("memory", "forget", "no-such-id", added["id"], "--home", str(home)), "no record with id no-such-id"
+    )
     user_error(fedpal("memory", "add", "stated", "   ", "--home", str(home)), "stated preference is empty")
     user_error(fedpal("memory", "add", "pair", "p", "same", "same", "--home", str(home)), "two different")
     user_error(fedpal("memory", "add", "edit", "p", "same", "same", "--home", str(home)), "nothing was corrected")
-    same = write_jsonl(tmp_path / "same.jsonl", [STATED, {"kind": "pair", "prompt": "p", "chosen": "a", "rejected": "a"}])
+    same = write_jsonl(
+        tmp_path / "same.jsonl", [STATED, {"kind": "pair", "prompt": "p", "chosen": "a", "rejected": "a"}]
+    )
     user_error(fedpal("memory", "import", str(same), "--home", str(home)), "same.jsonl:2")
     assert snapshot(home) == before
 
@@ -264,13 +344,18 @@ def test_9_memory_edge_cases(built, tmp_path):
     assert forgotten == {"forgotten": 1, "key_destroyed": False}
     restored = ok(fedpal("memory", "import", str(backup), "--home", str(home)))
     assert "imported 1 record(s)" in restored.stdout and "any you had forgotten here are back" in restored.stdout
-    assert json.loads(ok(fedpal("memory", "verify", "--home", str(home), "--json")).stdout) == {"records": 4, "corrupt": []}
+    assert json.loads(ok(fedpal("memory", "verify", "--home", str(home), "--json")).stdout) == {
+        "records": 4,
+        "corrupt": [],
+    }
 
 
 def test_9_train_rank_and_quiet_json(built):
     home = built["home"]
     before = snapshot(home)
-    user_error(fedpal("train", "--home", str(home), "--model", "tiny", "--rank", "4"), "--rank 4 cannot apply", "rank 8")
+    user_error(
+        fedpal("train", "--home", str(home), "--model", "tiny", "--rank", "4"), "--rank 4 cannot apply", "rank 8"
+    )
     assert snapshot(home) == before
     trained = built["trained"]
     assert "FutureWarning" not in trained.stderr and "Traceback" not in trained.stderr
@@ -306,11 +391,24 @@ def test_comforts_home_from_the_environment_passphrase_from_a_file_counts(built,
     env = {"FEDPAL_USER_HOME": str(home)}
     listed = ok(fedpal("memory", "list", "--passphrase-file", str(secret), passphrase=None, env=env))
     assert listed.stdout.splitlines()[-1] == "8 record(s)"
-    piped = ok(fedpal("memory", "list", "--kind", "stated", "--passphrase-file", "-", passphrase=None, env=env,
-                      input=PASSPHRASE + "\n"))
+    piped = ok(
+        fedpal(
+            "memory",
+            "list",
+            "--kind",
+            "stated",
+            "--passphrase-file",
+            "-",
+            passphrase=None,
+            env=env,
+            input=PASSPHRASE + "\n",
+        )
+    )
     assert piped.stdout.splitlines()[-1] == "2 stated record(s)"
-    user_error(fedpal("memory", "list", "--passphrase-file", str(tmp_path / "missing"), passphrase=None, env=env),
-               "cannot read the passphrase file")
+    user_error(
+        fedpal("memory", "list", "--passphrase-file", str(tmp_path / "missing"), passphrase=None, env=env),
+        "cannot read the passphrase file",
+    )
     empty = tmp_path / "empty-memory"
     only = ok(fedpal("memory", "add", "stated", "one", "--home", str(empty))).stdout.strip()
     ok(fedpal("memory", "forget", only, "--home", str(empty)))
@@ -343,5 +441,6 @@ def test_comforts_encrypted_backup_and_restore_of_a_home(built, tmp_path):
     assert listed[0] == listed[1]
     for name in ("adapters/personal/adapter_model.safetensors", "runtime/export.json"):
         assert (copy / name).read_bytes() == (home / name).read_bytes()
-    assert json.loads(ok(fedpal("generate", "--home", str(copy), "--prompt", "hi", "--max-new-tokens", "2",
-                                "--json")).stdout)["adapters"] == {"personal": 1.0}
+    assert json.loads(
+        ok(fedpal("generate", "--home", str(copy), "--prompt", "hi", "--max-new-tokens", "2", "--json")).stdout
+    )["adapters"] == {"personal": 1.0}

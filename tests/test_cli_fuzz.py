@@ -38,16 +38,34 @@ def place(tmp_path_factory) -> dict[str, Path]:
     (root / "a-file").write_text("not a home\n")
     (root / "empty-dir").mkdir()
     prefs = root / "prefs.jsonl"
-    prefs.write_text(json.dumps({"kind": "stated", "text": "short answers"}) + "\n"
-                     + json.dumps({"kind": "pair", "prompt": "q?", "chosen": "a", "rejected": "b"}) + "\n")
+    prefs.write_text(
+        json.dumps({"kind": "stated", "text": "short answers"})
+        + "\n"
+        + json.dumps({"kind": "pair", "prompt": "q?", "chosen": "a", "rejected": "b"})
+        + "\n"
+    )
     ok(fedpal("memory", "import", str(prefs), "--home", str(root / "home")))
-    return {"root": root, "cwd": root / "cwd", "home": root / "home", "file": root / "a-file",
-            "dir": root / "empty-dir", "jsonl": prefs}
+    return {
+        "root": root,
+        "cwd": root / "cwd",
+        "home": root / "home",
+        "file": root / "a-file",
+        "dir": root / "empty-dir",
+        "jsonl": prefs,
+    }
 
 
 def paths(place: dict[str, Path], real_home: bool) -> st.SearchStrategy[str]:
-    fixed = [str(place["file"]), str(place["dir"]), str(place["file"] / "child"), str(place["root"] / "missing"),
-             "", ".", "/proc/fedpal-nowhere", "-"]
+    fixed = [
+        str(place["file"]),
+        str(place["dir"]),
+        str(place["file"] / "child"),
+        str(place["root"] / "missing"),
+        "",
+        ".",
+        "/proc/fedpal-nowhere",
+        "-",
+    ]
     if real_home:
         fixed.append(str(place["home"]))
     return st.one_of(st.sampled_from(fixed), text)
@@ -63,18 +81,34 @@ def run(place, args: list[str], stdin: str | None = None):
 @given(data=st.data())
 def test_memory_commands(place, data):
     home = data.draw(paths(place, real_home=True), "home")
-    command = data.draw(st.sampled_from([
-        ["add", data.draw(st.sampled_from(["stated", "pair", "rating", "edit", "turn"]) | text)]
-        + data.draw(st.lists(value, max_size=4)),
-        ["list", "--kind", data.draw(st.sampled_from(["stated", "pair"]) | text)],
-        ["search", data.draw(text), "-k", data.draw(number)],
-        ["forget", *data.draw(st.lists(text, max_size=2)), "--since", data.draw(value), "--tag", data.draw(text)],
-        ["export", data.draw(paths(place, real_home=False)), "--force"],
-        ["verify"],
-        ["import", data.draw(st.sampled_from([str(place["jsonl"]), str(place["file"]), str(place["dir"])]) | text)],
-    ]), "command")
-    passphrase_file = data.draw(st.sampled_from([[], ["--passphrase-file", str(place["file"])],
-                                                 ["--passphrase-file", "-"]]), "passphrase file")
+    command = data.draw(
+        st.sampled_from(
+            [
+                ["add", data.draw(st.sampled_from(["stated", "pair", "rating", "edit", "turn"]) | text)]
+                + data.draw(st.lists(value, max_size=4)),
+                ["list", "--kind", data.draw(st.sampled_from(["stated", "pair"]) | text)],
+                ["search", data.draw(text), "-k", data.draw(number)],
+                [
+                    "forget",
+                    *data.draw(st.lists(text, max_size=2)),
+                    "--since",
+                    data.draw(value),
+                    "--tag",
+                    data.draw(text),
+                ],
+                ["export", data.draw(paths(place, real_home=False)), "--force"],
+                ["verify"],
+                [
+                    "import",
+                    data.draw(st.sampled_from([str(place["jsonl"]), str(place["file"]), str(place["dir"])]) | text),
+                ],
+            ]
+        ),
+        "command",
+    )
+    passphrase_file = data.draw(
+        st.sampled_from([[], ["--passphrase-file", str(place["file"])], ["--passphrase-file", "-"]]), "passphrase file"
+    )
     run(place, ["memory", *command, "--home", home, *passphrase_file], stdin=data.draw(text))
 
 
@@ -84,10 +118,36 @@ def test_generate_train_export_options(place, data):
     command = data.draw(st.sampled_from(["generate", "train", "export"]), "command")
     home = data.draw(paths(place, real_home=command == "generate"), "home")
     options = {
-        "generate": ["--prompt", "--mode", "--retrieval-in", "--max-new-tokens", "--temperature", "--top-p", "--seed",
-                     "--w-shared", "--w-personal", "--w-base", "--precision", "--model", "--passphrase-file"],
-        "train": ["--model", "--adapter", "--steps", "--objective", "--learning-rate", "--beta", "--batch-size",
-                  "--max-length", "--rank", "--holdout", "--retrieval-in", "--time-budget", "--device"],
+        "generate": [
+            "--prompt",
+            "--mode",
+            "--retrieval-in",
+            "--max-new-tokens",
+            "--temperature",
+            "--top-p",
+            "--seed",
+            "--w-shared",
+            "--w-personal",
+            "--w-base",
+            "--precision",
+            "--model",
+            "--passphrase-file",
+        ],
+        "train": [
+            "--model",
+            "--adapter",
+            "--steps",
+            "--objective",
+            "--learning-rate",
+            "--beta",
+            "--batch-size",
+            "--max-length",
+            "--rank",
+            "--holdout",
+            "--retrieval-in",
+            "--time-budget",
+            "--device",
+        ],
         "export": ["--model", "--precision", "--max-rank", "--provider"],
     }[command]
     chosen = data.draw(st.lists(st.sampled_from(options), unique=True, max_size=4), "options")
@@ -104,20 +164,53 @@ def test_generate_train_export_options(place, data):
 @EXAMPLES
 @given(data=st.data())
 def test_server_status_and_simulate_files(place, data):
-    content = data.draw(st.one_of(
-        text,
-        st.binary(max_size=60).map(lambda b: b.decode("latin-1")),
-        st.dictionaries(st.sampled_from(["round", "epsilon", "aggregated", "styles", "strategy", "users", "seed",
-                                         "clients_summed", "seconds", "stopped"]) | text,
-                        st.one_of(st.integers(-5, 5), st.floats(allow_nan=False), text, st.booleans(), st.none(),
-                                  st.lists(text, max_size=3))).map(json.dumps),
-    ), "content")
+    content = data.draw(
+        st.one_of(
+            text,
+            st.binary(max_size=60).map(lambda b: b.decode("latin-1")),
+            st.dictionaries(
+                st.sampled_from(
+                    [
+                        "round",
+                        "epsilon",
+                        "aggregated",
+                        "styles",
+                        "strategy",
+                        "users",
+                        "seed",
+                        "clients_summed",
+                        "seconds",
+                        "stopped",
+                    ]
+                )
+                | text,
+                st.one_of(
+                    st.integers(-5, 5),
+                    st.floats(allow_nan=False),
+                    text,
+                    st.booleans(),
+                    st.none(),
+                    st.lists(text, max_size=3),
+                ),
+            ).map(json.dumps),
+        ),
+        "content",
+    )
     folder = place["root"] / "files"
     folder.mkdir(exist_ok=True)
     if data.draw(st.booleans(), "server"):
         (folder / "metrics.jsonl").write_text(content + data.draw(st.sampled_from(["", "\n"])), encoding="utf-8")
-        run(place, ["server", "status", data.draw(st.sampled_from([str(folder), str(folder / "metrics.jsonl")])
-                                                   | paths(place, real_home=False)), "--json"])
+        run(
+            place,
+            [
+                "server",
+                "status",
+                data.draw(
+                    st.sampled_from([str(folder), str(folder / "metrics.jsonl")]) | paths(place, real_home=False)
+                ),
+                "--json",
+            ],
+        )
     else:
         config = folder / data.draw(st.sampled_from(["c.json", "c.toml"]))
         config.write_text(content, encoding="utf-8")

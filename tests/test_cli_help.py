@@ -79,10 +79,15 @@ def test_version_and_short_help():
 def test_shell_completion_script_and_answers():
     # the script `--install-completion` writes; asked for by name, since `--show-completion` guesses the
     # shell from the parent process (none under nohup or some CI runners)
-    script = subprocess.run(["fedpal"], capture_output=True, text=True, timeout=60,
-                            env={**os.environ, "_FEDPAL_COMPLETE": "source_bash"})
+    script = subprocess.run(
+        ["fedpal"], capture_output=True, text=True, timeout=60, env={**os.environ, "_FEDPAL_COMPLETE": "source_bash"}
+    )
     assert script.returncode == 0 and "_FEDPAL_COMPLETE" in script.stdout
-    answer = subprocess.run(["fedpal"], capture_output=True, text=True, timeout=60,
-                            env={**os.environ, "_FEDPAL_COMPLETE": "complete_bash",
-                                 "COMP_WORDS": "fedpal mem", "COMP_CWORD": "1"})
+    answer = subprocess.run(
+        ["fedpal"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "_FEDPAL_COMPLETE": "complete_bash", "COMP_WORDS": "fedpal mem", "COMP_CWORD": "1"},
+    )
     assert answer.returncode == 0 and "memory" in answer.stdout.split()

@@ -31,13 +31,43 @@ SECRETS = ["purple-giraffe-umbrella", "zanzibar-teapot-quartz", "mellow-kestrel-
 
 
 def _server_init(folder: Path, port: int, *extra: str) -> subprocess.CompletedProcess:
-    return fedpal("server", "init", str(folder), "--address", f"localhost:{port}", "--listen", "127.0.0.1",
-                  "--rounds", "1", "--set", "model=tiny", "--set", "local-steps=2", "--set", "personal-steps=1", *extra)
+    return fedpal(
+        "server",
+        "init",
+        str(folder),
+        "--address",
+        f"localhost:{port}",
+        "--listen",
+        "127.0.0.1",
+        "--rounds",
+        "1",
+        "--set",
+        "model=tiny",
+        "--set",
+        "local-steps=2",
+        "--set",
+        "personal-steps=1",
+        *extra,
+    )
 
 
-def _client_init(home: Path, port: int, ca: Path, *extra: str, passphrase: str | None = PASSPHRASE) -> subprocess.CompletedProcess:
-    return fedpal("client", "init", "--home", str(home), "--server", f"localhost:{port}", "--ca", str(ca),
-                  "--max-load", "0", *extra, passphrase=passphrase)
+def _client_init(
+    home: Path, port: int, ca: Path, *extra: str, passphrase: str | None = PASSPHRASE
+) -> subprocess.CompletedProcess:
+    return fedpal(
+        "client",
+        "init",
+        "--home",
+        str(home),
+        "--server",
+        f"localhost:{port}",
+        "--ca",
+        str(ca),
+        "--max-load",
+        "0",
+        *extra,
+        passphrase=passphrase,
+    )
 
 
 # ----------------------------------------------------------------------------- init
@@ -62,8 +92,14 @@ def test_server_init_makes_a_ca_a_server_certificate_and_the_next_commands(tmp_p
     config = (folder / "deployment.toml").read_text()
     assert 'address = "localhost:9555"' in config and 'model = "tiny"' in config and "num-server-rounds = 1" in config
     readme = (folder / "README.md").read_text()
-    for command in ("fedpal server start", "fedpal client init", "fedpal server add-client", "fedpal client start",
-                    "fedpal server remove-client", "fedpal server status"):
+    for command in (
+        "fedpal server start",
+        "fedpal client init",
+        "fedpal server add-client",
+        "fedpal client start",
+        "fedpal server remove-client",
+        "fedpal server status",
+    ):
         assert command in readme
     status = json.loads(ok(fedpal("server", "status", str(folder), "--json")).stdout)
     assert status["rounds_done"] == 0 and status["clients"] == [] and not status["superlink_running"]
@@ -125,8 +161,10 @@ def test_client_init_refuses_a_wrong_ca_or_address_and_writes_nothing(tmp_path):
     ]
     for ca, needle in cases:
         user_error(_client_init(home, 9555, ca), str(ca), needle)
-    user_error(fedpal("client", "init", "--home", str(home), "--server", "localhost", "--ca", str(deploy / "tls" / "ca.crt")),
-               "HOST:PORT")
+    user_error(
+        fedpal("client", "init", "--home", str(home), "--server", "localhost", "--ca", str(deploy / "tls" / "ca.crt")),
+        "HOST:PORT",
+    )
     user_error(_client_init(home, 9555, deploy / "tls" / "ca.crt", "--window", "25:00-07:00"), "HH:MM-HH:MM")
     user_error(_client_init(home, 9555, deploy / "tls" / "ca.crt", passphrase=None), "needs a passphrase")
     assert not home.exists()
@@ -147,7 +185,9 @@ def test_client_start_refuses_a_key_others_can_read(tmp_path):
     user_error(fedpal("client", "start", "--home", str(home)), str(key), "chmod 600")
     key.unlink()
     user_error(fedpal("client", "start", "--home", str(home)), str(key), "is missing")
-    user_error(fedpal("client", "start", "--home", str(tmp_path / "nobody")), "has no client agent", "fedpal client init")
+    user_error(
+        fedpal("client", "start", "--home", str(tmp_path / "nobody")), "has no client agent", "fedpal client init"
+    )
 
 
 # ----------------------------------------------------------------------------- policy, service
@@ -156,7 +196,10 @@ def test_client_start_refuses_a_key_others_can_read(tmp_path):
 def test_policy_window_load_and_battery(tmp_path):
     at = datetime.datetime(2026, 12, 1, 23, 30)
     assert Policy(0, False, "22:00-07:00").busy_reason(at) is None  # wraps midnight
-    assert Policy(0, False, "22:00-07:00").busy_reason(at.replace(hour=12)) == "outside the training window 22:00-07:00 (now 12:30)"
+    assert (
+        Policy(0, False, "22:00-07:00").busy_reason(at.replace(hour=12))
+        == "outside the training window 22:00-07:00 (now 12:30)"
+    )
     assert Policy(0, False, "09:00-17:00").busy_reason(at.replace(hour=9, minute=0)) is None
     assert Policy(0, False, "").busy_reason(at) is None
     load = os.getloadavg()[0] / os.cpu_count()
@@ -188,20 +231,40 @@ def test_install_service_writes_a_user_unit_and_says_how_to_enable_it(tmp_path):
     secret.write_text(PASSPHRASE + "\n")
     secret.chmod(0o600)
     units = tmp_path / "units"
-    result = ok(fedpal("client", "install-service", "--home", str(home), "--passphrase-file", str(secret),
-                       "--unit-dir", str(units)))
+    result = ok(
+        fedpal(
+            "client", "install-service", "--home", str(home), "--passphrase-file", str(secret), "--unit-dir", str(units)
+        )
+    )
     [unit] = list(units.iterdir())
     text = unit.read_text()
     assert f'--home "{home.resolve()}"' in text and f"--passphrase-file {secret.resolve()}" in text
     assert re.search(r"^ExecStart=\S*python\S* -m fedpal.common.cli client start ", text, re.M)
     assert "RestartPreventExitStatus=2" in text and "WantedBy=default.target" in text
     assert f"systemctl --user enable --now {unit.name}" in result.stdout and "loginctl enable-linger" in result.stdout
-    user_error(fedpal("client", "install-service", "--home", str(home), "--passphrase-file", str(secret),
-                      "--unit-dir", str(units)), "exists", "--force")
+    user_error(
+        fedpal(
+            "client", "install-service", "--home", str(home), "--passphrase-file", str(secret), "--unit-dir", str(units)
+        ),
+        "exists",
+        "--force",
+    )
     wrong = tmp_path / "wrong"
     wrong.write_text("not the passphrase\n")
-    user_error(fedpal("client", "install-service", "--home", str(home), "--passphrase-file", str(wrong),
-                      "--unit-dir", str(tmp_path / "other"), "--force"), "passphrase")
+    user_error(
+        fedpal(
+            "client",
+            "install-service",
+            "--home",
+            str(home),
+            "--passphrase-file",
+            str(wrong),
+            "--unit-dir",
+            str(tmp_path / "other"),
+            "--force",
+        ),
+        "passphrase",
+    )
     assert not (tmp_path / "other").exists()
 
 
@@ -219,8 +282,12 @@ def test_an_unreachable_server_is_retried_with_backoff_and_said_once(tmp_path, p
     env = {**os.environ, "FEDPAL_PASSPHRASE": PASSPHRASE}
     agent = _start(processes, _fedpal_command("client", "start", "--home", str(home)), log, env)
     records = home / "agent" / "logs" / "agent.jsonl"
-    _wait(lambda: records.is_file() and records.read_text().count("Connection attempt failed") >= 3, 90,
-          "three connection attempts", [log, records])
+    _wait(
+        lambda: records.is_file() and records.read_text().count("Connection attempt failed") >= 3,
+        90,
+        "three connection attempts",
+        [log, records],
+    )
     agent.terminate()
     assert agent.wait(timeout=30) == 0
     assert log.read_text().count("cannot reach the server") == 1, log.read_text()
@@ -279,9 +346,13 @@ def test_keys_policy_and_a_round_on_a_real_deployment(tmp_path, processes):  # n
     other = tmp_path / "other-deploy"
     ok(_server_init(other, port))
     stranger = tmp_path / "stranger"
-    user_error(_client_init(stranger, port, other / "tls" / "ca.crt"), "not certified by the CA", str(other / "tls" / "ca.crt"))
-    user_error(fedpal("client", "init", "--home", str(stranger), "--server", f"127.1:{port}", "--ca", str(ca)),
-               "does not name '127.1'")
+    user_error(
+        _client_init(stranger, port, other / "tls" / "ca.crt"), "not certified by the CA", str(other / "tls" / "ca.crt")
+    )
+    user_error(
+        fedpal("client", "init", "--home", str(stranger), "--server", f"127.1:{port}", "--ca", str(ca)),
+        "does not name '127.1'",
+    )
     assert not stranger.exists()
 
     # never added: refused with one line naming the key
@@ -324,7 +395,9 @@ def test_keys_policy_and_a_round_on_a_real_deployment(tmp_path, processes):  # n
 
     # carol declined the round (nothing trained), then saved the run's final adapter, as the others did
     carol = json.loads(ok(fedpal("client", "status", "--home", str(homes["carol"]), "--json")).stdout)
-    assert carol["rounds_declined"] >= 1 and carol["rounds_joined"] == 0 and "outside the training window" in carol["busy"]
+    assert (
+        carol["rounds_declined"] >= 1 and carol["rounds_joined"] == 0 and "outside the training window" in carol["busy"]
+    )
     assert set(carol["adapters"]) == {"shared"} and carol["last_global_final"]
     alice = json.loads(ok(fedpal("client", "status", "--home", str(homes["alice"]), "--json")).stdout)
     assert alice["rounds_joined"] == 1 and alice["last_global_round"] == 1 and alice["busy"] is None
@@ -336,7 +409,9 @@ def test_keys_policy_and_a_round_on_a_real_deployment(tmp_path, processes):  # n
     assert events == [("joined", 0.0), ("final", line["epsilon"])]
     assert alice["epsilon"] == line["epsilon"] and alice["delta"] == 1e-5
     text = ok(fedpal("client", "status", "--home", str(homes["alice"]))).stdout
-    assert "last global adapter: the final one, received after round 1" in text and "(aggregated through round 1)" in text
+    assert (
+        "last global adapter: the final one, received after round 1" in text and "(aggregated through round 1)" in text
+    )
     assert f"privacy: epsilon {line['epsilon']:.4g} at delta 1e-05 spent by the run" in text
     # the final adapter is the run's last aggregate, in every home
     final = load_global_adapter(deploy / "run")
@@ -363,4 +438,7 @@ def test_keys_policy_and_a_round_on_a_real_deployment(tmp_path, processes):  # n
         if log.name == "agent.jsonl":
             assert all(json.loads(raw)["message"] is not None for raw in body.splitlines())
     assert scanned >= 8
-    assert "declining this round: outside the training window" in (homes["carol"] / "agent" / "logs" / "agent.jsonl").read_text()
+    assert (
+        "declining this round: outside the training window"
+        in (homes["carol"] / "agent" / "logs" / "agent.jsonl").read_text()
+    )

@@ -34,9 +34,15 @@ def _randomize(model, adapter: str, seed: int) -> None:
 def _torch_greedy(model, ids: list[int]) -> list[int]:
     eos = model.config.eos_token_id
     with torch.no_grad():
-        out = model.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                             max_new_tokens=TOKENS, do_sample=False, pad_token_id=eos, eos_token_id=eos)
-    tokens = out[0, len(ids):].tolist()
+        out = model.generate(
+            input_ids=torch.tensor([ids]),
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            max_new_tokens=TOKENS,
+            do_sample=False,
+            pad_token_id=eos,
+            eos_token_id=eos,
+        )
+    tokens = out[0, len(ids) :].tolist()
     return tokens[: tokens.index(eos)] if eos in tokens else tokens
 
 

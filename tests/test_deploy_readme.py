@@ -32,8 +32,16 @@ def _walkthrough() -> str:
 
 def test_the_readme_block_is_the_one_this_test_runs():
     script = _walkthrough()
-    for command in ("fedpal server init", "fedpal server start", "fedpal client init", "fedpal server add-client",
-                    "fedpal client start", "fedpal server status", "fedpal client status", "fedpal chat"):
+    for command in (
+        "fedpal server init",
+        "fedpal server start",
+        "fedpal client init",
+        "fedpal server add-client",
+        "fedpal client start",
+        "fedpal server status",
+        "fedpal client status",
+        "fedpal chat",
+    ):
         assert command in script
 
 
@@ -47,8 +55,9 @@ def test_readme_deployment_walkthrough(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("FEDPAL_")}
     env["COLUMNS"] = "250"
     env["FEDPAL_WALKTHROUGH_MARK"] = str(tmp_path)  # every process the script starts inherits it
-    done = subprocess.run(["bash", "-e", "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=1200)
+    done = subprocess.run(
+        ["bash", "-e", "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1200
+    )
     logs = "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-2000:]}" for p in tmp_path.glob("*.log"))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:] + logs
 
@@ -63,7 +72,7 @@ def test_readme_deployment_walkthrough(tmp_path):
     shared = load_file(tmp_path / "ann" / "adapters" / "shared" / "adapter_model.safetensors")
     final = load_global_adapter(tmp_path / "demo" / "run")
     assert final and all(abs(array).max() > 0 and (shared[name] == array).all() for name, array in final.items())
-    status = done.stdout[done.stdout.index("agent for "):]
+    status = done.stdout[done.stdout.index("agent for ") :]
     assert "rounds joined 1, declined 0; last global adapter: the final one, received after round 1" in status
     assert "(aggregated through round 1)" in status
     assert f"privacy: epsilon {lines[0]['epsilon']:.4g} at delta 1e-05 spent by the run on that adapter" in status

@@ -74,7 +74,9 @@ def _simulate(run_dir: Path, nodes: Path, clients: int, extra_mods=(), **overrid
     old = os.environ.get("FEDPAL_PASSPHRASE")
     os.environ["FEDPAL_PASSPHRASE"] = PASSPHRASE
     try:
-        run_simulation(make_server_app(settings), make_client_app(extra_mods), num_supernodes=clients, backend_config=BACKEND)
+        run_simulation(
+            make_server_app(settings), make_client_app(extra_mods), num_supernodes=clients, backend_config=BACKEND
+        )
     finally:
         if old is None:
             os.environ.pop("FEDPAL_PASSPHRASE", None)
@@ -114,7 +116,14 @@ def federation(tmp_path_factory):
     captures = base / "captures"
     captures.mkdir()
     metrics = _simulate(base / "run", nodes, CLIENTS, extra_mods=[make_capture_mod(captures)])
-    return {"base": base, "nodes": nodes, "pristine": pristine, "captures": captures, "run": base / "run", "metrics": metrics}
+    return {
+        "base": base,
+        "nodes": nodes,
+        "pristine": pristine,
+        "captures": captures,
+        "run": base / "run",
+        "metrics": metrics,
+    }
 
 
 def test_dp_secagg_federation_completes_and_moves_the_global_adapter(federation):
@@ -205,7 +214,10 @@ def test_secagg_dropouts_and_the_privacy_budget(tmp_path):
     plan = {1: {0}, 2: {1, 2}}
     two, three = (independent_epsilon(0.5, r, 1e-5, clients, clients) for r in (2, 3))
     metrics = _simulate(
-        tmp_path / "run", nodes, clients, extra_mods=[make_vanish_mod(plan)],
+        tmp_path / "run",
+        nodes,
+        clients,
+        extra_mods=[make_vanish_mod(plan)],
         **{"secagg-threshold": 0.8, "num-server-rounds": 4, "max-epsilon": (two + three) / 2},
     )
     first, second, third, stop = metrics

@@ -43,17 +43,25 @@ def _make_certificates(folder: Path) -> dict[str, Path]:
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fedpal throwaway test CA")])
     ca = (
-        x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(hours=2))
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(hours=2))
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
         .sign(ca_key, hashes.SHA256())
     )
     key = ec.generate_private_key(ec.SECP256R1())
     cert = (
-        x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
-        .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(hours=2))
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(hours=2))
         .add_extension(
             x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
             critical=False,
@@ -117,10 +125,22 @@ def test_tls_deployment_survives_a_server_kill_and_resumes(tmp_path, processes):
     link_log = tmp_path / "superlink.log"
     link = _start(
         processes,
-        ["flower-superlink", "--ssl-ca-certfile", str(certs["ca"]), "--ssl-certfile", str(certs["cert"]),
-         "--ssl-keyfile", str(certs["key"]), "--host", "127.0.0.1", "--port", str(link_port),
-         "--disable-runtime-dependency-installation"],
-        link_log, env,
+        [
+            "flower-superlink",
+            "--ssl-ca-certfile",
+            str(certs["ca"]),
+            "--ssl-certfile",
+            str(certs["cert"]),
+            "--ssl-keyfile",
+            str(certs["key"]),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(link_port),
+            "--disable-runtime-dependency-installation",
+        ],
+        link_log,
+        env,
     )
     _wait_for_port(link_port, link, link_log)
 
@@ -132,9 +152,19 @@ def test_tls_deployment_survives_a_server_kill_and_resumes(tmp_path, processes):
         homes.append(home)
         _start(
             processes,
-            ["flower-supernode", "--superlink", f"127.0.0.1:{link_port}", "--root-certificates", str(certs["ca"]),
-             "--port", str(_free_port()), "--node-config", f"home='{home}'"],
-            tmp_path / f"supernode{i}.log", env,
+            [
+                "flower-supernode",
+                "--superlink",
+                f"127.0.0.1:{link_port}",
+                "--root-certificates",
+                str(certs["ca"]),
+                "--port",
+                str(_free_port()),
+                "--node-config",
+                f"home='{home}'",
+            ],
+            tmp_path / f"supernode{i}.log",
+            env,
         )
 
     (flwr_home / "config.toml").write_text(
@@ -142,9 +172,26 @@ def test_tls_deployment_survives_a_server_kill_and_resumes(tmp_path, processes):
         f'root-certificates = "{certs["ca"]}"\n'
     )
     run_dir = tmp_path / "run"
-    command = ["fedpal", "server", "run", "test", "--rounds", "2", "--run-dir", str(run_dir), "--set", "secagg=false",
-               "--set", "min-clients=2", "--set", "local-steps=2", "--set", "personal-steps=1",
-               "--set", "final-adapter=false"]  # the final adapter is test_deploy's
+    command = [
+        "fedpal",
+        "server",
+        "run",
+        "test",
+        "--rounds",
+        "2",
+        "--run-dir",
+        str(run_dir),
+        "--set",
+        "secagg=false",
+        "--set",
+        "min-clients=2",
+        "--set",
+        "local-steps=2",
+        "--set",
+        "personal-steps=1",
+        "--set",
+        "final-adapter=false",
+    ]  # the final adapter is test_deploy's
     submitted = subprocess.run([*command, "--no-stream"], env=env, capture_output=True, text=True, timeout=120)
     assert submitted.returncode == 0, submitted.stdout[-2000:] + submitted.stderr[-2000:]
     metrics = run_dir / "metrics.jsonl"
@@ -177,7 +224,9 @@ def test_tls_deployment_survives_a_server_kill_and_resumes(tmp_path, processes):
 def _kill_serverapps(superlink_pid: int) -> list[int]:
     import psutil
 
-    victims = [p for p in psutil.Process(superlink_pid).children(recursive=True) if "flwr-serverapp" in " ".join(p.cmdline())]
+    victims = [
+        p for p in psutil.Process(superlink_pid).children(recursive=True) if "flwr-serverapp" in " ".join(p.cmdline())
+    ]
     for proc in victims:
         proc.kill()
     psutil.wait_procs(victims, timeout=10)
@@ -205,9 +254,18 @@ def test_flwr_run_on_a_simulation_superlink(tmp_path, processes):
     log = tmp_path / "superlink.log"
     link = _start(
         processes,
-        ["flower-superlink", "--insecure", "--simulation", "--host", "127.0.0.1", "--port", str(port),
-         "--disable-runtime-dependency-installation"],
-        log, env,
+        [
+            "flower-superlink",
+            "--insecure",
+            "--simulation",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--disable-runtime-dependency-installation",
+        ],
+        log,
+        env,
     )
     _wait_for_port(port, link, log)
     (flwr_home / "config.toml").write_text(
@@ -217,11 +275,16 @@ def test_flwr_run_on_a_simulation_superlink(tmp_path, processes):
         "options.backend.init-args.num-cpus = 2\n"
     )
     run_dir = tmp_path / "run"
-    settings = (f"num-server-rounds=2 local-steps=2 personal-steps=1 final-adapter=false run-dir='{run_dir}' "
-                f"home-base='{nodes}'")
+    settings = (
+        f"num-server-rounds=2 local-steps=2 personal-steps=1 final-adapter=false run-dir='{run_dir}' "
+        f"home-base='{nodes}'"
+    )
     result = subprocess.run(
         ["flwr", "run", str(write_app_folder(tmp_path / "app")), "sim", "--run-config", settings, "--stream"],
-        env=env, capture_output=True, text=True, timeout=300,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     logs = result.stdout[-3000:] + result.stderr[-2000:]
     assert result.returncode == 0, logs

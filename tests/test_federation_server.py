@@ -39,7 +39,12 @@ def _named(seed: int = 0, scale: float = 0.0) -> dict[str, np.ndarray]:
 
 def _result(node_id: int, arrays: list[np.ndarray], fingerprint: str, examples: int = 3):
     proxy = GridClientProxy(node_id=node_id, grid=None, run_id=0)
-    return proxy, FitRes(Status(Code.OK, ""), ndarrays_to_parameters(arrays), examples, {FINGERPRINT_KEY: fingerprint, "examples": examples})
+    return proxy, FitRes(
+        Status(Code.OK, ""),
+        ndarrays_to_parameters(arrays),
+        examples,
+        {FINGERPRINT_KEY: fingerprint, "examples": examples},
+    )
 
 
 def _settings(**overrides) -> FederationSettings:
@@ -66,7 +71,9 @@ def test_bad_updates_are_rejected_by_node_and_the_round_goes_on(caplog):
     inf[0][3, 3] = np.inf
     wrong_shape = [initial[0], initial[1][:, :4], initial[2]]
     huge = _step(initial, 5, 1e6)
-    swapped_fp = adapter_fingerprint({"layers.0.k_proj.x": initial[1], "layers.0.q_proj.x": initial[0], "v": initial[2]})
+    swapped_fp = adapter_fingerprint(
+        {"layers.0.k_proj.x": initial[1], "layers.0.q_proj.x": initial[0], "v": initial[2]}
+    )
     results = [
         _result(11, good_a, fp),
         _result(12, nan, fp),
@@ -185,8 +192,9 @@ def test_one_settings_class_the_client_reads_back_from_its_train_message():
     import json
     import subprocess
 
-    settings = FederationSettings.from_run_config({"lora-rank": 4, "learning-rate": 1, "personal-from-round": 3,
-                                                   "secagg": "false", "min-clients": 2})
+    settings = FederationSettings.from_run_config(
+        {"lora-rank": 4, "learning-rate": 1, "personal-from-round": 3, "secagg": "false", "min-clients": 2}
+    )
     assert settings.learning_rate == 1.0 and isinstance(settings.learning_rate, float) and settings.secagg is False
     for server_round, personal in ((2, 0), (3, settings.personal_steps)):
         message = settings.train_config(server_round)
@@ -206,10 +214,25 @@ def test_server_cli_reports_a_run_and_refuses_unknown_settings(tmp_path):
     import subprocess
 
     lines = [
-        {"round": 1, "aggregated": True, "clients_summed": 4, "epsilon": 4.73, "seconds": 1.5,
-         "bytes_up_per_client": 28875.0, "bytes_down_per_client": 18190.0},
-        {"round": 2, "aggregated": False, "error": "SecAgg+ aborted the round", "clients_summed": 0, "epsilon": 4.73,
-         "seconds": 1.0, "bytes_up_per_client": 100.0, "bytes_down_per_client": 100.0},
+        {
+            "round": 1,
+            "aggregated": True,
+            "clients_summed": 4,
+            "epsilon": 4.73,
+            "seconds": 1.5,
+            "bytes_up_per_client": 28875.0,
+            "bytes_down_per_client": 18190.0,
+        },
+        {
+            "round": 2,
+            "aggregated": False,
+            "error": "SecAgg+ aborted the round",
+            "clients_summed": 0,
+            "epsilon": 4.73,
+            "seconds": 1.0,
+            "bytes_up_per_client": 100.0,
+            "bytes_down_per_client": 100.0,
+        },
         {"round": 3, "stopped": "privacy budget", "epsilon": 4.73, "epsilon_if_run": 7.1},
     ]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))

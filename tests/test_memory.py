@@ -28,8 +28,9 @@ FAST_KDF = KdfParams(memory_cost_kib=64, iterations=1, lanes=1)
 def db_bytes(home: Path) -> bytes:
     """Everything SQLite keeps on disk for the memory: the file, its WAL and shared memory."""
     db = home / "memory.sqlite"
-    return b"".join(p.read_bytes() for p in (db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm"))
-                    if p.exists())
+    return b"".join(
+        p.read_bytes() for p in (db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")) if p.exists()
+    )
 
 
 def stored_bytes(home: Path) -> bytes:
@@ -43,8 +44,9 @@ def sha(path: Path) -> str:
 
 
 def write_jsonl(path: Path, lines: list) -> Path:
-    path.write_text("".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines),
-                    encoding="utf-8")
+    path.write_text(
+        "".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines), encoding="utf-8"
+    )
     return path
 
 
@@ -56,13 +58,23 @@ def read_jsonl(path: Path) -> list[dict]:
 SAMPLE = [
     {"kind": "stated", "text": "I prefer answers under fifty words", "tags": ["style"]},
     {"kind": "stated", "text": "Use metric units, never imperial"},
-    {"kind": "pair", "prompt": "How does the rust borrow checker work?", "chosen": "Ownership rules checked at "
-     "compile time.", "rejected": "Rust is a reddish oxide of iron.", "tags": ["programming", "rust"]},
+    {
+        "kind": "pair",
+        "prompt": "How does the rust borrow checker work?",
+        "chosen": "Ownership rules checked at compile time.",
+        "rejected": "Rust is a reddish oxide of iron.",
+        "tags": ["programming", "rust"],
+    },
     {"kind": "rating", "prompt": "Tell me a joke", "response": "Why did the chicken cross?", "score": 2},
     {"kind": "rating", "prompt": "Tell me a joke", "response": "A pun about compilers", "score": 5},
     {"kind": "rating", "prompt": "Tell me a joke", "response": "A knock-knock joke", "score": 4},
-    {"kind": "edit", "prompt": "Summarize the meeting", "response": "The meeting covered many long topics.",
-     "edited": "Budget approved; launch in May.", "tags": ["work"]},
+    {
+        "kind": "edit",
+        "prompt": "Summarize the meeting",
+        "response": "The meeting covered many long topics.",
+        "edited": "Budget approved; launch in May.",
+        "tags": ["work"],
+    },
     {"kind": "turn", "role": "user", "text": "Plan a trip to Lisbon ünïcödé 東京", "tags": ["travel"]},
 ]
 
@@ -141,8 +153,9 @@ def test_not_a_database_is_a_clear_error(home: Path):
 
 def test_truncated_file_is_a_clear_error(home: Path, tmp_path: Path):
     with PreferenceMemory.open(home, PASS) as mem:
-        mem.import_jsonl(write_jsonl(tmp_path / "in.jsonl", [{"kind": "stated", "text": "x" * 400 + str(i)}
-                                                             for i in range(200)]))
+        mem.import_jsonl(
+            write_jsonl(tmp_path / "in.jsonl", [{"kind": "stated", "text": "x" * 400 + str(i)} for i in range(200)])
+        )
     db = home / "memory.sqlite"
     with db.open("r+b") as f:
         f.truncate(db.stat().st_size // 2)
@@ -195,8 +208,9 @@ def test_import_export_round_trip(home: Path, tmp_path: Path):
         assert mem.import_jsonl(source) == len(SAMPLE)
         assert mem.export_jsonl(tmp_path / "out.jsonl") == len(SAMPLE)
     exported = read_jsonl(tmp_path / "out.jsonl")
-    assert [{k: v for k, v in e.items() if k not in ("id", "created")} for e in exported] == \
-        [{"tags": [], **line} for line in SAMPLE]
+    assert [{k: v for k, v in e.items() if k not in ("id", "created")} for e in exported] == [
+        {"tags": [], **line} for line in SAMPLE
+    ]
     assert (tmp_path / "out.jsonl").stat().st_mode & 0o077 == 0
     with PreferenceMemory.open(tmp_path / "other", "another passphrase") as other:
         assert other.import_jsonl(tmp_path / "out.jsonl") == len(SAMPLE)
@@ -208,24 +222,28 @@ def test_import_export_round_trip(home: Path, tmp_path: Path):
 GOOD = {"kind": "stated", "text": "fine"}
 
 
-@pytest.mark.parametrize("bad_line, reason", [
-    ('{"kind": "pair", "prompt": "p", "chosen": "c"', "not valid JSON"),
-    ('["stated", "text"]', "expected a JSON object"),
-    ('{"text": "no kind"}', "missing 'kind'"),
-    ('{"kind": "opinion", "text": "x"}', "unknown kind"),
-    ('{"kind": "pair", "prompt": "p", "chosen": "c"}', "needs 'rejected'"),
-    ('{"kind": "stated", "text": "x", "txet": "typo"}', "unknown field"),
-    ('{"kind": "rating", "prompt": "p", "response": "r", "score": 6}', "integer from 1 to 5"),
-    ('{"kind": "rating", "prompt": "p", "response": "r", "score": true}', "integer from 1 to 5"),
-    ('{"kind": "stated", "text": 42}', "must be a string"),
-    ('{"kind": "stated", "text": "x", "tags": "one"}', "list of strings"),
-    ('{"kind": "stated", "text": "\\ud800"}', "lone surrogate"),
-    ('{"kind": "turn", "role": "narrator", "text": "x"}', "'role' must be one of"),
-    ('{"kind": "stated", "text": "x", "created": "yesterday"}', "'created'"),
-    ('{"kind": "stated", "text": "x", "id": "a"}', "appears twice"),
-])
-def test_malformed_jsonl_names_the_line_and_writes_nothing(memory: PreferenceMemory, tmp_path: Path,
-                                                           bad_line: str, reason: str):
+@pytest.mark.parametrize(
+    "bad_line, reason",
+    [
+        ('{"kind": "pair", "prompt": "p", "chosen": "c"', "not valid JSON"),
+        ('["stated", "text"]', "expected a JSON object"),
+        ('{"text": "no kind"}', "missing 'kind'"),
+        ('{"kind": "opinion", "text": "x"}', "unknown kind"),
+        ('{"kind": "pair", "prompt": "p", "chosen": "c"}', "needs 'rejected'"),
+        ('{"kind": "stated", "text": "x", "txet": "typo"}', "unknown field"),
+        ('{"kind": "rating", "prompt": "p", "response": "r", "score": 6}', "integer from 1 to 5"),
+        ('{"kind": "rating", "prompt": "p", "response": "r", "score": true}', "integer from 1 to 5"),
+        ('{"kind": "stated", "text": 42}', "must be a string"),
+        ('{"kind": "stated", "text": "x", "tags": "one"}', "list of strings"),
+        ('{"kind": "stated", "text": "\\ud800"}', "lone surrogate"),
+        ('{"kind": "turn", "role": "narrator", "text": "x"}', "'role' must be one of"),
+        ('{"kind": "stated", "text": "x", "created": "yesterday"}', "'created'"),
+        ('{"kind": "stated", "text": "x", "id": "a"}', "appears twice"),
+    ],
+)
+def test_malformed_jsonl_names_the_line_and_writes_nothing(
+    memory: PreferenceMemory, tmp_path: Path, bad_line: str, reason: str
+):
     memory.add_stated("already here")
     before = stored_bytes(memory.path.parent)
     path = write_jsonl(tmp_path / "bad.jsonl", [{**GOOD, "id": "a"}, "", bad_line, GOOD])
@@ -245,15 +263,18 @@ def test_invalid_utf8_line_is_reported(memory: PreferenceMemory, tmp_path: Path)
     assert len(memory) == 0
 
 
-@pytest.mark.parametrize("call, reason", [
-    (lambda m: m.add_rating("p", "r", 0), "1 to 5"),
-    (lambda m: m.add_rating("p", "r", True), "1 to 5"),
-    (lambda m: m.add_turn("robot", "x"), "role"),
-    (lambda m: m.add_stated("\udcff"), "lone surrogate"),
-    (lambda m: m.add_stated("x", tags=[""]), "empty"),
-    (lambda m: m.add_stated("x", tags="style"), "list of strings"),
-    (lambda m: m.add_pair("p", "c", None), "must be a string"),
-])
+@pytest.mark.parametrize(
+    "call, reason",
+    [
+        (lambda m: m.add_rating("p", "r", 0), "1 to 5"),
+        (lambda m: m.add_rating("p", "r", True), "1 to 5"),
+        (lambda m: m.add_turn("robot", "x"), "role"),
+        (lambda m: m.add_stated("\udcff"), "lone surrogate"),
+        (lambda m: m.add_stated("x", tags=[""]), "empty"),
+        (lambda m: m.add_stated("x", tags="style"), "list of strings"),
+        (lambda m: m.add_pair("p", "c", None), "must be a string"),
+    ],
+)
 def test_bad_records_are_refused(memory: PreferenceMemory, call, reason: str):
     with pytest.raises(FedpalError, match=reason):
         call(memory)
@@ -280,8 +301,10 @@ def test_forget_everything_destroys_the_key(home: Path):
 
 
 def test_forget_by_id_time_range_and_tag(memory: PreferenceMemory, tmp_path: Path):
-    lines = [{"kind": "stated", "text": f"r{t}", "created": t, "tags": ["even"] if t % 200 == 0 else ["odd"],
-              "id": f"id{t}"} for t in (100, 200, 300, 400, 500, 600)]
+    lines = [
+        {"kind": "stated", "text": f"r{t}", "created": t, "tags": ["even"] if t % 200 == 0 else ["odd"], "id": f"id{t}"}
+        for t in (100, 200, 300, 400, 500, 600)
+    ]
     memory.import_jsonl(write_jsonl(tmp_path / "t.jsonl", lines))
 
     def left() -> list[str]:
@@ -332,24 +355,43 @@ def test_training_views(memory: PreferenceMemory, tmp_path: Path):
     ids = {r.fields.get("response"): r.id for r in memory.records("rating")}
     pairs = memory.preference_pairs()
     assert pairs[:2] == [
-        PreferencePair("How does the rust borrow checker work?", "Ownership rules checked at compile time.",
-                       "Rust is a reddish oxide of iron.", memory.records("pair")[0].id),
-        PreferencePair("Summarize the meeting", "Budget approved; launch in May.",
-                       "The meeting covered many long topics.", memory.records("edit")[0].id),
+        PreferencePair(
+            "How does the rust borrow checker work?",
+            "Ownership rules checked at compile time.",
+            "Rust is a reddish oxide of iron.",
+            memory.records("pair")[0].id,
+        ),
+        PreferencePair(
+            "Summarize the meeting",
+            "Budget approved; launch in May.",
+            "The meeting covered many long topics.",
+            memory.records("edit")[0].id,
+        ),
     ]
     from_ratings = {(p.chosen, p.rejected) for p in pairs[2:]}
     assert from_ratings == {
-        ("A pun about compilers", "Why did the chicken cross?"), ("A knock-knock joke", "Why did the chicken cross?"),
-        ("A pun about compilers", "A knock-knock joke"), ("Another 4-star joke", "Why did the chicken cross?"),
+        ("A pun about compilers", "Why did the chicken cross?"),
+        ("A knock-knock joke", "Why did the chicken cross?"),
+        ("A pun about compilers", "A knock-knock joke"),
+        ("Another 4-star joke", "Why did the chicken cross?"),
         ("A pun about compilers", "Another 4-star joke"),
     }
-    assert PreferencePair("Tell me a joke", "A pun about compilers", "Why did the chicken cross?",
-                          f"{ids['A pun about compilers']}>{ids['Why did the chicken cross?']}") in pairs
+    assert (
+        PreferencePair(
+            "Tell me a joke",
+            "A pun about compilers",
+            "Why did the chicken cross?",
+            f"{ids['A pun about compilers']}>{ids['Why did the chicken cross?']}",
+        )
+        in pairs
+    )
     sft = {(e.prompt, e.response) for e in memory.sft_examples()}
     assert sft == {
         ("How does the rust borrow checker work?", "Ownership rules checked at compile time."),
-        ("Tell me a joke", "A pun about compilers"), ("Tell me a joke", "A knock-knock joke"),
-        ("Tell me a joke", "Another 4-star joke"), ("Summarize the meeting", "Budget approved; launch in May."),
+        ("Tell me a joke", "A pun about compilers"),
+        ("Tell me a joke", "A knock-knock joke"),
+        ("Tell me a joke", "Another 4-star joke"),
+        ("Summarize the meeting", "Budget approved; launch in May."),
         ("same", "x"),
     }
     assert all(isinstance(e, SFTExample) and e.source_id for e in memory.sft_examples())
@@ -368,7 +410,9 @@ def test_in_context_gives_each_prompt_the_preferences_generation_would_retrieve(
     assert (pair.chosen, pair.rejected, pair.source_id) == (bare[0].chosen, bare[0].rejected, bare[0].source_id)
     assert isinstance(example, SFTExample) and example.response == "Hello" and example.prompt.startswith("Hi\n\n")
     pair, _ = memory.in_context(bare, "system")
-    assert pair.prompt == bare[0].prompt and pair.system.startswith(RETRIEVAL_HEADER) and "Use metric units" in pair.system
+    assert (
+        pair.prompt == bare[0].prompt and pair.system.startswith(RETRIEVAL_HEADER) and "Use metric units" in pair.system
+    )
     with pytest.raises(FedpalError, match="not 'footer'"):
         memory.in_context(bare, "footer")
 
@@ -450,8 +494,9 @@ WRITER = textwrap.dedent("""
 
 def _run_together(script: str, *argvs: list[str]) -> None:
     """Run ``script`` in one real process per argv at once; fail with their stderr, never hang."""
-    procs = [subprocess.Popen([sys.executable, "-c", script, *argv], stderr=subprocess.PIPE, text=True)
-             for argv in argvs]
+    procs = [
+        subprocess.Popen([sys.executable, "-c", script, *argv], stderr=subprocess.PIPE, text=True) for argv in argvs
+    ]
     try:
         errors = [proc.communicate(timeout=120)[1] for proc in procs]
     finally:
@@ -478,16 +523,23 @@ field_text = st.one_of(
 )
 lines = st.one_of(
     st.fixed_dictionaries({"kind": st.just("stated"), "text": field_text}),
-    st.fixed_dictionaries({"kind": st.just("pair"), "prompt": field_text, "chosen": field_text,
-                           "rejected": field_text}),
-    st.fixed_dictionaries({"kind": st.just("rating"), "prompt": field_text, "response": field_text,
-                           "score": st.integers(1, 5)}),
-    st.fixed_dictionaries({"kind": st.just("edit"), "prompt": field_text, "response": field_text,
-                           "edited": field_text}),
-    st.fixed_dictionaries({"kind": st.just("turn"), "role": st.sampled_from(["user", "assistant"]),
-                           "text": field_text}),
-).flatmap(lambda d: st.fixed_dictionaries({**{k: st.just(v) for k, v in d.items()},
-                                           "tags": st.lists(st.text(min_size=1), max_size=3)}))
+    st.fixed_dictionaries(
+        {"kind": st.just("pair"), "prompt": field_text, "chosen": field_text, "rejected": field_text}
+    ),
+    st.fixed_dictionaries(
+        {"kind": st.just("rating"), "prompt": field_text, "response": field_text, "score": st.integers(1, 5)}
+    ),
+    st.fixed_dictionaries(
+        {"kind": st.just("edit"), "prompt": field_text, "response": field_text, "edited": field_text}
+    ),
+    st.fixed_dictionaries(
+        {"kind": st.just("turn"), "role": st.sampled_from(["user", "assistant"]), "text": field_text}
+    ),
+).flatmap(
+    lambda d: st.fixed_dictionaries(
+        {**{k: st.just(v) for k, v in d.items()}, "tags": st.lists(st.text(min_size=1), max_size=3)}
+    )
+)
 
 
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -495,8 +547,7 @@ lines = st.one_of(
 def test_import_keeps_arbitrary_unicode_huge_and_empty_fields_exactly(records, ensure_ascii):
     with tempfile.TemporaryDirectory() as tmp:
         source = Path(tmp, "in.jsonl")
-        source.write_text("".join(json.dumps(r, ensure_ascii=ensure_ascii) + "\n" for r in records),
-                          encoding="utf-8")
+        source.write_text("".join(json.dumps(r, ensure_ascii=ensure_ascii) + "\n" for r in records), encoding="utf-8")
         with PreferenceMemory.open(Path(tmp, "home"), PASS, kdf=FAST_KDF) as mem:
             assert mem.import_jsonl(source) == len(records)
             stored = mem.records()

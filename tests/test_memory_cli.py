@@ -20,8 +20,9 @@ def fedpal(*args: str, passphrase: str | None = "cli passphrase") -> subprocess.
     env = {k: v for k, v in os.environ.items() if k != "FEDPAL_PASSPHRASE"}
     if passphrase is not None:
         env["FEDPAL_PASSPHRASE"] = passphrase
-    return subprocess.run([FEDPAL, "memory", *args], env=env, stdin=subprocess.DEVNULL, capture_output=True,
-                          text=True, timeout=60)
+    return subprocess.run(
+        [FEDPAL, "memory", *args], env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60
+    )
 
 
 def one_line_error(result: subprocess.CompletedProcess, *needles: str) -> None:
@@ -46,8 +47,13 @@ def test_add_list_search_export_import(home: str, tmp_path: Path):
 
     listed = json.loads(fedpal("list", "--home", home, "--json").stdout)
     assert [r["kind"] for r in listed] == ["stated", "pair", "rating"]
-    assert listed[0] == {"kind": "stated", "text": "Keep answers short", "tags": ["style"], "id": stated_id,
-                         "created": listed[0]["created"]}
+    assert listed[0] == {
+        "kind": "stated",
+        "text": "Keep answers short",
+        "tags": ["style"],
+        "id": stated_id,
+        "created": listed[0]["created"],
+    }
     found = json.loads(fedpal("search", "explain bm25 ranking", "--home", home, "--json").stdout)
     assert [r["kind"] for r in found] == ["stated", "pair"]
     text = fedpal("list", "--home", home, "--kind", "pair")
@@ -90,8 +96,10 @@ def test_passphrase_errors_leave_the_file_alone(home: str):
 
 
 def test_forget_and_tampering_from_the_shell(home: str):
-    ids = [fedpal("add", "stated", f"pref {i}", "--tag", "even" if i % 2 == 0 else "odd", "--home", home)
-           .stdout.strip() for i in range(4)]
+    ids = [
+        fedpal("add", "stated", f"pref {i}", "--tag", "even" if i % 2 == 0 else "odd", "--home", home).stdout.strip()
+        for i in range(4)
+    ]
     with sqlite3.connect(Path(home, "memory.sqlite")) as conn:
         conn.execute("UPDATE records SET sealed = substr(sealed, 1, 20) WHERE id = ?", (ids[3],))
     listed = fedpal("list", "--home", home, "--json")

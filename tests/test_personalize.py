@@ -28,6 +28,7 @@ def style_pairs(n: int, seed: int) -> list[PreferencePair]:
 
 # ------------------------------------------------------------------ held-out split
 
+
 def test_held_out_prompts_stay_held_out_as_the_memory_grows():
     prompts = [f"question number {i}?" for i in range(60)]
     first, later = held_out_prompts(prompts[:20]), held_out_prompts(prompts)
@@ -54,6 +55,7 @@ def test_split_keeps_a_prompts_pairs_and_examples_on_one_side():
 
 # ------------------------------------------------------------------ guard measures
 
+
 def test_repetition_and_distinct_separate_a_loop_from_prose():
     prose = "Boil the water, add the eggs, and wait nine minutes before you cool them in cold water."
     loop = "you are in your home and " * 10
@@ -74,6 +76,7 @@ def test_verdict_names_each_threshold_crossed():
 
 
 # ------------------------------------------------------------------ flow on the tiny model
+
 
 def _fresh():
     from fedpal.common.adapters import AdapterConfig, attach_adapters
@@ -188,14 +191,35 @@ def test_guard_refuses_an_overfit_adapter_and_the_previous_one_keeps_serving(tmp
     env = {**os.environ, "FEDPAL_PASSPHRASE": "pw"}
 
     def train(*args):
-        done = subprocess.run([sys.executable, "-m", "fedpal.common.cli", "train", "--home", str(home), "--model", "tiny",
-                               "--batch-size", "4", "--max-length", "64", *args], capture_output=True, text=True,
-                              env=env, timeout=300)
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "fedpal.common.cli",
+                "train",
+                "--home",
+                str(home),
+                "--model",
+                "tiny",
+                "--batch-size",
+                "4",
+                "--max-length",
+                "64",
+                *args,
+            ],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=300,
+        )
         assert done.returncode == 0, done.stderr
         return done
 
-    first = json.loads(train("--steps", "2", "--learning-rate", "1e-4", "--holdout", "0", "--no-guard",
-                             "--json").stdout.splitlines()[-1])
+    first = json.loads(
+        train("--steps", "2", "--learning-rate", "1e-4", "--holdout", "0", "--no-guard", "--json").stdout.splitlines()[
+            -1
+        ]
+    )
     assert first["activated"]
     personal = home / "adapters" / "personal"
     before = _digest(personal)
@@ -207,8 +231,11 @@ def test_guard_refuses_an_overfit_adapter_and_the_previous_one_keeps_serving(tmp
     aside = home / "kept-aside" / "personal"
     assert (aside / "adapter_model.safetensors").is_file() and _digest(aside) != before
 
-    report = json.loads(train("--steps", "60", "--learning-rate", "0.05", "--objective", "dpo", "--holdout", "0",
-                              "--json").stdout.splitlines()[-1])
+    report = json.loads(
+        train(
+            "--steps", "60", "--learning-rate", "0.05", "--objective", "dpo", "--holdout", "0", "--json"
+        ).stdout.splitlines()[-1]
+    )
     guard = report["runs"][0]["guard"]
     assert not report["activated"] and guard["degenerate"]
     assert guard["after"]["repetition"] > guard["before"]["repetition"] + 0.2

@@ -26,8 +26,12 @@ QUICK = PRESETS["quick"]
 
 
 def _cli(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "fedpal.common.cli", "population", *args], capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "fedpal.common.cli", "population", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -56,9 +60,13 @@ def test_the_quick_preset_runs_every_round_as_one_flwr_run_and_every_user_scores
 
 def test_the_accountant_spent_what_the_settings_say(quick):
     results, _ = quick
-    budget = PrivacyBudget(QUICK.noise_multiplier, QUICK.clipping_norm, QUICK.delta, QUICK.users, QUICK.clients_per_round)
+    budget = PrivacyBudget(
+        QUICK.noise_multiplier, QUICK.clipping_norm, QUICK.delta, QUICK.users, QUICK.clients_per_round
+    )
     assert results["epsilon"] == pytest.approx(epsilon_after(budget, QUICK.rounds))
-    assert results["noise_stddev_on_mean"] == pytest.approx(QUICK.noise_multiplier * QUICK.clipping_norm / QUICK.clients_per_round)
+    assert results["noise_stddev_on_mean"] == pytest.approx(
+        QUICK.noise_multiplier * QUICK.clipping_norm / QUICK.clients_per_round
+    )
 
 
 def test_sampled_users_stored_their_choices_encrypted_on_their_own_node(quick):
@@ -93,7 +101,9 @@ def test_noise_for_epsilon_is_the_smallest_noise_within_the_target():
 
 def test_the_held_out_gain_beats_the_base_only_when_its_interval_is_above_zero():
     def evaluation(gains):
-        return {"users": [{"user": i, "pairs": 10, "base_right": 5, "shared_right": 5 + g} for i, g in enumerate(gains)]}
+        return {
+            "users": [{"user": i, "pairs": 10, "base_right": 5, "shared_right": 5 + g} for i, g in enumerate(gains)]
+        }
 
     clear = HeldoutScore.of(evaluation([1, 2, 1, 2, 1, 2]))
     assert clear.beats_base and clear.gain == pytest.approx(0.15)
@@ -119,16 +129,24 @@ def test_a_study_plan_runs_each_distinct_setting_once_with_clients_growing_with_
     assert largest.clients_per_round / largest.users == hundred.clients_per_round / hundred.users  # same noise
     for n in plan.sizes:
         twin, learner = runs[plan.control_key(n)], runs[plan.sizes_key(n)]
-        assert twin.learning_rate == 1e-12 and replace(twin, learning_rate=learner.learning_rate, preset="") == replace(learner, preset="")
+        assert twin.learning_rate == 1e-12 and replace(twin, learning_rate=learner.learning_rate, preset="") == replace(
+            learner, preset=""
+        )
 
 
-@pytest.mark.parametrize("setting, error", [
-    ({"users": "abc"}, "users must be an integer, not 'abc'"),
-    ({"dp": "maybe"}, "dp must be true or false, not 'maybe'"),
-    ({"clients_per_round": "500"}, "clients_per_round (500) cannot exceed users (12)"),
-    ({"colour": "red"}, "unknown setting 'colour'"),
-    ({"secagg_shares": "2.5"}, "secagg_shares must be a fraction of the round's clients in (0, 1] or a whole number"),
-])
+@pytest.mark.parametrize(
+    "setting, error",
+    [
+        ({"users": "abc"}, "users must be an integer, not 'abc'"),
+        ({"dp": "maybe"}, "dp must be true or false, not 'maybe'"),
+        ({"clients_per_round": "500"}, "clients_per_round (500) cannot exceed users (12)"),
+        ({"colour": "red"}, "unknown setting 'colour'"),
+        (
+            {"secagg_shares": "2.5"},
+            "secagg_shares must be a fraction of the round's clients in (0, 1] or a whole number",
+        ),
+    ],
+)
 def test_a_bad_setting_is_one_clear_line(setting, error):
     with pytest.raises(FedpalError) as raised:
         load_population_config("quick", setting)
@@ -145,7 +163,9 @@ def test_the_command_refuses_a_bad_setting_in_one_line_and_writes_nothing(tmp_pa
 def test_settings_read_each_field_as_its_type():
     config = load_population_config("p100", {"target_epsilon": "4", "styles": "plain,bulleted", "secagg": "false"})
     assert config.target_epsilon == 4.0 and config.styles == ("plain", "bulleted") and config.secagg is False
-    assert np.isclose(config.noise(), noise_for_epsilon(PrivacyBudget(1.0, config.clipping_norm, config.delta, 100, 10), 4.0, 3))
+    assert np.isclose(
+        config.noise(), noise_for_epsilon(PrivacyBudget(1.0, config.clipping_norm, config.delta, 100, 10), 4.0, 3)
+    )
 
 
 @pytest.mark.slow
@@ -216,18 +236,24 @@ def test_a_node_whose_update_is_zero_sends_it_instead_of_failing_the_round(monke
     for name in ("_run_id", "_node_id", "_task_id"):  # what a SuperNode sets before a ClientApp runs
         monkeypatch.setattr(TaskIdentity, name, 1)
     sent = [np.full(4, 0.25, dtype=np.float32)]
-    message = Message(compat.fitins_to_recorddict(FitIns(ndarrays_to_parameters(sent), {KEY_CLIPPING_NORM: 0.5}),
-                                                   keep_input=True), dst_node_id=1, message_type="train")
+    message = Message(
+        compat.fitins_to_recorddict(FitIns(ndarrays_to_parameters(sent), {KEY_CLIPPING_NORM: 0.5}), keep_input=True),
+        dst_node_id=1,
+        message_type="train",
+    )
     context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
 
     def node(returned):
         def train(msg, ctxt):
             fit_res = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(returned), 1, {})
             return Message(compat.fitres_to_recorddict(fit_res, keep_input=True), reply_to=msg)
+
         return train
 
     def update(reply):
-        return parameters_to_ndarrays(compat.recorddict_to_fitres(reply.content, keep_input=True).parameters)[0] - sent[0]
+        return (
+            parameters_to_ndarrays(compat.recorddict_to_fitres(reply.content, keep_input=True).parameters)[0] - sent[0]
+        )
 
     assert np.all(update(when_clipping(message, context, node([sent[0].copy()]))) == 0)
     big = when_clipping(message, context, node([sent[0] + 3.0]))

@@ -86,7 +86,13 @@ def test_ledger_from_other_settings_is_refused():
     ],
 )
 def test_bad_budget_is_one_clear_error(kwargs, message):
-    values = {"noise_multiplier": 1.0, "clipping_norm": 1.0, "target_delta": 1e-5, "population_size": 10, "sample_size": 5}
+    values = {
+        "noise_multiplier": 1.0,
+        "clipping_norm": 1.0,
+        "target_delta": 1e-5,
+        "population_size": 10,
+        "sample_size": 5,
+    }
     with pytest.raises(FedpalError, match=message):
         PrivacyBudget(**{**values, **kwargs})
 

@@ -74,7 +74,7 @@ def attacked(tiny_path):
     members, rest = pool[:MEMBERS], pool[MEMBERS:]
     nonmembers, rest = rest[:NONMEMBERS], rest[NONMEMBERS:]
     population, rest = rest[:POPULATION], rest[POPULATION:]
-    datasets = [rest[i * PER_REFERENCE: (i + 1) * PER_REFERENCE] for i in range(REFERENCES + 1)]
+    datasets = [rest[i * PER_REFERENCE : (i + 1) * PER_REFERENCE] for i in range(REFERENCES + 1)]
 
     fresh = adapter_to_arrays(peft, PERSONAL)
     trained = train_reference_adapters(base, peft, PERSONAL, datasets, CONFIG, seed=1)
@@ -82,9 +82,16 @@ def attacked(tiny_path):
     planted = [PreferencePair(canaries[0].prompt, canaries[0].reply, "I would rather not say.")] * 4
     LocalTrainer(base, peft, CONFIG).train(SHARED, members + planted, progress=False)
     return SimpleNamespace(
-        base=base, peft=peft, tokenizer=base.tokenizer, members=members, nonmembers=nonmembers,
-        population=population, references=trained[:REFERENCES], outsider=trained[REFERENCES],
-        fresh=fresh, canaries=canaries,
+        base=base,
+        peft=peft,
+        tokenizer=base.tokenizer,
+        members=members,
+        nonmembers=nonmembers,
+        population=population,
+        references=trained[:REFERENCES],
+        outsider=trained[REFERENCES],
+        fresh=fresh,
+        canaries=canaries,
     )
 
 
@@ -93,6 +100,7 @@ def split(scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 # ------------------------------------------------------------------ roc
+
 
 def test_roc_perfect_separation_gives_auc_and_tprs_of_one():
     result = roc([5.0, 6.0, 7.0], [1.0, 2.0, 3.0, 4.0])
@@ -113,8 +121,15 @@ def test_roc_counts_ties_half_and_reads_tpr_at_zero_false_positives_below_1_over
     result = roc([3.0, 2.0, 0.0], [1.0, 2.0])
     assert result.auc == pytest.approx(3.5 / 6)
     assert result.tpr_at_1pct_fpr == pytest.approx(1 / 3)  # only "3" is named before any non-member
-    assert result.to_dict().keys() == {"auc", "tpr_at_1pct_fpr", "tpr_at_0.1pct_fpr", "members", "nonmembers",
-                                       "fpr", "tpr"}
+    assert result.to_dict().keys() == {
+        "auc",
+        "tpr_at_1pct_fpr",
+        "tpr_at_0.1pct_fpr",
+        "members",
+        "nonmembers",
+        "fpr",
+        "tpr",
+    }
 
 
 def test_roc_matches_pairwise_counting_and_thins_its_curve_for_plots():
@@ -132,6 +147,7 @@ def test_roc_matches_pairwise_counting_and_thins_its_curve_for_plots():
 
 # ------------------------------------------------------------------ RMIA maths
 
+
 def test_rmia_scores_follow_the_paper_on_a_hand_computed_case():
     # p(x|θ) = 0.8, references 0.2 and 0.6: p(x) = 0.4, ratio 2. Population: p(z|θ) = 0.5,
     # p(z) = 0.5, 0.2, 0.1: ratios 1, 2.5, 5.
@@ -148,6 +164,7 @@ def test_rmia_scores_follow_the_paper_on_a_hand_computed_case():
 
 
 # ------------------------------------------------------------------ attacks on a planted leak
+
 
 def test_loss_ratio_attack_finds_members_and_nothing_in_an_adapter_that_never_saw_them(attacked):
     a = attacked
@@ -178,14 +195,16 @@ def test_rmia_finds_members_and_nothing_in_an_adapter_that_never_saw_them(attack
     leak = roc(*split(rmia_scores(target_x, reference_x, target_z, reference_z, offline_a=0.3)))
     assert leak.auc >= 0.8
 
-    outsider_x, outsider_z = (reference_logprobs(a.peft, a.tokenizer, PERSONAL, [a.outsider], t)[0]
-                              for t in (audited, population))
+    outsider_x, outsider_z = (
+        reference_logprobs(a.peft, a.tokenizer, PERSONAL, [a.outsider], t)[0] for t in (audited, population)
+    )
     control = roc(*split(rmia_scores(outsider_x, reference_x, outsider_z, reference_z, offline_a=0.3)))
     assert abs(control.auc - 0.5) <= 0.2
     assert leak.auc > control.auc + 0.3
 
 
 # ------------------------------------------------------------------ canaries
+
 
 def test_canaries_have_distinct_formats_and_one_token_per_digit(tiny_path):
     from transformers import AutoTokenizer
@@ -206,8 +225,8 @@ def test_planted_canary_is_exposed_and_a_canary_never_planted_is_not(attacked):
     planted, never_planted = a.canaries
     leak = exposure(a.peft, a.tokenizer, planted, active=[SHARED], candidates=CANDIDATES)
     assert leak.bits >= 6 and leak.bits <= math.log2(CANDIDATES + 1) + 1e-9
-    assert (leak.candidates, leak.space) == (CANDIDATES, 10 ** 6)
-    assert leak.rank == pytest.approx(leak.space * 2 ** -leak.bits)
+    assert (leak.candidates, leak.space) == (CANDIDATES, 10**6)
+    assert leak.rank == pytest.approx(leak.space * 2**-leak.bits)
 
     control = exposure(a.peft, a.tokenizer, never_planted, active=[SHARED], candidates=CANDIDATES)
     before = exposure(a.peft, a.tokenizer, planted, active=(), candidates=CANDIDATES)

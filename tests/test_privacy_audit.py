@@ -51,12 +51,15 @@ def canary_run(noise_multiplier: float, seed: int, canaries: int = 200, dim: int
 
 # ------------------------------------------------------------------ canaries
 
+
 def test_canary_directions_are_seeded_unit_vectors_and_canary_updates_have_the_clip_norm():
     shapes = {"x": (3, 4), "y": (5,)}
     first, again, other = (canary_directions(shapes, 3, seed) for seed in (7, 7, 8))
     for direction in first:
-        assert [(k, v.shape, v.dtype) for k, v in direction.items()] == [("x", (3, 4), np.float32),
-                                                                          ("y", (5,), np.float32)]
+        assert [(k, v.shape, v.dtype) for k, v in direction.items()] == [
+            ("x", (3, 4), np.float32),
+            ("y", (5,), np.float32),
+        ]
         flat = np.concatenate([v.astype(np.float64).ravel() for v in direction.values()])
         assert np.linalg.norm(flat) == pytest.approx(1, abs=1e-6)
     assert all(np.array_equal(a[k], b[k]) for a, b in zip(first, again) for k in shapes)
@@ -74,10 +77,11 @@ def test_canary_directions_are_seeded_unit_vectors_and_canary_updates_have_the_c
 
 # ------------------------------------------------------------------ Steinke et al.
 
+
 def test_steinke_p_value_is_the_binomial_tail_for_pure_dp_and_delta_only_loosens_it():
     q = 1 / (1 + math.exp(-1.0))
-    assert steinke_p_value(100, 10, 10, 1.0, 0.0) == pytest.approx(q ** 10, rel=1e-9)
-    assert steinke_p_value(100, 10, 9, 1.0, 0.0) == pytest.approx(q ** 10 + 10 * q ** 9 * (1 - q), rel=1e-9)
+    assert steinke_p_value(100, 10, 10, 1.0, 0.0) == pytest.approx(q**10, rel=1e-9)
+    assert steinke_p_value(100, 10, 9, 1.0, 0.0) == pytest.approx(q**10 + 10 * q**9 * (1 - q), rel=1e-9)
     assert steinke_p_value(100, 10, 9, 1.0, 1e-3) > steinke_p_value(100, 10, 9, 1.0, 0.0)
     # all r guesses right under pure DP: the bound solves q^r = significance exactly
     bound = steinke_epsilon(100, 20, 20, 0.0, 0.05)
@@ -105,6 +109,7 @@ def test_steinke_bound_is_large_without_noise_and_below_the_true_epsilon_with_it
 
 # ------------------------------------------------------------------ Andrew et al.
 
+
 def test_one_shot_epsilon_is_exact_for_two_gaussians_and_tracks_the_gaussian_mechanism():
     # Unit-variance Gaussians a distance 1/z apart are exactly the Gaussian mechanism.
     samples = np.random.default_rng(0).standard_normal(1000)
@@ -116,8 +121,9 @@ def test_one_shot_epsilon_is_exact_for_two_gaussians_and_tracks_the_gaussian_mec
     print("no noise one-shot:", without_noise.one_shot_epsilon)
     for noise in (1.0, 2.0):
         true_epsilon = gaussian_epsilon(noise)
-        estimates = [audit(*canary_run(noise, seed, canaries=1000, dim=10000), DELTA).one_shot_epsilon
-                     for seed in range(3)]
+        estimates = [
+            audit(*canary_run(noise, seed, canaries=1000, dim=10000), DELTA).one_shot_epsilon for seed in range(3)
+        ]
         print(f"z={noise}: epsilon {true_epsilon:.2f}, one-shot estimates {np.round(estimates, 2)}")
         assert all(true_epsilon / 2 <= e <= 2 * true_epsilon for e in estimates)
         assert without_noise.one_shot_epsilon > 4 * max(estimates)
@@ -126,8 +132,16 @@ def test_one_shot_epsilon_is_exact_for_two_gaussians_and_tracks_the_gaussian_mec
 # ------------------------------------------------------------------ update inversion
 
 SECRET = "garden music travel budget recipe sleep health movie python email weekend morning".split()
-PROBES = ["Can you help me with something?", "What do you think?", "Tell me more.", "Please explain.",
-          "Any advice?", "Hello!", "Write something for me.", "What should I do today?"]
+PROBES = [
+    "Can you help me with something?",
+    "What do you think?",
+    "Tell me more.",
+    "Please explain.",
+    "Any advice?",
+    "Hello!",
+    "Write something for me.",
+    "What should I do today?",
+]
 
 
 def test_rouge1_is_clipped_unigram_f1():
@@ -143,9 +157,14 @@ def test_server_recovers_the_tokens_of_an_ffa_lora_update_and_nothing_from_noise
 
     rng = random.Random(0)
     others = [w for w in _WORDS if w not in SECRET]
-    pairs = [PreferencePair(prompt=" ".join(rng.choice(others) for _ in range(5)) + "?",
-                            chosen=" ".join(rng.choice(SECRET) for _ in range(12)),
-                            rejected=" ".join(rng.choice(others) for _ in range(12))) for _ in range(16)]
+    pairs = [
+        PreferencePair(
+            prompt=" ".join(rng.choice(others) for _ in range(5)) + "?",
+            chosen=" ".join(rng.choice(SECRET) for _ in range(12)),
+            rejected=" ".join(rng.choice(others) for _ in range(12)),
+        )
+        for _ in range(16)
+    ]
     replies = [pair.chosen for pair in pairs]
     tokenizer = tiny_base.tokenizer
     peft = attach_adapters(tiny_base.model, AdapterConfig(freeze_a=True))
@@ -168,11 +187,13 @@ def test_server_recovers_the_tokens_of_an_ffa_lora_update_and_nothing_from_noise
     noise = np.random.default_rng(0)
     length = math.sqrt(sum(float(((after[k] - before[k]) ** 2).sum()) for k in before))
     random_update = {k: noise.standard_normal(v.shape).astype(np.float32) for k, v in before.items()}
-    scale = length / math.sqrt(sum(float((v ** 2).sum()) for v in random_update.values()))
+    scale = length / math.sqrt(sum(float((v**2).sum()) for v in random_update.values()))
     random_after = {k: before[k] + scale * random_update[k] for k in before}
     control = score_inversion(
         invert_update(peft, tokenizer, SHARED, before, random_after, "B", PROBES, top_k=top_k, text_tokens=4),
-        replies, tokenizer)
+        replies,
+        tokenizer,
+    )
     print("random update of the same norm:", control.to_dict())
     assert control.token_precision <= 2.5 * control.chance_precision < score.token_precision
     with pytest.raises(FedpalError, match="zero"):

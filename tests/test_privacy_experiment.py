@@ -21,8 +21,23 @@ from fedpal.simulations.privacy.config import PRESETS
 @pytest.fixture(scope="module")
 def audit(tmp_path_factory) -> tuple[dict, Path]:
     out = tmp_path_factory.mktemp("audit") / "quick"
-    done = subprocess.run([sys.executable, "-m", "fedpal.common.cli", "privacy", "audit", "--preset", "quick",
-                           "--out", str(out), "--json"], capture_output=True, text=True, timeout=1200)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fedpal.common.cli",
+            "privacy",
+            "audit",
+            "--preset",
+            "quick",
+            "--out",
+            str(out),
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
     assert json.loads(done.stdout) == results  # the progress bars went to stderr
@@ -81,16 +96,23 @@ def test_dp_spends_what_the_accountant_says_and_secagg_changes_what_the_server_i
     assert sweep == {0.0: None, PRESETS["quick"].noise_multiplier: results["epsilon"]["dp"]}
 
 
-@pytest.mark.parametrize("text, error", [
-    ("canary_clients = -1\n", "canary_clients must not be negative, not -1"),
-    ('sweep = "a"\n', "'sweep' must be a list of numbers, like [0.5, 2.0]"),
-])
+@pytest.mark.parametrize(
+    "text, error",
+    [
+        ("canary_clients = -1\n", "canary_clients must not be negative, not -1"),
+        ('sweep = "a"\n', "'sweep' must be a list of numbers, like [0.5, 2.0]"),
+    ],
+)
 def test_a_bad_config_file_is_one_line_and_runs_nothing(tmp_path, text, error):
     config = tmp_path / "audit.toml"
     config.write_text(text)
     out = tmp_path / "out"
-    done = subprocess.run([sys.executable, "-m", "fedpal.common.cli", "privacy", "audit", "--config", str(config),
-                           "--out", str(out)], capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "fedpal.common.cli", "privacy", "audit", "--config", str(config), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 2
     assert len(done.stderr.strip().splitlines()) == 1 and done.stderr.startswith("error: ")
     assert done.stderr.strip().endswith(error)

@@ -29,8 +29,13 @@ def _scored_run() -> dict:
     users = make_population(5, seed=11, minority_fraction=0.2)
     prompts = sample_prompts("heldout", 6, seed=0)
     rng = np.random.default_rng(0)
-    favourite = {"concise": "one_sentence", "detailed": "detailed_example",
-                 "warm": "warm_question", "formal": "formal", "budget_plain": "budget_simple"}
+    favourite = {
+        "concise": "one_sentence",
+        "detailed": "detailed_example",
+        "warm": "warm_question",
+        "formal": "formal",
+        "budget_plain": "budget_simple",
+    }
     by_style = {
         name: [synthetic_reply(p, STYLES_BY_NAME[name], rng) for p in prompts]
         for name in {"plain", "bulleted", *favourite.values()}
@@ -116,8 +121,13 @@ def test_report_verdict_follows_the_numbers(tmp_path):
 
 def test_report_without_privacy_curves_or_matrix_still_writes_everything(tmp_path):
     results = _results(
-        epsilon=None, delta=None, noise_multiplier=0.0, epsilon_per_round=[None, None, None],
-        curves={}, cross_user_matrix=[], cross_user_diagonal_best_fraction=0.0,
+        epsilon=None,
+        delta=None,
+        noise_multiplier=0.0,
+        epsilon_per_round=[None, None, None],
+        curves={},
+        cross_user_matrix=[],
+        cross_user_diagonal_best_fraction=0.0,
     )
     files = write_report(results, tmp_path)
     assert "differential privacy **off**" in files.report.read_text()

@@ -28,7 +28,12 @@ def test_reward_learns_a_planted_preference_and_says_how_well_on_unseen_prompts(
     assert model.cv_accuracy is not None and model.cv_accuracy > 0.8
     fresh = _planted(400, 20, seed=1, draw=1)  # unseen replies, same user
     assert accuracy(model, fresh[0], fresh[1]) > 0.8
-    cosine = model.weights @ (direction * model.scale) / np.linalg.norm(model.weights) / np.linalg.norm(direction * model.scale)
+    cosine = (
+        model.weights
+        @ (direction * model.scale)
+        / np.linalg.norm(model.weights)
+        / np.linalg.norm(direction * model.scale)
+    )
     assert cosine > 0.8
 
 
@@ -56,6 +61,7 @@ def test_reward_round_trips_and_refuses_bad_input(tmp_path):
 
 # ------------------------------------------------------------------ rerank through ONNX (tiny model)
 
+
 @pytest.fixture(scope="module")
 def generator():
     from fedpal.client.generator import PersonalizedGenerator
@@ -73,7 +79,7 @@ def _home_preferring(tmp_path, longer: bool):
     words = "river stone bread light window garden paper music".split()
     with PreferenceMemory.open(home.root) as memory:
         for i in range(12):
-            short = " ".join(words[i % 8: i % 8 + 2])
+            short = " ".join(words[i % 8 : i % 8 + 2])
             long = " ".join(words * 3)
             chosen, rejected = (long, short) if longer else (short, long)
             memory.add_pair(f"question {i}?", chosen, rejected)
@@ -94,7 +100,9 @@ def test_rerank_answers_with_the_draft_the_users_reward_scores_highest(generator
     for k, register in enumerate(REGISTERS):
         texts[f"{prompt}\n\n{register}"] = " ".join(["river stone bread music"] * (1 + 3 * k)) if k % 2 else "bread"
     real = generator.generate
-    monkeypatch.setattr(generator, "generate", lambda q, *a, **kw: dataclasses.replace(real(q, *a, **kw), text=texts.get(q, "")))
+    monkeypatch.setattr(
+        generator, "generate", lambda q, *a, **kw: dataclasses.replace(real(q, *a, **kw), text=texts.get(q, ""))
+    )
     picks = {}
     for longer in (True, False):
         home = _home_preferring(tmp_path, longer)

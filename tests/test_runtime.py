@@ -64,10 +64,14 @@ def _torch_greedy(model, ids, n):
     eos = model.config.eos_token_id
     with torch.no_grad():
         out = model.generate(
-            input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-            max_new_tokens=n, do_sample=False, pad_token_id=eos, eos_token_id=eos,
+            input_ids=torch.tensor([ids]),
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            max_new_tokens=n,
+            do_sample=False,
+            pad_token_id=eos,
+            eos_token_id=eos,
         )
-    tokens = out[0, len(ids):].tolist()
+    tokens = out[0, len(ids) :].tolist()
     return tokens[: tokens.index(eos)] if eos in tokens else tokens
 
 
@@ -192,13 +196,17 @@ def test_fusion_equals_base_when_only_base_is_weighted(generator, users):
     home = users["ana"][0]
     options = DecodeOptions(max_new_tokens=10)
     base = generator.generate_for(home, PROMPT, mode="base", options=options)
-    fused = generator.generate_for(home, PROMPT, mode="fusion", w_base=1.0, w_shared=0.0, w_personal=0.0, options=options)
+    fused = generator.generate_for(
+        home, PROMPT, mode="fusion", w_base=1.0, w_shared=0.0, w_personal=0.0, options=options
+    )
     assert fused.token_ids == base.token_ids and fused.mode == "fusion"
     personal = generator.generate_for(home, PROMPT, mode="merge", w_shared=0.0, w_personal=1.0, options=options)
     only_personal = generator.generate_for(home, PROMPT, mode="fusion", w_shared=0.0, w_personal=1.0, options=options)
     assert only_personal.token_ids == personal.token_ids
     assert personal.token_ids != base.token_ids
-    mixed = generator.generate_for(home, PROMPT, mode="fusion", w_base=0.2, w_shared=0.3, w_personal=0.5, options=options)
+    mixed = generator.generate_for(
+        home, PROMPT, mode="fusion", w_base=0.2, w_shared=0.3, w_personal=0.5, options=options
+    )
     assert mixed.tokens > 0
 
 
@@ -210,7 +218,9 @@ def test_sampling_is_seeded_and_streams(generator, users):
     two = generator.generate_for(home, PROMPT, options=options)
     assert one.token_ids == two.token_ids
     assert len(pieces) == one.tokens
-    others = {generator.generate_for(home, PROMPT, options=dataclasses.replace(options, seed=s)).token_ids for s in range(4)}
+    others = {
+        generator.generate_for(home, PROMPT, options=dataclasses.replace(options, seed=s)).token_ids for s in range(4)
+    }
     assert len(others) > 1
     assert generator.generate(PROMPT, options=DecodeOptions(max_new_tokens=3)).tokens <= 3
 
@@ -286,10 +296,13 @@ def test_bad_input_is_one_line_error(generator, export, users, tmp_path, tiny_pa
         convert_adapters(export, [(half, 1.0), (half, 1.0)], tmp_path / "h.onnx_adapter")
     cases.append(err)
     # merge for a user with nothing trained (or nothing that passed the guard) is the base model
-    untrained = generator.generate_for(ClientHome.at(tmp_path / "nobody"), PROMPT, mode="merge",
-                                       options=DecodeOptions(max_new_tokens=4))
-    assert untrained.mode == "base" and untrained.token_ids == generator.generate(
-        PROMPT, None, DecodeOptions(max_new_tokens=4)).token_ids
+    untrained = generator.generate_for(
+        ClientHome.at(tmp_path / "nobody"), PROMPT, mode="merge", options=DecodeOptions(max_new_tokens=4)
+    )
+    assert (
+        untrained.mode == "base"
+        and untrained.token_ids == generator.generate(PROMPT, None, DecodeOptions(max_new_tokens=4)).token_ids
+    )
     with pytest.raises(FedpalError) as err:
         generator.generate_for(ClientHome.at(tmp_path / "nobody"), PROMPT, mode="fusion", w_shared=0.0, w_personal=0.5)
     assert "no personal adapter" in str(err.value)
@@ -328,12 +341,28 @@ def test_cli_generate_json_line(export, users):
     runner = CliRunner()
     result = runner.invoke(
         cli.app,
-        ["generate", "--home", str(home.root), "--prompt", PROMPT, "--model", "tiny", "--precision", "fp32",
-         "--max-new-tokens", "5", "--json"],
+        [
+            "generate",
+            "--home",
+            str(home.root),
+            "--prompt",
+            PROMPT,
+            "--model",
+            "tiny",
+            "--precision",
+            "fp32",
+            "--max-new-tokens",
+            "5",
+            "--json",
+        ],
     )
     assert result.exit_code == 0, result.output
     line = json.loads(result.output.strip().splitlines()[-1])
-    assert set(line) == {"text", "tokens", "seconds", "mode", "adapters"} and line["mode"] == "merge" and 0 < line["tokens"] <= 5
+    assert (
+        set(line) == {"text", "tokens", "seconds", "mode", "adapters"}
+        and line["mode"] == "merge"
+        and 0 < line["tokens"] <= 5
+    )
     assert line["adapters"] == {"shared": 1.0, "personal": 1.0}
 
 
@@ -368,7 +397,9 @@ def test_cli_chat_stores_a_rating_and_a_pick(export, users, monkeypatch):
     monkeypatch.setenv("FEDPAL_PASSPHRASE", "correct horse battery")
     cli._register_commands()
     home = users["ben"][0]
-    export_command(home=home.root, model="tiny", precision="fp32", max_rank=export.max_rank, provider="cpu", force=False)
+    export_command(
+        home=home.root, model="tiny", precision="fp32", max_rank=export.max_rank, provider="cpu", force=False
+    )
     runner = CliRunner()
     script = "What should I cook tonight?\n/rate 4\n/rate 9\n/pick\n2\n/quit\n"
     result = runner.invoke(cli.app, ["chat", "--home", str(home.root), "--max-new-tokens", "6"], input=script)

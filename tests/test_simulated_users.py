@@ -75,7 +75,9 @@ def test_longer_text_has_larger_length():
 
 
 def test_formal_text_is_more_formal_than_casual_text():
-    formal = "Regarding your request, it is advisable to ensure the form is complete. Furthermore, please note the deadline."
+    formal = (
+        "Regarding your request, it is advisable to ensure the form is complete. Furthermore, please note the deadline."
+    )
     casual = "Hey, you're gonna wanna fill out the form, it's pretty easy! No worries."
     assert measure(formal)["formality"] > 0.7 > 0.3 > measure(casual)["formality"]
     assert measure(PROSE)["formality"] == pytest.approx(0.5)
@@ -316,7 +318,9 @@ def test_candidate_headroom_scores_best_style_and_best_candidate_against_plain()
         assert table[i, :, names.index(style)].mean() == pytest.approx(table[i].mean(axis=0).max())
     assert headroom["best_candidate_win_rate_vs_base"] == pytest.approx(win_rates(table.max(axis=2), plain).mean())
     assert headroom["best_style_win_rate_vs_base"] <= headroom["best_candidate_win_rate_vs_base"] <= 1.0
-    assert headroom["base_mean_utility"] <= headroom["best_style_mean_utility"] <= headroom["best_candidate_mean_utility"]
+    assert (
+        headroom["base_mean_utility"] <= headroom["best_style_mean_utility"] <= headroom["best_candidate_mean_utility"]
+    )
     only_plain = candidate_headroom(users, [[row[0]] * 2 for row in candidates], ["plain", "copy"])
     assert only_plain["best_candidate_win_rate_vs_base"] == 0.5  # nothing better on offer: all ties
     assert candidate_headroom(users, candidates, [f"s{i}" for i in range(len(names))]) is None
@@ -349,8 +353,13 @@ def test_diagonal_best_is_strict_and_margin_measures_the_gap():
 def test_cross_user_matrix_peaks_on_the_diagonal_when_replies_match_each_user():
     users = make_population(10, seed=5, minority_fraction=0.2)
     replies = _style_replies(seed=2)
-    favourite = {"concise": "one_sentence", "detailed": "detailed_example", "warm": "warm_question",
-                 "formal": "formal", "budget_plain": "budget_simple"}
+    favourite = {
+        "concise": "one_sentence",
+        "detailed": "detailed_example",
+        "warm": "warm_question",
+        "formal": "formal",
+        "budget_plain": "budget_simple",
+    }
     per_user = [replies[favourite[u.archetype]] for u in users]
     matrix = cross_user_matrix(users, per_user)
     assert matrix.shape == (10, 10)

@@ -17,15 +17,28 @@ from fedpal.server.server_app import load_global_adapter
 from fedpal.simulations.experiment.results import BASELINES
 from fedpal.simulations.runner import simulate
 
-SMALL = replace(PRESETS["quick"], users=3, clients_per_round=3, rounds=1, train_prompts=4, heldout_prompts=3,
-                curve_prompts=2, local_steps=2, personal_steps=2)
+SMALL = replace(
+    PRESETS["quick"],
+    users=3,
+    clients_per_round=3,
+    rounds=1,
+    train_prompts=4,
+    heldout_prompts=3,
+    curve_prompts=2,
+    local_steps=2,
+    personal_steps=2,
+)
 
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("quick")
-    result = subprocess.run([sys.executable, "-m", "fedpal.common.cli", "simulate", "--preset", "quick", "--out", str(out)],
-                            capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, "-m", "fedpal.common.cli", "simulate", "--preset", "quick", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return out, result
 
@@ -67,12 +80,17 @@ def test_the_whole_experiment_is_one_flwr_run_with_each_user_on_its_node(quick_r
     log = (out / "flwr-run.log").read_text()
     assert log.count("Successfully started run") == 1
     assert "(4 simulated SuperNodes)" in log
-    assert "run_simulation" not in log and "Successfully started run" not in result.stderr  # Flower's logs stay in the file
+    assert (
+        "run_simulation" not in log and "Successfully started run" not in result.stderr
+    )  # Flower's logs stay in the file
     phases = [json.loads(line) for line in (out / "progress.jsonl").read_text().splitlines()]
     started = [line["phase"] for line in phases if "total" in line]
     assert started[0] == "users join and answer round 1's prompts" and len(started) == 4  # join, rounds, 2 x between
-    assert all(max(line["done"] for line in phases if line["phase"] == name and "done" in line) ==
-               next(line["total"] for line in phases if line["phase"] == name and "total" in line) for name in started)
+    assert all(
+        max(line["done"] for line in phases if line["phase"] == name and "done" in line)
+        == next(line["total"] for line in phases if line["phase"] == name and "total" in line)
+        for name in started
+    )
     from fedpal.client.memory import PreferenceMemory
 
     for index in range(4):  # each node kept both of its user's homes, federated and local-only, with the same pairs
@@ -96,9 +114,24 @@ def test_fedpal_replies_are_what_fedpal_generate_gives_the_user(quick_run):
     env = {**os.environ, "FEDPAL_PASSPHRASE": "fedpal-simulation-0"}
     for prompt, expected in list(zip(stored["prompts"], stored["replies"]["fedpal"][1]))[:2]:
         done = subprocess.run(
-            [sys.executable, "-m", "fedpal.common.cli", "generate", "--home", str(out / "users" / "1"), "--prompt", prompt,
-             "--retrieval", "--max-new-tokens", str(PRESETS["quick"].reply_tokens), "--json"],
-            capture_output=True, text=True, timeout=300, env=env,
+            [
+                sys.executable,
+                "-m",
+                "fedpal.common.cli",
+                "generate",
+                "--home",
+                str(out / "users" / "1"),
+                "--prompt",
+                prompt,
+                "--retrieval",
+                "--max-new-tokens",
+                str(PRESETS["quick"].reply_tokens),
+                "--json",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=env,
         )
         assert done.returncode == 0, done.stderr[-2000:]
         assert json.loads(done.stdout.strip().splitlines()[-1])["text"] == expected
@@ -121,8 +154,23 @@ def test_the_experiment_on_a_two_node_ray_cluster_gives_the_same_results(quick_r
     single_out, _ = quick_run
     out = tmp_path / "two-nodes"
     with two_node_cluster() as (address, raylets), ActorParents() as parents:
-        done = subprocess.run([sys.executable, "-m", "fedpal.common.cli", "simulate", "--preset", "quick", "--out",
-                               str(out), "--ray-address", address], capture_output=True, text=True, timeout=900)
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "fedpal.common.cli",
+                "simulate",
+                "--preset",
+                "quick",
+                "--out",
+                str(out),
+                "--ray-address",
+                address,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
         assert done.returncode == 0, done.stderr[-3000:]
     assert parents.seen == raylets, (parents.seen, raylets)
     single, cluster = (json.loads((folder / "results.json").read_text()) for folder in (single_out, out))
@@ -164,8 +212,12 @@ def test_bad_settings_are_one_clear_line(tmp_path):
     bad.write_text("users = 1\n")
     with pytest.raises(FedpalError, match="at least 2 users"):
         load_config("quick", bad)
-    for setting, message in (("labelling = 'vibes'", "labelling must be"), ("retrieval_in = 'footer'", "retrieval_in must be"),
-                             ("lora_top_layers = -1", "lora_top_layers must be 0"), ("strategy = 'fedmagic'", "strategy must be one of")):
+    for setting, message in (
+        ("labelling = 'vibes'", "labelling must be"),
+        ("retrieval_in = 'footer'", "retrieval_in must be"),
+        ("lora_top_layers = -1", "lora_top_layers must be 0"),
+        ("strategy = 'fedmagic'", "strategy must be one of"),
+    ):
         bad.write_text(setting + "\n")
         with pytest.raises(FedpalError, match=message):
             load_config("quick", bad)

@@ -11,9 +11,11 @@ from fedpal.simulations.stylesuite import STYLE_USERS, as_bullets, complete, sen
 
 
 def test_each_users_edit_shows_their_preference_and_the_plain_reply_does_not():
-    reply = ("Start by soaking the beans overnight in plenty of cold water. Then simmer them for an hour "
-             "with a pinch of salt and a bay leaf. Taste one before you drain them, and keep the cooking water "
-             "for a soup later in the week")
+    reply = (
+        "Start by soaking the beans overnight in plenty of cold water. Then simmer them for an hour "
+        "with a pinch of salt and a bay leaf. Taste one before you drain them, and keep the cooking water "
+        "for a soup later in the week"
+    )
     extra = "Soak a cup of black beans in the evening and cook them for lunch the next day."
     kinds = set()
     for user in STYLE_USERS:
@@ -44,7 +46,9 @@ def test_quick_suite_runs_fedpal_train_and_generate_end_to_end(tmp_path):
     assert checks["min_rise"]["holds"] == (report["min_rise"] >= 0.3)
     saved = json.loads((tmp_path / "style.json").read_text())
     assert saved["mean_rise"] == report["mean_rise"]
-    assert (tmp_path / "style.png").read_bytes()[:4] == b"\x89PNG" and "Style suite" in (tmp_path / "style.md").read_text()
+    assert (tmp_path / "style.png").read_bytes()[:4] == b"\x89PNG" and "Style suite" in (
+        tmp_path / "style.md"
+    ).read_text()
 
 
 @pytest.mark.slow

@@ -33,11 +33,13 @@ def style_pairs(n: int, seed: int) -> list[PreferencePair]:
     for _ in range(n):
         topic = " ".join(rng.choice(_WORDS) for _ in range(3))
         items = [" ".join(rng.choice(_WORDS) for _ in range(rng.randint(3, 5))) for _ in range(3)]
-        pairs.append(PreferencePair(
-            prompt=f"Tell me about {topic}?",
-            chosen="\n".join(f"- {item}" for item in items),
-            rejected=" ".join(f"{item.capitalize()}." for item in items),
-        ))
+        pairs.append(
+            PreferencePair(
+                prompt=f"Tell me about {topic}?",
+                chosen="\n".join(f"- {item}" for item in items),
+                rejected=" ".join(f"{item.capitalize()}." for item in items),
+            )
+        )
     return pairs
 
 
@@ -56,10 +58,16 @@ def same(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> bool:
 
 # ------------------------------------------------------------------ DPO maths
 
+
 def test_dpo_loss_matches_hand_computed_values():
     # beta * ((pc - rc) - (pr - rr)) = 0.5 * ((-1 + 1.5) - (-2 + 1.5)) = 0.5
-    out = dpo_loss(torch.tensor([-1.0, -3.0]), torch.tensor([-2.0, -3.0]),
-                   torch.tensor([-1.5, -3.0]), torch.tensor([-1.5, -3.0]), beta=0.5)
+    out = dpo_loss(
+        torch.tensor([-1.0, -3.0]),
+        torch.tensor([-2.0, -3.0]),
+        torch.tensor([-1.5, -3.0]),
+        torch.tensor([-1.5, -3.0]),
+        beta=0.5,
+    )
     assert out.losses[0].item() == pytest.approx(math.log(1 + math.exp(-0.5)), abs=1e-6)  # 0.474077
     assert out.losses[1].item() == pytest.approx(math.log(2), abs=1e-6)  # policy == reference
     assert out.chosen_rewards.tolist() == pytest.approx([0.25, 0.0])
@@ -118,6 +126,7 @@ def test_reply_logprobs_match_a_plain_full_forward():
 
 # ------------------------------------------------------------- device profile
 
+
 def test_device_profile_fits_memory_and_honours_overrides(tiny_base):
     roomy = profile_device(tiny_base.model, "cpu", free_bytes=64 << 30)
     assert (roomy.max_length, roomy.batch_size) == (CPU_MAX_LENGTH, CPU_MAX_BATCH)  # capped on CPU for step time
@@ -130,6 +139,7 @@ def test_device_profile_fits_memory_and_honours_overrides(tiny_base):
 
 
 # ------------------------------------------------------------------ training
+
 
 def test_dpo_raises_reward_margin_on_training_and_held_out_pairs():
     base, model = fresh()
@@ -156,7 +166,9 @@ def test_system_message_is_part_of_what_the_adapter_learns_from():
     trainer = LocalTrainer(base, model, TrainConfig(steps=1, **FAST))
     bare_rows, context_rows = trainer._encode_pairs(pairs), trainer._encode_pairs(in_context)
     for (bare, _), (context, _) in zip(bare_rows, context_rows):
-        assert "Use bullet lists" in base.tokenizer.decode(context[0]) and "bullet" not in base.tokenizer.decode(bare[0])
+        assert "Use bullet lists" in base.tokenizer.decode(context[0]) and "bullet" not in base.tokenizer.decode(
+            bare[0]
+        )
         assert [t for t in context[1] if t != IGNORE] == [t for t in bare[1] if t != IGNORE]  # same reply scored
     margins = trainer.reward_margins(PERSONAL, in_context, [SHARED])
     trainer.train(PERSONAL, in_context, reference_adapters=[SHARED], progress=False)
@@ -168,7 +180,8 @@ def test_reference_is_cached_one_forward_per_step():
     calls = []
     handle = model.register_forward_hook(lambda *_: calls.append(1))
     LocalTrainer(base, model, TrainConfig(steps=5, batch_size=4, max_length=64)).train(
-        PERSONAL, style_pairs(10, seed=3), reference_adapters=[SHARED], progress=False)
+        PERSONAL, style_pairs(10, seed=3), reference_adapters=[SHARED], progress=False
+    )
     handle.remove()
     assert len(calls) == math.ceil(10 / 4) + 5  # reference once per pair (3 batches), then 1 per step
 
@@ -203,7 +216,8 @@ def test_same_seed_same_adapter_other_seed_other_adapter():
     for seed in (3, 3, 4):
         base, model = fresh()
         LocalTrainer(base, model, TrainConfig(steps=4, seed=seed, batch_size=4, max_length=64)).train(
-            PERSONAL, pairs, reference_adapters=[SHARED], progress=False)
+            PERSONAL, pairs, reference_adapters=[SHARED], progress=False
+        )
         results.append(lora(model, PERSONAL))
     assert same(results[0], results[1])
     assert not same(results[0], results[2])
@@ -219,7 +233,8 @@ def test_a_killed_run_resumes_from_its_checkpoint_to_the_same_weights(tmp_path):
 
     base, model = fresh()
     LocalTrainer(base, model, config, checkpoint_dir=tmp_path / "a").train(
-        PERSONAL, pairs, reference_adapters=[SHARED], progress=False)
+        PERSONAL, pairs, reference_adapters=[SHARED], progress=False
+    )
     uninterrupted = lora(model, PERSONAL)
 
     def kill_at_5(step: int, loss: float) -> None:
@@ -229,12 +244,14 @@ def test_a_killed_run_resumes_from_its_checkpoint_to_the_same_weights(tmp_path):
     base, model = fresh()
     with pytest.raises(Killed):
         LocalTrainer(base, model, config, checkpoint_dir=tmp_path / "b").train(
-            PERSONAL, pairs, reference_adapters=[SHARED], progress=False, callback=kill_at_5)
+            PERSONAL, pairs, reference_adapters=[SHARED], progress=False, callback=kill_at_5
+        )
     assert (tmp_path / "b" / "personal.ckpt.pt").is_file()
 
     base, model = fresh()  # a new process: the adapter is back at its starting weights
     result = LocalTrainer(base, model, config, checkpoint_dir=tmp_path / "b").train(
-        PERSONAL, pairs, reference_adapters=[SHARED], progress=False)
+        PERSONAL, pairs, reference_adapters=[SHARED], progress=False
+    )
     assert result.resumed_from == 4 and result.steps == 6 and "resumed" in result.note
     assert same(lora(model, PERSONAL), uninterrupted)
     assert not (tmp_path / "b" / "personal.ckpt.pt").exists()  # a finished run leaves no checkpoint
@@ -250,10 +267,12 @@ def test_checkpoint_of_other_data_is_not_resumed(tmp_path):
     base, model = fresh()
     with pytest.raises(Killed):
         LocalTrainer(base, model, config, checkpoint_dir=tmp_path).train(
-            PERSONAL, style_pairs(8, seed=7), progress=False, callback=kill_at_2)
+            PERSONAL, style_pairs(8, seed=7), progress=False, callback=kill_at_2
+        )
     base, model = fresh()
     result = LocalTrainer(base, model, config, checkpoint_dir=tmp_path).train(
-        PERSONAL, style_pairs(8, seed=8), progress=False)
+        PERSONAL, style_pairs(8, seed=8), progress=False
+    )
     assert result.resumed_from == 0 and result.steps == 4
 
 
@@ -281,7 +300,8 @@ def test_nan_loss_stops_and_keeps_the_last_good_adapter():
 def test_absurd_learning_rate_never_returns_a_broken_adapter():
     base, model = fresh()
     result = LocalTrainer(base, model, TrainConfig(steps=8, batch_size=4, max_length=64, learning_rate=1e30)).train(
-        PERSONAL, style_pairs(8, seed=10), progress=False)
+        PERSONAL, style_pairs(8, seed=10), progress=False
+    )
     assert result.stopped == "nan" and result.steps >= 1
     assert all(np.isfinite(a).all() for a in lora(model, PERSONAL).values())
 
@@ -309,11 +329,13 @@ def test_sft_and_both_objectives_learn():
     examples = [SFTExample("Say hi?", "- hi\n- hello"), SFTExample(pairs[0].prompt, pairs[0].chosen)]
     base, model = fresh()
     sft = LocalTrainer(base, model, TrainConfig(objective="sft", steps=8, **FAST)).train(
-        PERSONAL, [], examples, progress=False)
+        PERSONAL, [], examples, progress=False
+    )
     assert sft.examples == 2 and sft.loss_last < sft.loss_first and sft.reward_margin_last == 0.0
     base, model = fresh()
     both = LocalTrainer(base, model, TrainConfig(objective="both", steps=8, sft_weight=0.5, **FAST)).train(
-        PERSONAL, pairs, examples, progress=False)
+        PERSONAL, pairs, examples, progress=False
+    )
     assert both.loss_last < both.loss_first and both.reward_margin_last > 0
 
 
@@ -334,15 +356,22 @@ def test_no_pairs_or_bad_settings_are_clear_errors():
 def test_time_budget_stops_early():
     base, model = fresh()
     result = LocalTrainer(base, model, TrainConfig(steps=50, time_budget_s=0.001, **FAST)).train(
-        PERSONAL, style_pairs(8, seed=13), progress=False)
+        PERSONAL, style_pairs(8, seed=13), progress=False
+    )
     assert result.stopped == "time" and result.steps == 1 and "time budget" in result.note
 
 
 # ------------------------------------------------------------------ CLI
 
+
 def cli(*args: str, env: dict) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "fedpal.common.cli", "train", *args],
-                          capture_output=True, text=True, timeout=300, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "fedpal.common.cli", "train", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
 
 
 def test_cli_trains_from_the_memory_and_saves_adapters(tmp_path):
@@ -352,9 +381,26 @@ def test_cli_trains_from_the_memory_and_saves_adapters(tmp_path):
     for pair in style_pairs(6, seed=14):
         memory.add_pair(pair.prompt, pair.chosen, pair.rejected)
     env = {**os.environ, "FEDPAL_PASSPHRASE": "correct horse"}
-    common = ["--home", str(home), "--model", "tiny", "--steps", "3", "--batch-size", "2",
-              "--max-length", "64", "--learning-rate", "0.005", "--objective", "dpo",
-              "--holdout", "0", "--no-guard", "--json"]
+    common = [
+        "--home",
+        str(home),
+        "--model",
+        "tiny",
+        "--steps",
+        "3",
+        "--batch-size",
+        "2",
+        "--max-length",
+        "64",
+        "--learning-rate",
+        "0.005",
+        "--objective",
+        "dpo",
+        "--holdout",
+        "0",
+        "--no-guard",
+        "--json",
+    ]
 
     first = cli(*common, "--adapter", "both", env=env)
     assert first.returncode == 0, first.stderr

@@ -39,7 +39,9 @@ def _make_homes(nodes: Path, clients: int) -> None:
         memory = PreferenceMemory.open(nodes / str(i), passphrase=PASSPHRASE)
         if len(memory) == 0:
             for j in range(6):
-                memory.add_pair(f"user {i} asks about plan {j}", f"a short warm answer {j}", f"a long formal answer {j} with detail")
+                memory.add_pair(
+                    f"user {i} asks about plan {j}", f"a short warm answer {j}", f"a long formal answer {j} with detail"
+                )
 
 
 def run_variant(name: str, settings: dict, model: str, clients: int, rounds: int, work: Path) -> dict:
@@ -65,7 +67,10 @@ def run_variant(name: str, settings: dict, model: str, clients: int, rounds: int
     # every client gets a slot at once, so the slowest local training is on the round's
     # critical path and the rest of the round time is the federation's own cost
     cpus = os.cpu_count() or 2
-    backend = {"client_resources": {"num_cpus": cpus / clients}, "init_args": {"num_cpus": cpus, "include_dashboard": False}}
+    backend = {
+        "client_resources": {"num_cpus": cpus / clients},
+        "init_args": {"num_cpus": cpus, "include_dashboard": False},
+    }
     started = time.perf_counter()
     run_simulation(make_server_app(config), make_client_app(), num_supernodes=clients, backend_config=backend)
     wall = time.perf_counter() - started
@@ -92,8 +97,9 @@ def run_variant(name: str, settings: dict, model: str, clients: int, rounds: int
     }
 
 
-def run_benchmark(model: str = "tiny", clients: int = 4, rounds: int = 3, variants: list[str] | None = None,
-                  work: Path | None = None) -> list[dict]:
+def run_benchmark(
+    model: str = "tiny", clients: int = 4, rounds: int = 3, variants: list[str] | None = None, work: Path | None = None
+) -> list[dict]:
     """All variants on the same users, one after another."""
     work = work or Path(tempfile.mkdtemp(prefix="fedpal-bench-"))
     os.environ["FEDPAL_PASSPHRASE"] = PASSPHRASE
@@ -105,7 +111,8 @@ def to_markdown(rows: list[dict], header: str) -> str:
     lines = [
         header,
         "",
-        "| variant | round s | slowest local training s | overhead s | slowest client fit s | up kB/client-round | down kB/client-round |",
+        "| variant | round s | slowest local training s | overhead s | slowest client fit s | up kB/client-round | "
+        "down kB/client-round |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:

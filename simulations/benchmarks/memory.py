@@ -22,11 +22,60 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-TOPICS = ("hiking", "python", "cooking", "budget", "travel", "music", "garden", "fitness", "email", "history",
-          "chess", "coffee", "sleep", "rust", "painting", "physics", "taxes", "cycling", "poetry", "movies")
-WORDS = ("please", "short", "answer", "explain", "simple", "steps", "example", "list", "detailed", "friendly",
-         "formal", "tips", "plan", "weekly", "quick", "honest", "summary", "why", "how", "best", "avoid",
-         "beginner", "advanced", "compare", "review", "ideas", "schedule", "bullet", "points", "table")
+TOPICS = (
+    "hiking",
+    "python",
+    "cooking",
+    "budget",
+    "travel",
+    "music",
+    "garden",
+    "fitness",
+    "email",
+    "history",
+    "chess",
+    "coffee",
+    "sleep",
+    "rust",
+    "painting",
+    "physics",
+    "taxes",
+    "cycling",
+    "poetry",
+    "movies",
+)
+WORDS = (
+    "please",
+    "short",
+    "answer",
+    "explain",
+    "simple",
+    "steps",
+    "example",
+    "list",
+    "detailed",
+    "friendly",
+    "formal",
+    "tips",
+    "plan",
+    "weekly",
+    "quick",
+    "honest",
+    "summary",
+    "why",
+    "how",
+    "best",
+    "avoid",
+    "beginner",
+    "advanced",
+    "compare",
+    "review",
+    "ideas",
+    "schedule",
+    "bullet",
+    "points",
+    "table",
+)
 
 
 def _sentence(rng: random.Random, n: int) -> str:
@@ -44,14 +93,26 @@ def synthetic_lines(count: int, seed: int = 0) -> list[dict]:
         if roll < 0.05:
             line = {"kind": "stated", "text": f"I prefer {_sentence(rng, 6)}"}
         elif roll < 0.40:
-            line = {"kind": "pair", "prompt": _sentence(rng, 10), "chosen": _sentence(rng, 40),
-                    "rejected": _sentence(rng, 40)}
+            line = {
+                "kind": "pair",
+                "prompt": _sentence(rng, 10),
+                "chosen": _sentence(rng, 40),
+                "rejected": _sentence(rng, 40),
+            }
         elif roll < 0.65:
-            line = {"kind": "rating", "prompt": _sentence(rng, 10), "response": _sentence(rng, 40),
-                    "score": rng.randint(1, 5)}
+            line = {
+                "kind": "rating",
+                "prompt": _sentence(rng, 10),
+                "response": _sentence(rng, 40),
+                "score": rng.randint(1, 5),
+            }
         elif roll < 0.80:
-            line = {"kind": "edit", "prompt": _sentence(rng, 10), "response": _sentence(rng, 40),
-                    "edited": _sentence(rng, 30)}
+            line = {
+                "kind": "edit",
+                "prompt": _sentence(rng, 10),
+                "response": _sentence(rng, 40),
+                "edited": _sentence(rng, 30),
+            }
         else:
             line = {"kind": "turn", "role": rng.choice(["user", "assistant"]), "text": _sentence(rng, 20)}
         lines.append({**line, "tags": tags, "id": f"r{i:06d}"})

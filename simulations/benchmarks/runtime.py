@@ -91,8 +91,11 @@ def _measure(scratch: Path, model: str, precision: str, new_tokens: int, repeats
     def torch_run() -> int:
         with torch.no_grad():
             out = peft_model.generate(
-                input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                max_new_tokens=new_tokens, do_sample=False, pad_token_id=base.tokenizer.eos_token_id,
+                input_ids=torch.tensor([ids]),
+                attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                max_new_tokens=new_tokens,
+                do_sample=False,
+                pad_token_id=base.tokenizer.eos_token_id,
             )
         return int(out.shape[1] - len(ids))
 
@@ -101,6 +104,7 @@ def _measure(scratch: Path, model: str, precision: str, new_tokens: int, repeats
 
     onnx_run(True)  # warm-up: first run allocates buffers and loads the adapter
     torch_run()
+
     def torch_one_thread() -> int:
         # On a shared, busy machine torch's default multi-thread eager decoding can be far
         # slower than one thread; the faster of the two is the baseline, so the speed-up is not flattered.
@@ -113,12 +117,19 @@ def _measure(scratch: Path, model: str, precision: str, new_tokens: int, repeats
 
     load_before = os.getloadavg()[0]
     timed = _timed(
-        {"torch": torch_run, "torch1": torch_one_thread, "onnx": lambda: onnx_run(True), "base": lambda: onnx_run(False)},
+        {
+            "torch": torch_run,
+            "torch1": torch_one_thread,
+            "onnx": lambda: onnx_run(True),
+            "base": lambda: onnx_run(False),
+        },
         repeats,
     )
     torch_name = max(("torch", "torch1"), key=lambda name: timed[name][0])
     (torch_rate, torch_tokens), (onnx_rate, onnx_tokens), (base_rate, base_tokens) = (
-        timed[torch_name], timed["onnx"], timed["base"]
+        timed[torch_name],
+        timed["onnx"],
+        timed["base"],
     )
 
     # Adapter swap: a second user's adapter, then alternate between the two.
@@ -147,7 +158,10 @@ def _measure(scratch: Path, model: str, precision: str, new_tokens: int, repeats
         "new_tokens": new_tokens,
         "repeats": repeats,
         "pytorch_eager_adapter_tok_s": round(torch_rate, 1),
-        "pytorch_threads_tok_s": {str(torch.get_num_threads()): round(timed["torch"][0], 1), "1": round(timed["torch1"][0], 1)},
+        "pytorch_threads_tok_s": {
+            str(torch.get_num_threads()): round(timed["torch"][0], 1),
+            "1": round(timed["torch1"][0], 1),
+        },
         "onnx_adapter_tok_s": round(onnx_rate, 1),
         "onnx_no_adapter_tok_s": round(base_rate, 1),
         "speedup_vs_pytorch": round(onnx_rate / torch_rate, 2),
@@ -171,8 +185,11 @@ def _rerank_cost(generator, home, options, repeats: int) -> tuple[float, float, 
     os.environ.setdefault("FEDPAL_PASSPHRASE", "fedpal benchmark")
     with PreferenceMemory.open(home.root) as memory:
         for i in range(8):
-            memory.add_pair(f"{PROMPT} ({i})", "- Pack light.\n- Check the weather.\n- Tell someone your route.",
-                            "Pack light and check the weather before you go, and tell someone your route.")
+            memory.add_pair(
+                f"{PROMPT} ({i})",
+                "- Pack light.\n- Check the weather.\n- Tell someone your route.",
+                "Pack light and check the weather before you go, and tell someone your route.",
+            )
     generator.user_reward(home)  # fitted once, as after the first rerank reply
     times: dict[str, list[float]] = {"merge": [], "rerank": []}
     for _ in range(repeats):
@@ -187,7 +204,10 @@ def _rerank_cost(generator, home, options, repeats: int) -> tuple[float, float, 
 def table(result: dict) -> str:
     """The figures as a Markdown table."""
     rows = [
-        ("PyTorch eager fp32 + personal LoRA (peft), best thread count", f"{result['pytorch_eager_adapter_tok_s']} tok/s"),
+        (
+            "PyTorch eager fp32 + personal LoRA (peft), best thread count",
+            f"{result['pytorch_eager_adapter_tok_s']} tok/s",
+        ),
         (
             "  by torch threads",
             ", ".join(f"{n}: {rate} tok/s" for n, rate in result["pytorch_threads_tok_s"].items()),
@@ -196,8 +216,10 @@ def table(result: dict) -> str:
         (f"ONNX {result['precision']}, no adapter", f"{result['onnx_no_adapter_tok_s']} tok/s"),
         ("speed-up, ONNX + LoRA vs PyTorch + LoRA", f"{result['speedup_vs_pytorch']}x"),
         ("one reply, merge mode", f"{result['merge_reply_s']} s"),
-        (f"one reply, rerank mode ({result['rerank_drafts']} drafts + scoring)",
-         f"{result['rerank_reply_s']} s ({result['rerank_cost_vs_merge']}x merge)"),
+        (
+            f"one reply, rerank mode ({result['rerank_drafts']} drafts + scoring)",
+            f"{result['rerank_reply_s']} s ({result['rerank_cost_vs_merge']}x merge)",
+        ),
         ("adapter swap, first load of a user's file", f"{result['adapter_swap_cold_ms']} ms"),
         ("adapter swap, between loaded users", f"{result['adapter_swap_warm_ms']} ms"),
         ("peft -> ONNX adapter conversion", f"{result['adapter_convert_ms']} ms"),

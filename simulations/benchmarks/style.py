@@ -57,16 +57,23 @@ def _fluency(replies: list[str]) -> dict[str, float]:
     from fedpal.client.guard import distinct, repetition
 
     n = max(len(replies), 1)
-    return {"repetition": sum(map(repetition, replies)) / n, "distinct2": sum(map(distinct, replies)) / n,
-            "collapsed": sum(repetition(reply) > 0.5 for reply in replies) / n}
+    return {
+        "repetition": sum(map(repetition, replies)) / n,
+        "distinct2": sum(map(distinct, replies)) / n,
+        "collapsed": sum(repetition(reply) > 0.5 for reply in replies) / n,
+    }
 
 
 def _train(home: Path, model: str) -> tuple[dict, float]:
     """``fedpal train`` at its defaults, in its own process as a user runs it."""
     env = {**os.environ, "FEDPAL_PASSPHRASE": PASSPHRASE}
     start = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "fedpal.common.cli", "train", "--home", str(home), "--model", model,
-                           "--json"], capture_output=True, text=True, env=env)
+    done = subprocess.run(
+        [sys.executable, "-m", "fedpal.common.cli", "train", "--home", str(home), "--model", model, "--json"],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     seconds = time.perf_counter() - start
     if done.returncode != 0:
         raise RuntimeError(f"fedpal train failed for {home}: {done.stderr.strip().splitlines()[-1:]}")
@@ -102,9 +109,13 @@ def run(args: argparse.Namespace) -> dict:
         if args.template_replies:  # the random tiny model writes no text: template replies stand in
             from fedpal.simulations.styles import synthetic_reply
 
-            plain = [synthetic_reply(p, "plain", np.random.default_rng([args.seed, i])) for i, p in enumerate(train_prompts)]
-        extras = {request: _replies(generator, [f"{p}\n\n{request}" for p in train_prompts], pair_options, progress=step)
-                  for request in extras_needed}
+            plain = [
+                synthetic_reply(p, "plain", np.random.default_rng([args.seed, i])) for i, p in enumerate(train_prompts)
+            ]
+        extras = {
+            request: _replies(generator, [f"{p}\n\n{request}" for p in train_prompts], pair_options, progress=step)
+            for request in extras_needed
+        }
         base_replies = _replies(generator, heldout, options, progress=step)
         for user in users:
             rng = random.Random(f"{args.seed}:{user.name}")
@@ -129,34 +140,53 @@ def run(args: argparse.Namespace) -> dict:
             bars.update(task, description=f"{user.name}: fedpal train", completed=0, total=1)
             summary, seconds = _train(home.root, args.model)
             bars.update(task, description=f"{user.name}: replies", completed=0, total=len(heldout) * len(modes))
-            by_mode = {mode: _replies(generator, heldout, options, home=home, mode=mode, progress=step) for mode in modes}
+            by_mode = {
+                mode: _replies(generator, heldout, options, home=home, mode=mode, progress=step) for mode in modes
+            }
             tuned = by_mode[DEFAULT_MODE]
             base_rate = sum(map(user.shows, base_replies)) / len(heldout)
             tuned_rate = sum(map(user.shows, tuned)) / len(heldout)
             report["users"][user.name] = {
-                "modes": {mode: {"rate": sum(map(user.shows, replies)) / len(heldout), **_fluency(replies)}
-                          for mode, replies in by_mode.items()},
-                "kind": user.kind, "wants": user.wants, "pairs": len(pairs),
-                "base_rate": base_rate, "personalized_rate": tuned_rate, "rise": tuned_rate - base_rate,
-                "base_fluency": _fluency(base_replies), "personalized_fluency": _fluency(tuned),
-                "train_seconds": round(seconds, 1), "activated": summary["activated"],
+                "modes": {
+                    mode: {"rate": sum(map(user.shows, replies)) / len(heldout), **_fluency(replies)}
+                    for mode, replies in by_mode.items()
+                },
+                "kind": user.kind,
+                "wants": user.wants,
+                "pairs": len(pairs),
+                "base_rate": base_rate,
+                "personalized_rate": tuned_rate,
+                "rise": tuned_rate - base_rate,
+                "base_fluency": _fluency(base_replies),
+                "personalized_fluency": _fluency(tuned),
+                "train_seconds": round(seconds, 1),
+                "activated": summary["activated"],
                 "train": summary["runs"][-1]["train"],
                 "guard": summary["runs"][-1]["guard"],
                 "reason": summary["runs"][-1]["reason"],
-                "examples": [{"prompt": p, "base": b, "personalized": t}
-                             for p, b, t in list(zip(heldout, base_replies, tuned))[: args.show]],
+                "examples": [
+                    {"prompt": p, "base": b, "personalized": t}
+                    for p, b, t in list(zip(heldout, base_replies, tuned))[: args.show]
+                ],
                 "replies": tuned,
             }
     checks = _checks(report["users"])
-    report.update({
-        "pairs_per_user": args.pairs, "eval_prompts": len(heldout), "max_new_tokens": args.max_new_tokens,
-        "mean_rise": checks["mean_rise"]["measured"], "min_rise": checks["min_rise"]["measured"], "checks": checks,
-        "base_replies": base_replies, "heldout_prompts": heldout,
-        "seconds_total": round(time.perf_counter() - started, 1),
-        "machine": f"{platform.platform()}, {os.cpu_count()} cpus",
-        "load_average": os.getloadavg(),
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    })
+    report.update(
+        {
+            "pairs_per_user": args.pairs,
+            "eval_prompts": len(heldout),
+            "max_new_tokens": args.max_new_tokens,
+            "mean_rise": checks["mean_rise"]["measured"],
+            "min_rise": checks["min_rise"]["measured"],
+            "checks": checks,
+            "base_replies": base_replies,
+            "heldout_prompts": heldout,
+            "seconds_total": round(time.perf_counter() - started, 1),
+            "machine": f"{platform.platform()}, {os.cpu_count()} cpus",
+            "load_average": os.getloadavg(),
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+    )
     (out / "style.json").write_text(json.dumps(report, indent=1))
     _write_markdown(report, out / "style.md")
     _plot(report, out / "style.png")
@@ -172,14 +202,29 @@ distinct-2; fewer repeats are no loss), training time per user."""
 def _checks(users: dict) -> dict[str, dict]:
     """Each target, the measured value and whether it holds."""
     rises = [u["rise"] for u in users.values()]
-    drift = max(max(u["personalized_fluency"]["repetition"] - u["base_fluency"]["repetition"],
-                    u["base_fluency"]["distinct2"] - u["personalized_fluency"]["distinct2"]) for u in users.values())
+    drift = max(
+        max(
+            u["personalized_fluency"]["repetition"] - u["base_fluency"]["repetition"],
+            u["base_fluency"]["distinct2"] - u["personalized_fluency"]["distinct2"],
+        )
+        for u in users.values()
+    )
     slowest = max(u["train_seconds"] for u in users.values())
-    measured = {"mean_rise": sum(rises) / len(rises), "min_rise": min(rises), "fluency": drift, "train_seconds": slowest}
+    measured = {
+        "mean_rise": sum(rises) / len(rises),
+        "min_rise": min(rises),
+        "fluency": drift,
+        "train_seconds": slowest,
+    }
     at_least = {"mean_rise", "min_rise"}
-    return {name: {"target": TARGETS[name], "measured": value,
-                   "holds": value >= TARGETS[name] if name in at_least else value <= TARGETS[name]}
-            for name, value in measured.items()}
+    return {
+        name: {
+            "target": TARGETS[name],
+            "measured": value,
+            "holds": value >= TARGETS[name] if name in at_least else value <= TARGETS[name],
+        }
+        for name, value in measured.items()
+    }
 
 
 def _write_markdown(report: dict, path: Path) -> None:
@@ -188,7 +233,8 @@ def _write_markdown(report: dict, path: Path) -> None:
         "",
         f"`fedpal train` at its defaults on ~{report['pairs_per_user']} edited pairs per user; replies to "
         f"{report['eval_prompts']} unseen prompts through `fedpal generate`'s path (mode {report['mode']}, "
-        f"greedy, {report['max_new_tokens']} new tokens). Machine: {report['machine']}, load {report['load_average'][0]:.2f}.",
+        f"greedy, {report['max_new_tokens']} new tokens). Machine: {report['machine']}, load "
+        f"{report['load_average'][0]:.2f}.",
         "",
         "| user | kind | pairs | preference rate base -> personalized | repetition base -> personalized "
         "| distinct-2 base -> personalized | training s | activated |",
@@ -202,22 +248,38 @@ def _write_markdown(report: dict, path: Path) -> None:
             f"| {u['train_seconds']:.0f} | {'yes' if u['activated'] else 'no: ' + u['reason']} |"
         )
     lines += ["", f"Mean rise {report['mean_rise']:.2f}, smallest {report['min_rise']:.2f}.", ""]
-    words = {"mean_rise": "mean rise at least", "min_rise": "every user's rise at least",
-             "fluency": "largest rise of repetition or fall of distinct-2 at most", "train_seconds": "slowest training (s) at most"}
-    lines += [f"- {words[name]} {c['target']:g}: {c['measured']:.3f} — {'holds' if c['holds'] else 'NOT met'}"
-              for name, c in report["checks"].items()] + [""]
+    words = {
+        "mean_rise": "mean rise at least",
+        "min_rise": "every user's rise at least",
+        "fluency": "largest rise of repetition or fall of distinct-2 at most",
+        "train_seconds": "slowest training (s) at most",
+    }
+    lines += [
+        f"- {words[name]} {c['target']:g}: {c['measured']:.3f} — {'holds' if c['holds'] else 'NOT met'}"
+        for name, c in report["checks"].items()
+    ] + [""]
     others = [m for m in next(iter(report["users"].values()))["modes"] if m != report["mode"]]
     if others:
         lines += ["Other generation modes, same adapters (preference rate, repetition, distinct-2):", ""]
         for name, u in report["users"].items():
-            lines.append(f"- {name}: " + "; ".join(
-                f"{m} {u['modes'][m]['rate']:.2f} / {u['modes'][m]['repetition']:.3f} / {u['modes'][m]['distinct2']:.3f}"
-                for m in others))
+            lines.append(
+                f"- {name}: "
+                + "; ".join(
+                    f"{m} {u['modes'][m]['rate']:.2f} / {u['modes'][m]['repetition']:.3f} / "
+                    f"{u['modes'][m]['distinct2']:.3f}"
+                    for m in others
+                )
+            )
         lines.append("")
     for name, u in report["users"].items():
         for ex in u["examples"][:1]:
-            lines += [f"**{name}** — {ex['prompt']}", "", f"- base: {ex['base'][:240]!r}",
-                      f"- personalized: {ex['personalized'][:240]!r}", ""]
+            lines += [
+                f"**{name}** — {ex['prompt']}",
+                "",
+                f"- base: {ex['base'][:240]!r}",
+                f"- personalized: {ex['personalized'][:240]!r}",
+                "",
+            ]
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -253,14 +315,23 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--pairs", type=int, default=40)
     parser.add_argument("--eval-prompts", type=int, default=24, help="unseen prompts")
     parser.add_argument("--pair-tokens", type=int, default=96, help="new tokens of the replies pairs are built from")
-    parser.add_argument("--max-new-tokens", type=int, default=128, help="new tokens of evaluated replies (generate's default)")
-    parser.add_argument("--modes", default="", help="other generation modes to score beside fedpal generate's default (e.g. rerank)")
+    parser.add_argument(
+        "--max-new-tokens", type=int, default=128, help="new tokens of evaluated replies (generate's default)"
+    )
+    parser.add_argument(
+        "--modes", default="", help="other generation modes to score beside fedpal generate's default (e.g. rerank)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="runs/style")
     parser.add_argument("--show", type=int, default=3, help="example replies kept per user")
-    parser.add_argument("--template-replies", action="store_true",
-                        help="build pairs from template replies instead of the model's (for the random tiny model)")
-    parser.add_argument("--quick", action="store_true", help="tiny model, 2 users, few prompts, template pairs (pipeline check)")
+    parser.add_argument(
+        "--template-replies",
+        action="store_true",
+        help="build pairs from template replies instead of the model's (for the random tiny model)",
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="tiny model, 2 users, few prompts, template pairs (pipeline check)"
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     if args.quick:

@@ -29,9 +29,18 @@ import time
 from datetime import datetime, timezone
 
 TOPICS = (
-    "a weekend trip to the mountains", "learning to cook rice", "a morning routine", "saving money each month",
-    "starting a garden", "writing a cover letter", "sleeping better", "a team meeting agenda",
-    "learning python", "a healthy lunch", "reading more books", "training for a 5k run",
+    "a weekend trip to the mountains",
+    "learning to cook rice",
+    "a morning routine",
+    "saving money each month",
+    "starting a garden",
+    "writing a cover letter",
+    "sleeping better",
+    "a team meeting agenda",
+    "learning python",
+    "a healthy lunch",
+    "reading more books",
+    "training for a 5k run",
 )
 
 
@@ -43,11 +52,13 @@ def style_pairs(n: int) -> list:
     for i in range(n):
         topic = TOPICS[i % len(TOPICS)]
         points = [f"start small with {topic}", f"plan {topic} ahead of time", f"ask a friend about {topic}"]
-        pairs.append(PreferencePair(
-            prompt=f"Give me some advice about {topic} (variant {i}).",
-            chosen="Here are some tips:\n" + "\n".join(f"- {p.capitalize()}." for p in points),
-            rejected="Here are some tips. " + " ".join(f"{p.capitalize()}." for p in points),
-        ))
+        pairs.append(
+            PreferencePair(
+                prompt=f"Give me some advice about {topic} (variant {i}).",
+                chosen="Here are some tips:\n" + "\n".join(f"- {p.capitalize()}." for p in points),
+                rejected="Here are some tips. " + " ".join(f"{p.capitalize()}." for p in points),
+            )
+        )
     return pairs
 
 
@@ -62,10 +73,19 @@ def _fedpal(model: str, pairs, args) -> dict:
     peft_model = attach_adapters(base.model, AdapterConfig(rank=args.rank, alpha=2.0 * args.rank))
     torch.manual_seed(args.seed)
     start = time.perf_counter()
-    trainer = LocalTrainer(base, peft_model, TrainConfig(
-        steps=args.steps, batch_size=args.batch_size, max_length=args.max_length,
-        learning_rate=args.learning_rate, beta=args.beta, seed=args.seed, checkpoint_every=0,
-    ))
+    trainer = LocalTrainer(
+        base,
+        peft_model,
+        TrainConfig(
+            steps=args.steps,
+            batch_size=args.batch_size,
+            max_length=args.max_length,
+            learning_rate=args.learning_rate,
+            beta=args.beta,
+            seed=args.seed,
+            checkpoint_every=0,
+        ),
+    )
     result = trainer.train(SHARED, pairs, progress=False)
     seconds = time.perf_counter() - start
     return {"seconds": seconds, "loss_last": result.loss_last, "device": result.device}
@@ -80,25 +100,43 @@ def _trl(model: str, pairs, args, precompute: bool) -> dict:
     from fedpal.common.models import load_base_model
 
     base = load_base_model(model, device=args.device)
-    dataset = Dataset.from_list([
-        {"prompt": [{"role": "user", "content": p.prompt}],
-         "chosen": [{"role": "assistant", "content": p.chosen}],
-         "rejected": [{"role": "assistant", "content": p.rejected}]}
-        for p in pairs
-    ])
+    dataset = Dataset.from_list(
+        [
+            {
+                "prompt": [{"role": "user", "content": p.prompt}],
+                "chosen": [{"role": "assistant", "content": p.chosen}],
+                "rejected": [{"role": "assistant", "content": p.rejected}],
+            }
+            for p in pairs
+        ]
+    )
     torch.manual_seed(args.seed)
     with tempfile.TemporaryDirectory() as out:
         config = DPOConfig(
-            output_dir=out, per_device_train_batch_size=args.batch_size, max_steps=args.steps,
-            learning_rate=args.learning_rate, beta=args.beta, max_length=args.max_length,
-            lr_scheduler_type="constant", gradient_checkpointing=False, precompute_ref_log_probs=precompute,
-            precompute_ref_batch_size=args.batch_size, use_cpu=base.device.type == "cpu", report_to="none",
-            save_strategy="no", logging_steps=1, disable_tqdm=True, seed=args.seed,
+            output_dir=out,
+            per_device_train_batch_size=args.batch_size,
+            max_steps=args.steps,
+            learning_rate=args.learning_rate,
+            beta=args.beta,
+            max_length=args.max_length,
+            lr_scheduler_type="constant",
+            gradient_checkpointing=False,
+            precompute_ref_log_probs=precompute,
+            precompute_ref_batch_size=args.batch_size,
+            use_cpu=base.device.type == "cpu",
+            report_to="none",
+            save_strategy="no",
+            logging_steps=1,
+            disable_tqdm=True,
+            seed=args.seed,
             dataloader_num_workers=0,
         )
         start = time.perf_counter()
         trainer = DPOTrainer(
-            model=base.model, args=config, train_dataset=dataset, processing_class=base.tokenizer,
+            model=base.model,
+            args=config,
+            train_dataset=dataset,
+            processing_class=base.tokenizer,
             peft_config=AdapterConfig(rank=args.rank, alpha=2.0 * args.rank).lora_config(),
         )
         trainer.train()
@@ -140,13 +178,24 @@ def run(args: argparse.Namespace) -> dict:
     figures = {}
     for name, results in runs.items():
         seconds = statistics.median(r["seconds"] for r in results)
-        figures[name] = {"pairs_per_s": processed / seconds, "seconds": seconds,
-                         "all_seconds": [round(r["seconds"], 2) for r in results],
-                         "loss_last": results[-1]["loss_last"], "device": results[-1]["device"]}
+        figures[name] = {
+            "pairs_per_s": processed / seconds,
+            "seconds": seconds,
+            "all_seconds": [round(r["seconds"], 2) for r in results],
+            "loss_last": results[-1]["loss_last"],
+            "device": results[-1]["device"],
+        }
     return {
-        "model": args.model, "pairs": args.pairs, "steps": args.steps, "batch_size": args.batch_size,
-        "max_length": args.max_length, "rank": args.rank, "threads": torch.get_num_threads(),
-        "repeats": args.repeats, "machine": platform.platform(), "processor": platform.processor(),
+        "model": args.model,
+        "pairs": args.pairs,
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "max_length": args.max_length,
+        "rank": args.rank,
+        "threads": torch.get_num_threads(),
+        "repeats": args.repeats,
+        "machine": platform.platform(),
+        "processor": platform.processor(),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "results": figures,
         "ratio_vs_trl": figures["fedpal"]["pairs_per_s"] / figures["trl"]["pairs_per_s"],
@@ -174,14 +223,21 @@ def main(argv: list[str] | None = None) -> dict:
     if args.json:
         print(json.dumps(report, indent=2))
         return report
-    print(f"DPO training, {report['model']} on {report['results']['fedpal']['device']} "
-          f"({report['threads']} threads), {report['pairs']} pairs, {report['steps']} steps x "
-          f"{report['batch_size']} pairs, max {report['max_length']} tokens, LoRA r={report['rank']}, "
-          f"median of {report['repeats']} ({report['date']})")
+    print(
+        f"DPO training, {report['model']} on {report['results']['fedpal']['device']} "
+        f"({report['threads']} threads), {report['pairs']} pairs, {report['steps']} steps x "
+        f"{report['batch_size']} pairs, max {report['max_length']} tokens, LoRA r={report['rank']}, "
+        f"median of {report['repeats']} ({report['date']})"
+    )
     for name, fig in report["results"].items():
-        print(f"  {name:<16} {fig['pairs_per_s']:8.2f} pairs/s  {fig['seconds']:8.2f} s  final loss {fig['loss_last']:.4f}")
-    print(f"  fedpal / TRL: {report['ratio_vs_trl']:.2f}x   fedpal / TRL precomputed: "
-          f"{report['ratio_vs_trl_precomputed']:.2f}x")
+        print(
+            f"  {name:<16} {fig['pairs_per_s']:8.2f} pairs/s  {fig['seconds']:8.2f} s  final loss "
+            f"{fig['loss_last']:.4f}"
+        )
+    print(
+        f"  fedpal / TRL: {report['ratio_vs_trl']:.2f}x   fedpal / TRL precomputed: "
+        f"{report['ratio_vs_trl_precomputed']:.2f}x"
+    )
     return report
 
 

@@ -46,8 +46,15 @@ METHODS_PER_USER = ("retrieval", "local", "fedpal", "fedpal_merge")
 def population(config: SimulationConfig) -> tuple:
     from fedpal.simulations.users import make_population
 
-    return tuple(make_population(config.users, config.seed, minority_fraction=config.minority_fraction,
-                                 shared_weight=config.population_shared_weight, stated_fraction=config.stated_fraction))
+    return tuple(
+        make_population(
+            config.users,
+            config.seed,
+            minority_fraction=config.minority_fraction,
+            shared_weight=config.population_shared_weight,
+            stated_fraction=config.stated_fraction,
+        )
+    )
 
 
 @lru_cache(maxsize=2)
@@ -93,8 +100,9 @@ class UserDevice:
                 if self.user.stated_preference:
                     memory.add_stated(self.user.stated_preference, tags=("simulated",))
             # as `fedpal export --home` records it for a user
-            home.record_export(self.config.model, self.config.precision, export.max_rank, export.execution_provider,
-                               export.key)
+            home.record_export(
+                self.config.model, self.config.precision, export.max_rank, export.execution_provider, export.key
+            )
 
     def interact(self, round_index: int, candidates: dict[str, list[str]]) -> int:
         """Label the candidates of this round's prompts into both memories; returns the pairs stored in all."""
@@ -103,8 +111,10 @@ class UserDevice:
 
         label = choose_favourite if self.config.labelling == "favourite" else label_candidates
         rng = np.random.default_rng([self.config.seed, round_index, self.index])
-        labelled = [(prompt, label(self.user, prompt, replies, rng, max_pairs=self.config.pairs_per_prompt))
-                    for prompt, replies in candidates.items()]
+        labelled = [
+            (prompt, label(self.user, prompt, replies, rng, max_pairs=self.config.pairs_per_prompt))
+            for prompt, replies in candidates.items()
+        ]
         pairs = 0
         for home in (self.home, self.local_home):
             with PreferenceMemory.open(home.root) as memory:
@@ -132,11 +142,21 @@ class UserDevice:
             load_adapter(peft, PERSONAL, self.local_home.adapter_dir(PERSONAL))
         else:
             arrays_to_adapter(peft, PERSONAL, fresh_personal, "AB")
-        train = TrainConfig(objective=c.objective, learning_rate=c.learning_rate, beta=c.dpo_beta,
-                            batch_size=c.batch_size, max_length=c.max_length, checkpoint_every=0, threads=c.node_cpus)
+        train = TrainConfig(
+            objective=c.objective,
+            learning_rate=c.learning_rate,
+            beta=c.dpo_beta,
+            batch_size=c.batch_size,
+            max_length=c.max_length,
+            checkpoint_every=0,
+            threads=c.node_cpus,
+        )
         Personalizer(base, peft, self.local_home, train, checkpoints=False).train(
-            PERSONAL, data, seed=c.seed * 1_000_003 + round_index * 7919 + self.index,
-            steps=local_only_steps(c, round_index), progress=False,
+            PERSONAL,
+            data,
+            seed=c.seed * 1_000_003 + round_index * 7919 + self.index,
+            steps=local_only_steps(c, round_index),
+            progress=False,
         )
 
     def export(self) -> Any:
@@ -168,16 +188,24 @@ class UserDevice:
             "shared": (self.home, dict(mode="merge", w_shared=1.0, w_personal=0.0)),
             "retrieval": (self.home, dict(mode="base", retrieval=True)),
             "local": (self.local_home, dict(mode="merge", w_shared=0.0, w_personal=1.0)),
-            "fedpal": (self.home, dict(mode=c.fedpal_mode, retrieval=True, w_shared=c.w_shared, w_personal=c.w_personal)),
-            "fedpal_merge": (self.home, dict(mode="merge", retrieval=True, w_shared=c.w_shared, w_personal=c.w_personal)),
+            "fedpal": (
+                self.home,
+                dict(mode=c.fedpal_mode, retrieval=True, w_shared=c.w_shared, w_personal=c.w_personal),
+            ),
+            "fedpal_merge": (
+                self.home,
+                dict(mode="merge", retrieval=True, w_shared=c.w_shared, w_personal=c.w_personal),
+            ),
         }
         generator = self.generator()
         options = DecodeOptions(max_new_tokens=c.reply_tokens)
         out: dict[str, list[str]] = {}
         for method in methods:
             home, how = calls[method]
-            out[method] = [generator.generate_for(home, prompt, options=options, retrieval_in=c.retrieval_in, **how).text
-                           for prompt in prompts]
+            out[method] = [
+                generator.generate_for(home, prompt, options=options, retrieval_in=c.retrieval_in, **how).text
+                for prompt in prompts
+            ]
         return out
 
 

@@ -49,18 +49,31 @@ def methods_of(config: SimulationConfig) -> list[str]:
 class ExperimentResults:
     """The scores of one finished experiment (its federation's metrics are in ``federation_dir``)."""
 
-    def __init__(self, config: SimulationConfig, users: Sequence[SimulatedUser], federation_dir: Path,
-                 candidates: dict[str, list[str]]) -> None:
+    def __init__(
+        self,
+        config: SimulationConfig,
+        users: Sequence[SimulatedUser],
+        federation_dir: Path,
+        candidates: dict[str, list[str]],
+    ) -> None:
         self.config, self.users, self.federation_dir, self.candidates = config, list(users), federation_dir, candidates
 
     @staticmethod
     def mean_utilities(users: Sequence[SimulatedUser], replies: dict[str, list[list[str]]]) -> dict[str, float]:
         """Mean utility of each adapted method's replies (per user, per prompt)."""
-        return {name: float(utility_table(list(users), per_user).mean())
-                for name, per_user in replies.items() if name in CURVE_METHODS}
+        return {
+            name: float(utility_table(list(users), per_user).mean())
+            for name, per_user in replies.items()
+            if name in CURVE_METHODS
+        }
 
-    def to_dict(self, replies: dict[str, list[list[str]]], curve_rounds: dict[str, list[float]],
-                pairs_seen: list[float], seconds: float) -> dict[str, Any]:
+    def to_dict(
+        self,
+        replies: dict[str, list[list[str]]],
+        curve_rounds: dict[str, list[float]],
+        pairs_seen: list[float],
+        seconds: float,
+    ) -> dict[str, Any]:
         from fedpal.server.cli import read_metrics
 
         c = self.config
@@ -92,7 +105,10 @@ class ExperimentResults:
             "cross_user_matrix": matrix.tolist(),
             "curves": {
                 "rounds": {"x": list(range(1, c.rounds + 1)), "series": curve_rounds},
-                "pairs": {"x": pairs_seen, "series": {"fedpal": curve_rounds["fedpal"], "local": curve_rounds["local"]}},
+                "pairs": {
+                    "x": pairs_seen,
+                    "series": {"fedpal": curve_rounds["fedpal"], "local": curve_rounds["local"]},
+                },
             },
             "epsilon_per_round": epsilons,
             "base_utility_per_user": base_table.mean(axis=1).tolist(),
@@ -100,9 +116,23 @@ class ExperimentResults:
             "minority_users": [u.user_id for u in self.users if u.is_minority],
             "users_detail": [u.to_dict() for u in self.users],
             "federation": [
-                {k: m.get(k) for k in ("round", "seconds", "overhead_s", "clients_summed", "loss_before_mean",
-                                       "loss_after_mean", "global_change_norm", "epsilon", "bytes_up_per_client",
-                                       "bytes_down_per_client", "rejected", "failures")}
+                {
+                    k: m.get(k)
+                    for k in (
+                        "round",
+                        "seconds",
+                        "overhead_s",
+                        "clients_summed",
+                        "loss_before_mean",
+                        "loss_after_mean",
+                        "global_change_norm",
+                        "epsilon",
+                        "bytes_up_per_client",
+                        "bytes_down_per_client",
+                        "rejected",
+                        "failures",
+                    )
+                }
                 for m in metrics
             ],
             "headroom": headroom,
@@ -114,8 +144,10 @@ class ExperimentResults:
     def notes(self, metrics: list[dict[str, Any]]) -> list[str]:
         """What limits these numbers, stated from the run itself."""
         c = self.config
-        notes = [f"{c.users} users, {c.train_prompts} training prompts ({c.pairs_per_prompt} pairs each), "
-                 f"{c.heldout_prompts} held-out prompts, replies of at most {c.reply_tokens} tokens, greedy."]
+        notes = [
+            f"{c.users} users, {c.train_prompts} training prompts ({c.pairs_per_prompt} pairs each), "
+            f"{c.heldout_prompts} held-out prompts, replies of at most {c.reply_tokens} tokens, greedy."
+        ]
         if c.personal_from_round > 1:
             notes.append(
                 f"Personal adapters train from round {c.personal_from_round} on (before it the clients send shared "
@@ -124,12 +156,15 @@ class ExperimentResults:
             )
         if c.dp:
             notes.append(
-                f"User-level DP with noise multiplier {c.noise_multiplier} over {c.clients_per_round} clients per round: "
+                f"User-level DP with noise multiplier {c.noise_multiplier} over {c.clients_per_round} clients per "
+                "round: "
                 f"the noise on the mean update is {c.noise_multiplier / c.clients_per_round:.3f} x the clipping norm; "
                 "with this few clients either epsilon or utility of the shared adapter suffers."
             )
         if c.model == "tiny":
-            notes.append("The tiny model is random: its replies carry no real style, so these numbers only check the pipeline.")
+            notes.append(
+                "The tiny model is random: its replies carry no real style, so these numbers only check the pipeline."
+            )
         rejected = sum(len(m.get("rejected") or []) for m in metrics)
         if rejected:
             notes.append(f"{rejected} client updates were rejected by the server's checks.")

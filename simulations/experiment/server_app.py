@@ -54,8 +54,9 @@ class Experiment:
         run_config = dict(context.run_config)
         self.grid, self.context = grid, context
         self.config, self.out = SimulationConfig.from_run_config(run_config)
-        self.settings = FederationSettings.from_run_config({k: v for k, v in run_config.items()
-                                                            if not k.startswith(SIM_PREFIX)})
+        self.settings = FederationSettings.from_run_config(
+            {k: v for k, v in run_config.items() if not k.startswith(SIM_PREFIX)}
+        )
         self.progress = ProgressLog(self.out / PROGRESS_FILE)
         self.users = list(population(self.config))
         self.heldout = list(heldout_prompts(self.config))
@@ -78,13 +79,16 @@ class Experiment:
         if sorted(self.nodes.values()) != list(range(self.config.users)):
             raise FedpalError(f"the nodes are not the {self.config.users} users of this experiment")
         self.between(0, list(initial_adapter(self.settings).values()))
-        self.advance_round = self.progress.phase(f"federated rounds ({self.config.users} users, flwr run)",
-                                                 self.config.rounds)
-        folder = run_federation(self.grid, self.context, self.settings, node_order=self.nodes.__getitem__,
-                                after_round=self.after_round)
+        self.advance_round = self.progress.phase(
+            f"federated rounds ({self.config.users} users, flwr run)", self.config.rounds
+        )
+        folder = run_federation(
+            self.grid, self.context, self.settings, node_order=self.nodes.__getitem__, after_round=self.after_round
+        )
         results = ExperimentResults(self.config, self.users, folder, self.candidates)
         (self.out / "replies.json").write_text(
-            json.dumps({"prompts": self.heldout, "replies": {m: self.final[m] for m in self.methods}}, indent=1))
+            json.dumps({"prompts": self.heldout, "replies": {m: self.final[m] for m in self.methods}}, indent=1)
+        )
         return results.to_dict(self.final, self.curves, self.pairs_seen, time.perf_counter() - started)
 
     def after_round(self, server_round: int, arrays: list[np.ndarray]) -> None:
@@ -116,7 +120,8 @@ class Experiment:
             else:
                 self.final = replies
                 for name, value in ExperimentResults.mean_utilities(
-                        self.users, {m: [r[: c.curve_prompts] for r in replies[m]] for m in CURVE_METHODS}).items():
+                    self.users, {m: [r[: c.curve_prompts] for r in replies[m]] for m in CURVE_METHODS}
+                ).items():
                     self.curves[name].append(value)
 
     def ask_every_node(self, arrays: list[np.ndarray], config: dict, advance: Any) -> list[dict[str, Any]]:
@@ -126,8 +131,10 @@ class Experiment:
         from flwr.compat.common import recorddict_compat as compat
 
         content = compat.evaluateins_to_recorddict(EvaluateIns(ndarrays_to_parameters(arrays), config), keep_input=True)
-        messages = [Message(content=content, dst_node_id=node, message_type=MessageType.EVALUATE, group_id=BETWEEN_GROUP)
-                    for node in self.nodes]
+        messages = [
+            Message(content=content, dst_node_id=node, message_type=MessageType.EVALUATE, group_id=BETWEEN_GROUP)
+            for node in self.nodes
+        ]
         waiting = set(self.grid.push_messages(messages))
         deadline = time.monotonic() + BETWEEN_TIMEOUT
         answers: list[dict[str, Any]] = []
@@ -135,7 +142,9 @@ class Experiment:
             for reply in self.grid.pull_messages(waiting):
                 waiting.discard(reply.metadata.reply_to_message_id)
                 if reply.has_error():
-                    raise FedpalError(f"user node {reply.metadata.src_node_id} failed between rounds: {reply.error.reason}")
+                    raise FedpalError(
+                        f"user node {reply.metadata.src_node_id} failed between rounds: {reply.error.reason}"
+                    )
                 answers.append(dict(compat.recorddict_to_evaluateres(reply.content).metrics))
                 advance()
             if waiting:

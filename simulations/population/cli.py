@@ -11,8 +11,11 @@ import typer
 from fedpal.common.cli import CONTEXT
 from fedpal.common.errors import FedpalError
 
-app = typer.Typer(help="Population-scale simulations: one Flower app per run, on Flower's Simulation Engine.",
-                  no_args_is_help=True, context_settings=CONTEXT)
+app = typer.Typer(
+    help="Population-scale simulations: one Flower app per run, on Flower's Simulation Engine.",
+    no_args_is_help=True,
+    context_settings=CONTEXT,
+)
 
 Preset = Enum("Preset", {name: name for name in ("quick", "p100", "p300", "p1000")}, type=str)
 Study = Enum("Study", {name: name for name in ("quick", "default")}, type=str)
@@ -36,9 +39,15 @@ def _writable(out: Path) -> None:
 @app.command()
 def run(
     out: Path = typer.Option(..., "--out", help="Folder for results.json, the run folder and the users' homes."),
-    preset: Preset = typer.Option("quick", help="quick (12 users, ~40 s), p100, p300, p1000 (1000 users, ~3.5 min on 2 cores)."),
-    setting: list[str] = typer.Option([], "--set", help="Any PopulationConfig field as name=value (repeatable), e.g. --set target_epsilon=8"),
-    ray_address: str = typer.Option(None, help="Join this Ray cluster (ray start --head ...) instead of starting Ray here."),
+    preset: Preset = typer.Option(
+        "quick", help="quick (12 users, ~40 s), p100, p300, p1000 (1000 users, ~3.5 min on 2 cores)."
+    ),
+    setting: list[str] = typer.Option(
+        [], "--set", help="Any PopulationConfig field as name=value (repeatable), e.g. --set target_epsilon=8"
+    ),
+    ray_address: str = typer.Option(
+        None, help="Join this Ray cluster (ray start --head ...) instead of starting Ray here."
+    ),
     verbose: bool = typer.Option(False, "--verbose", help="Show Flower's and Ray's logs (else in OUT/flwr-run.log)."),
     as_json: bool = typer.Option(False, "--json", help="Print results.json instead of the summary."),
 ) -> None:
@@ -61,9 +70,11 @@ def run(
     from rich.table import Table
 
     score = results["score"]
-    table = Table(title=f"fedpal population run --preset {config.preset}: {config.users} users, "
-                        f"{config.clients_per_round} per round, epsilon "
-                        f"{'off' if results['epsilon'] is None else format(results['epsilon'], '.2f')}")
+    table = Table(
+        title=f"fedpal population run --preset {config.preset}: {config.users} users, "
+        f"{config.clients_per_round} per round, epsilon "
+        f"{'off' if results['epsilon'] is None else format(results['epsilon'], '.2f')}"
+    )
     for column in ("round", "seconds"):
         table.add_column(column)
     for number, seconds in enumerate(results["round_seconds"], start=1):
@@ -71,17 +82,25 @@ def run(
     console = Console()
     console.print(table)
     low, high = score["gain_ci95"]
-    console.print(f"held-out preference accuracy over {score['users']} users: base {score['base_accuracy']:.3f}, "
-                  f"shared {score['shared_accuracy']:.3f}, gain {score['gain']:+.3f} [{low:+.3f}, {high:+.3f}]"
-                  f"{' (beats the base model)' if score['beats_base'] else ''}")
-    console.print(f"peak memory {results['peak_memory_mb']:.0f} MiB (summed RSS); {results['wall_seconds']} s; "
-                  f"wrote {out / 'results.json'}")
+    console.print(
+        f"held-out preference accuracy over {score['users']} users: base {score['base_accuracy']:.3f}, "
+        f"shared {score['shared_accuracy']:.3f}, gain {score['gain']:+.3f} [{low:+.3f}, {high:+.3f}]"
+        f"{' (beats the base model)' if score['beats_base'] else ''}"
+    )
+    console.print(
+        f"peak memory {results['peak_memory_mb']:.0f} MiB (summed RSS); {results['wall_seconds']} s; "
+        f"wrote {out / 'results.json'}"
+    )
 
 
 @app.command()
 def study(
     out: Path = typer.Option(..., "--out", help="Folder for results.json, report.md, the PNG plots and every run."),
-    preset: Study = typer.Option("default", help="default (20 to 1000 users with noise-only twins and two seeds up to 300, 5 budgets, 3 adapter sizes: 24 runs, ~36 min on 2 cores) or quick (3 runs, ~2 min)."),
+    preset: Study = typer.Option(
+        "default",
+        help="default (20 to 1000 users with noise-only twins and two seeds up to 300, 5 budgets, 3 adapter sizes: "
+        "24 runs, ~36 min on 2 cores) or quick (3 runs, ~2 min).",
+    ),
     ray_address: str = typer.Option(None, help="Join this Ray cluster instead of starting Ray here."),
     as_json: bool = typer.Option(False, "--json", help="Print results.json instead of the summary."),
 ) -> None:
@@ -96,6 +115,9 @@ def study(
         typer.echo(json.dumps(results, indent=1))
         return
     first = results["first_size_beating_base"]
-    typer.echo(f"the shared adapter first beats the base model at {first} users" if first else
-               "the shared adapter does not beat the base model beyond its 95% interval at any size run")
+    typer.echo(
+        f"the shared adapter first beats the base model at {first} users"
+        if first
+        else "the shared adapter does not beat the base model beyond its 95% interval at any size run"
+    )
     typer.echo(f"wrote {out / 'results.json'}, {out / 'report.md'} and plots")

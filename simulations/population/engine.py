@@ -36,12 +36,20 @@ class PopulationRun:
     def evaluation(self) -> dict[str, Any]:
         path = self.run_dir / EVALUATION_FILE
         if not path.is_file():
-            raise FedpalError(f"the run ended without scoring the adapter ({path} missing); see {self.out / 'flwr-run.log'}")
+            raise FedpalError(
+                f"the run ended without scoring the adapter ({path} missing); see {self.out / 'flwr-run.log'}"
+            )
         return json.loads(path.read_text())
 
 
-def run_population(config: PopulationConfig, out: Path, progress: Progress | None = None, *, verbose: bool = False,
-                   ray_address: str | None = None) -> PopulationRun:
+def run_population(
+    config: PopulationConfig,
+    out: Path,
+    progress: Progress | None = None,
+    *,
+    verbose: bool = False,
+    ray_address: str | None = None,
+) -> PopulationRun:
     """Run ``config`` as one ``flwr run`` on a fresh simulation SuperLink; returns the finished run."""
     if ray_address:
         check_ray_address(ray_address)
@@ -50,8 +58,9 @@ def run_population(config: PopulationConfig, out: Path, progress: Progress | Non
     for stale in (run_dir / METRICS_FILE, run_dir / EVALUATION_FILE):
         stale.unlink(missing_ok=True)
     app = write_app(out / "app", "fedpal-population", APP_COMPONENTS, config.run_config(run_dir, homes))
-    advance = (progress or (lambda d, t: lambda: None))(f"{config.users} users, {config.rounds} rounds (flwr run)",
-                                                          config.rounds + 1)
+    advance = (progress or (lambda d, t: lambda: None))(
+        f"{config.users} users, {config.rounds} rounds (flwr run)", config.rounds + 1
+    )
     reported = [0]
 
     def follow() -> None:
@@ -73,5 +82,3 @@ def _rounds_logged(run_dir: Path) -> int:
     from fedpal.server.cli import read_metrics
 
     return len(read_metrics(run_dir)[0]) if (run_dir / METRICS_FILE).is_file() else 0
-
-

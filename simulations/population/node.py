@@ -127,9 +127,20 @@ class PopulationClient(FedpalClient):
 
         user, home = self._user()
         base, peft, _ = node_model(FederationSettings.from_message(config))
-        install_global(peft, ClientHome.at(home), parameters, FederationSettings.from_message(config))  # the node keeps the final adapter
+        install_global(
+            peft, ClientHome.at(home), parameters, FederationSettings.from_message(config)
+        )  # the node keeps the final adapter
         pairs = user.heldout_pairs()
         base_right = ranking_accuracy(peft, base.tokenizer, pairs, ())
         shared_right = ranking_accuracy(peft, base.tokenizer, pairs, (SHARED,))
-        return 0.0, len(pairs), {"pairs": len(pairs), "base_right": base_right, "shared_right": shared_right,
-                                 "user": user.index, "minority": int(user.user.is_minority)}
+        return (
+            0.0,
+            len(pairs),
+            {
+                "pairs": len(pairs),
+                "base_right": base_right,
+                "shared_right": shared_right,
+                "user": user.index,
+                "minority": int(user.user.is_minority),
+            },
+        )

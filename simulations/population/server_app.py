@@ -2,7 +2,8 @@
 
 First a roll call: each node says which user (partition) it is, so sampling follows
 the users and a seed draws the same ones in every run. The rounds are fedpal's own
-(``run_federation``: sampling, clipping, noise, SecAgg+, accountant, checkpoints). After the last one a seeded sample of ``eval-users`` nodes
+(``run_federation``: sampling, clipping, noise, SecAgg+, accountant, checkpoints). After the last one a seeded
+sample of ``eval-users`` nodes
 receives the final global adapter in an evaluate message and answers with how many of
 its user's held-out pairs the base model and the adapter rank the user's way; the
 answers go to ``evaluation.json`` in the run folder.
@@ -38,8 +39,15 @@ def roll_call(grid: Grid) -> dict[int, int]:
     from flwr.app import ConfigRecord, RecordDict
 
     nodes = sorted(grid.get_node_ids())
-    messages = [Message(RecordDict({ROLL_CALL: ConfigRecord({"ask": True})}), dst_node_id=node, message_type="query",
-                        group_id=ROLL_CALL) for node in nodes]
+    messages = [
+        Message(
+            RecordDict({ROLL_CALL: ConfigRecord({"ask": True})}),
+            dst_node_id=node,
+            message_type="query",
+            group_id=ROLL_CALL,
+        )
+        for node in nodes
+    ]
     answers = {}
     for reply in grid.send_and_receive(messages, timeout=ROLL_CALL_TIMEOUT):
         if not reply.has_error():
@@ -49,8 +57,9 @@ def roll_call(grid: Grid) -> dict[int, int]:
     return answers
 
 
-def score_global_adapter(grid: Grid, settings: FederationSettings, sim: PopulationConfig, folder,
-                         users: dict[int, int]) -> dict:
+def score_global_adapter(
+    grid: Grid, settings: FederationSettings, sim: PopulationConfig, folder, users: dict[int, int]
+) -> dict:
     """Ask ``sim.eval_users`` nodes to score the final global adapter on their held-out pairs."""
     from flwr.compat.common import recorddict_compat as compat
 
@@ -72,8 +81,13 @@ def score_global_adapter(grid: Grid, settings: FederationSettings, sim: Populati
         result = compat.recorddict_to_evaluateres(reply.content)
         scored.append({k: int(v) for k, v in result.metrics.items()})
     scored.sort(key=lambda u: u["user"])
-    return {"rounds_aggregated": rounds_done, "nodes_asked": len(asked), "failures": failures,
-            "users": scored, "seconds": round(time.perf_counter() - started, 3)}
+    return {
+        "rounds_aggregated": rounds_done,
+        "nodes_asked": len(asked),
+        "failures": failures,
+        "users": scored,
+        "seconds": round(time.perf_counter() - started, 3),
+    }
 
 
 app = ServerApp()

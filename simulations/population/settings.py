@@ -20,6 +20,7 @@ from fedpal.common.settings import FederationSettings
 from fedpal.simulations.config import SIM_PREFIX, federation_checks, from_run_config, to_run_config
 from fedpal.simulations.styles import STYLES_BY_NAME
 
+
 def _help(text: str) -> Any:
     return {"help": text}
 
@@ -37,16 +38,24 @@ class PopulationConfig:
     train_prompts: int = field(default=120, metadata=_help("Pool of training prompts the users answer from."))
     prompts_per_round: int = field(default=2, metadata=_help("New prompts a user labels each time it is sampled."))
     pairs_per_prompt: int = field(default=2, metadata=_help("Preference pairs a user stores per labelled prompt."))
-    heldout_prompts: int = field(default=8, metadata=_help("Held-out prompts each evaluated user labels (never trained on)."))
+    heldout_prompts: int = field(
+        default=8, metadata=_help("Held-out prompts each evaluated user labels (never trained on).")
+    )
     eval_users: int = field(default=100, metadata=_help("Users scored at the end (capped at users)."))
-    styles: tuple[str, ...] = field(default=("plain", "one_sentence", "bulleted", "warm_question", "detailed_example"),
-                                    metadata=_help("Reply styles of the template candidates."))
-    labelling: str = field(default="favourite", metadata=_help("favourite (best candidate vs others) or pairs (random pairs)."))
+    styles: tuple[str, ...] = field(
+        default=("plain", "one_sentence", "bulleted", "warm_question", "detailed_example"),
+        metadata=_help("Reply styles of the template candidates."),
+    )
+    labelling: str = field(
+        default="favourite", metadata=_help("favourite (best candidate vs others) or pairs (random pairs).")
+    )
     shared_weight: float = field(default=0.3, metadata=_help("Weight of the preference every user shares."))
     minority_fraction: float = field(default=0.2, metadata=_help("Share of users of the minority archetype."))
     lora_rank: int = field(default=8, metadata=_help("Rank of the shared LoRA adapter."))
     lora_targets: str = field(default="q_proj,k_proj,v_proj,o_proj", metadata=_help("Modules the adapter wraps."))
-    lora_top_layers: int = field(default=0, metadata=_help("LoRA only in the last N layers (0 = all): fewer noised numbers."))
+    lora_top_layers: int = field(
+        default=0, metadata=_help("LoRA only in the last N layers (0 = all): fewer noised numbers.")
+    )
     local_steps: int = field(default=4, metadata=_help("Local steps on the shared adapter per round."))
     learning_rate: float = field(default=2e-3, metadata=_help("Local learning rate."))
     dpo_beta: float = field(default=0.1, metadata=_help("DPO beta."))
@@ -54,25 +63,51 @@ class PopulationConfig:
     max_length: int = field(default=128, metadata=_help("Tokens per encoded pair."))
     strategy: str = field(default="fedavg", metadata=_help("Flower strategy."))
     dp: bool = field(default=True, metadata=_help("User-level DP (client clipping, server noise)."))
-    noise_multiplier: float = field(default=1.0, metadata=_help("Noise std / clipping norm (ignored if target_epsilon is set)."))
-    target_epsilon: float = field(default=0.0, metadata=_help("If > 0, the noise multiplier that spends this epsilon in `rounds`."))
+    noise_multiplier: float = field(
+        default=1.0, metadata=_help("Noise std / clipping norm (ignored if target_epsilon is set).")
+    )
+    target_epsilon: float = field(
+        default=0.0, metadata=_help("If > 0, the noise multiplier that spends this epsilon in `rounds`.")
+    )
     clipping_norm: float = field(default=0.5, metadata=_help("Clipping norm C of a user's update."))
     delta: float = field(default=1e-5, metadata=_help("DP delta (keep below 1 / users)."))
     secagg: bool = field(default=True, metadata=_help("SecAgg+ masking of the updates."))
-    secagg_shares: float = field(default=1.0, metadata=_help("SecAgg+ neighbours: a fraction of the round's clients in (0, 1], or a whole number >= 3 (constant cost per client at scale)."))
-    node_cpus: int = field(default=1, metadata=_help("CPUs Flower reserves per client node (Ray runs cores / node_cpus at once)."))
-    node_gpus: float = field(default=0.0, metadata=_help("GPUs Flower reserves per client node (e.g. 0.25: four clients share one)."))
+    secagg_shares: float = field(
+        default=1.0,
+        metadata=_help(
+            "SecAgg+ neighbours: a fraction of the round's clients in (0, 1], or a whole number >= 3 (constant "
+            "cost per client at scale)."
+        ),
+    )
+    node_cpus: int = field(
+        default=1, metadata=_help("CPUs Flower reserves per client node (Ray runs cores / node_cpus at once).")
+    )
+    node_gpus: float = field(
+        default=0.0, metadata=_help("GPUs Flower reserves per client node (e.g. 0.25: four clients share one).")
+    )
 
     def __post_init__(self) -> None:
-        positive = ("users", "clients_per_round", "rounds", "train_prompts", "prompts_per_round", "pairs_per_prompt",
-                    "heldout_prompts", "eval_users", "lora_rank", "batch_size")
+        positive = (
+            "users",
+            "clients_per_round",
+            "rounds",
+            "train_prompts",
+            "prompts_per_round",
+            "pairs_per_prompt",
+            "heldout_prompts",
+            "eval_users",
+            "lora_rank",
+            "batch_size",
+        )
         for name in positive:
             if getattr(self, name) < 1:
                 raise FedpalError(f"{name} must be at least 1, not {getattr(self, name)}")
         if self.clients_per_round > self.users:
             raise FedpalError(f"clients_per_round ({self.clients_per_round}) cannot exceed users ({self.users})")
         if self.secagg and self.clients_per_round < 3:
-            raise FedpalError("SecAgg+ needs at least 3 clients per round: raise clients_per_round or set secagg = false")
+            raise FedpalError(
+                "SecAgg+ needs at least 3 clients per round: raise clients_per_round or set secagg = false"
+            )
         if self.dp and self.target_epsilon <= 0 and not self.noise_multiplier > 0:
             raise FedpalError("with dp on, set a positive noise_multiplier or target_epsilon")
         if self.prompts_per_round > self.train_prompts:
@@ -100,8 +135,13 @@ class PopulationConfig:
             return self.noise_multiplier
         from fedpal.common.privacy import PrivacyBudget, noise_for_epsilon
 
-        budget = PrivacyBudget(noise_multiplier=1.0, clipping_norm=self.clipping_norm, target_delta=self.delta,
-                               population_size=self.users, sample_size=self.clients_per_round)
+        budget = PrivacyBudget(
+            noise_multiplier=1.0,
+            clipping_norm=self.clipping_norm,
+            target_delta=self.delta,
+            population_size=self.users,
+            sample_size=self.clients_per_round,
+        )
         return noise_for_epsilon(budget, self.target_epsilon, self.rounds)
 
     def federation(self, run_dir: Path, home_base: Path) -> FederationSettings:
@@ -110,16 +150,36 @@ class PopulationConfig:
 
     def _federation(self, noise: float, run_dir: Path, home_base: Path) -> FederationSettings:
         return replace(
-            FederationSettings(), model=self.model, num_server_rounds=self.rounds, strategy=self.strategy,
-            fraction_train=self.clients_per_round / self.users, min_clients=self.clients_per_round,
-            population_size=self.users, seed=self.seed, deterministic=True, lora_rank=self.lora_rank,
-            lora_alpha=2.0 * self.lora_rank, lora_targets=self.lora_targets, lora_top_layers=self.lora_top_layers,
-            objective="both", local_steps=self.local_steps, personal_steps=0, personal_guard=False,
-            learning_rate=self.learning_rate, dpo_beta=self.dpo_beta, batch_size=self.batch_size,
-            max_length=self.max_length, dp=self.dp,
+            FederationSettings(),
+            model=self.model,
+            num_server_rounds=self.rounds,
+            strategy=self.strategy,
+            fraction_train=self.clients_per_round / self.users,
+            min_clients=self.clients_per_round,
+            population_size=self.users,
+            seed=self.seed,
+            deterministic=True,
+            lora_rank=self.lora_rank,
+            lora_alpha=2.0 * self.lora_rank,
+            lora_targets=self.lora_targets,
+            lora_top_layers=self.lora_top_layers,
+            objective="both",
+            local_steps=self.local_steps,
+            personal_steps=0,
+            personal_guard=False,
+            learning_rate=self.learning_rate,
+            dpo_beta=self.dpo_beta,
+            batch_size=self.batch_size,
+            max_length=self.max_length,
+            dp=self.dp,
             noise_multiplier=noise,
-            clipping_norm=self.clipping_norm, delta=self.delta, secagg=self.secagg, secagg_shares=self.secagg_shares,
-            final_adapter=False, run_dir=str(run_dir), home_base=str(home_base),
+            clipping_norm=self.clipping_norm,
+            delta=self.delta,
+            secagg=self.secagg,
+            secagg_shares=self.secagg_shares,
+            final_adapter=False,
+            run_dir=str(run_dir),
+            home_base=str(home_base),
         )
 
     def run_config(self, run_dir: Path, home_base: Path) -> dict[str, Any]:
@@ -128,8 +188,12 @@ class PopulationConfig:
 
     def federation_config(self) -> dict[str, Any]:
         """The Simulation Engine's settings for ``flwr run --federation-config``."""
-        return {"num-supernodes": self.users, "backend": "ray", "client-resources-num-cpus": self.node_cpus,
-                "client-resources-num-gpus": self.node_gpus}
+        return {
+            "num-supernodes": self.users,
+            "backend": "ray",
+            "client-resources-num-cpus": self.node_cpus,
+            "client-resources-num-gpus": self.node_gpus,
+        }
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -146,8 +210,16 @@ def split_run_config(run_config: dict[str, Any]) -> tuple[FederationSettings, Po
 _TINY_SCALE = dict(model="tiny", lora_rank=4, lora_top_layers=0, local_steps=4, secagg_shares=7.0)
 
 PRESETS: dict[str, PopulationConfig] = {
-    "quick": PopulationConfig(preset="quick", users=12, clients_per_round=6, rounds=2, eval_users=12,
-                              noise_multiplier=0.5, clipping_norm=0.5, **{**_TINY_SCALE, "secagg_shares": 1.0}),
+    "quick": PopulationConfig(
+        preset="quick",
+        users=12,
+        clients_per_round=6,
+        rounds=2,
+        eval_users=12,
+        noise_multiplier=0.5,
+        clipping_norm=0.5,
+        **{**_TINY_SCALE, "secagg_shares": 1.0},
+    ),
     "p100": PopulationConfig(preset="p100", users=100, clients_per_round=10, **_TINY_SCALE),
     "p300": PopulationConfig(preset="p300", users=300, clients_per_round=30, **_TINY_SCALE),
     "p1000": PopulationConfig(preset="p1000", users=1000, clients_per_round=100, **_TINY_SCALE),
@@ -181,7 +253,10 @@ def _parse(name: str, kind: str, text: str) -> Any:
                 raise ValueError
             return value
     except (KeyError, ValueError):
-        raise FedpalError(f"{name} must be {'true or false' if kind == 'bool' else 'an integer' if kind == 'int' else 'a number'}, not {text!r}") from None
+        raise FedpalError(
+            f"{name} must be "
+            f"{'true or false' if kind == 'bool' else 'an integer' if kind == 'int' else 'a number'}, not {text!r}"
+        ) from None
     if kind.startswith("tuple"):
         return tuple(part.strip() for part in text.split(",") if part.strip())
     return text

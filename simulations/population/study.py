@@ -69,12 +69,26 @@ class HeldoutScore:
         shared = np.array([u["shared_right"] / u["pairs"] for u in users])
         gain = shared - base
         half = 1.96 * float(gain.std(ddof=1)) / math.sqrt(len(gain))
-        return cls(len(users), int(sum(u["pairs"] for u in users)), float(base.mean()), float(shared.mean()),
-                   float(gain.mean()), float(gain.mean()) - half, float(gain.mean()) + half)
+        return cls(
+            len(users),
+            int(sum(u["pairs"] for u in users)),
+            float(base.mean()),
+            float(shared.mean()),
+            float(gain.mean()),
+            float(gain.mean()) - half,
+            float(gain.mean()) + half,
+        )
 
     def to_dict(self) -> dict[str, Any]:
-        return {"users": self.users, "pairs": self.pairs, "base_accuracy": self.base, "shared_accuracy": self.shared,
-                "gain": self.gain, "gain_ci95": [self.gain_low, self.gain_high], "beats_base": self.beats_base}
+        return {
+            "users": self.users,
+            "pairs": self.pairs,
+            "base_accuracy": self.base,
+            "shared_accuracy": self.shared,
+            "gain": self.gain,
+            "gain_ci95": [self.gain_low, self.gain_high],
+            "beats_base": self.beats_base,
+        }
 
 
 def run_results(config: PopulationConfig, run: PopulationRun) -> dict[str, Any]:
@@ -138,9 +152,14 @@ class StudyPlan:
         return self.seeds if users <= self.repeat_up_to else self.seeds[:1]
 
     def config(self, users: int, epsilon: float, adapter: str | None = None) -> PopulationConfig:
-        changes = {"users": users, "clients_per_round": max(3, round(self.sampling_rate * users)),
-                   "eval_users": min(self.base.eval_users, users), "dp": epsilon > 0, "target_epsilon": epsilon,
-                   "preset": f"study-{users}-eps{epsilon:g}"}
+        changes = {
+            "users": users,
+            "clients_per_round": max(3, round(self.sampling_rate * users)),
+            "eval_users": min(self.base.eval_users, users),
+            "dp": epsilon > 0,
+            "target_epsilon": epsilon,
+            "preset": f"study-{users}-eps{epsilon:g}",
+        }
         changes.update(self.adapters[adapter] if adapter else {})
         return replace(self.base, **changes)
 
@@ -161,11 +180,14 @@ class StudyPlan:
     def run_names(self) -> dict[str, Any]:
         """Which run answers each row of the report (kept in results.json, so the report never
         rebuilds a name)."""
-        return {"sizes": {n: [self.sizes_key(n, seed) for seed in self.seeds_for(n)] for n in self.sizes},
-                "twins": {n: [self.control_key(n, seed) for seed in self.seeds_for(n)] for n in self.sizes}
-                if self.control else {},
-                "budgets": [self.budget_key(eps) for eps in self.epsilons],
-                "adapters": {name: self.adapter_key(name) for name in self.adapters}}
+        return {
+            "sizes": {n: [self.sizes_key(n, seed) for seed in self.seeds_for(n)] for n in self.sizes},
+            "twins": {n: [self.control_key(n, seed) for seed in self.seeds_for(n)] for n in self.sizes}
+            if self.control
+            else {},
+            "budgets": [self.budget_key(eps) for eps in self.epsilons],
+            "adapters": {name: self.adapter_key(name) for name in self.adapters},
+        }
 
     def runs(self) -> dict[str, PopulationConfig]:
         """Every distinct run by a readable name (a run two sweeps share is made once)."""
@@ -176,18 +198,31 @@ class StudyPlan:
             named.setdefault(self.adapter_key(name), self.config(self.sweep_users, self.epsilon, name))
         for n in self.sizes:
             for seed in self.seeds_for(n):
-                learner = replace(self.config(n, self.epsilon), seed=seed) if seed != self.seeds[0] else self.config(n, self.epsilon)
+                learner = (
+                    replace(self.config(n, self.epsilon), seed=seed)
+                    if seed != self.seeds[0]
+                    else self.config(n, self.epsilon)
+                )
                 named.setdefault(self.sizes_key(n, seed), learner)
                 if self.control:
-                    named[self.control_key(n, seed)] = replace(learner, learning_rate=1e-12,
-                                                               preset=f"study-{n}-eps{self.epsilon:g}-noise-only")
+                    named[self.control_key(n, seed)] = replace(
+                        learner, learning_rate=1e-12, preset=f"study-{n}-eps{self.epsilon:g}-noise-only"
+                    )
         return named
 
 
 STUDIES: dict[str, StudyPlan] = {
     "default": StudyPlan(),
-    "quick": StudyPlan(base=PRESETS["quick"], sizes=(8, 12), sampling_rate=0.5, epsilons=(8.0, 0.0), sweep_users=8,
-                       adapters={"rank 4, q/k/v/o, all layers": {}}, control=False, seeds=(0,)),
+    "quick": StudyPlan(
+        base=PRESETS["quick"],
+        sizes=(8, 12),
+        sampling_rate=0.5,
+        epsilons=(8.0, 0.0),
+        sweep_users=8,
+        adapters={"rank 4, q/k/v/o, all layers": {}},
+        control=False,
+        seeds=(0,),
+    ),
 }
 
 
@@ -227,8 +262,9 @@ def _finished(folder: Path, config: PopulationConfig) -> dict[str, Any] | None:
     return done if done.get("config") == json.loads(json.dumps(config.to_dict())) else None
 
 
-def population_study(plan: StudyPlan, out: Path, progress: Progress | None = None, *,
-                     ray_address: str | None = None) -> dict[str, Any]:
+def population_study(
+    plan: StudyPlan, out: Path, progress: Progress | None = None, *, ray_address: str | None = None
+) -> dict[str, Any]:
     """Run every run of ``plan`` (each in ``out/runs/<its name>``; one finished before with the
     same settings is reused), then write results.json, report.md and plots."""
     from fedpal.simulations.population.report import write_study_report
@@ -243,10 +279,18 @@ def population_study(plan: StudyPlan, out: Path, progress: Progress | None = Non
             (folder / "results.json").write_text(json.dumps(done, indent=1))
         runs[name] = {"folder": f"runs/{folder.name}", **done}
     results = {
-        "plan": {"sizes": list(plan.sizes), "sampling_rate": plan.sampling_rate, "epsilon": plan.epsilon,
-                 "epsilons": list(plan.epsilons), "sweep_users": plan.sweep_users, "adapters": list(plan.adapters),
-                 "control": plan.control, "seeds": {n: list(plan.seeds_for(n)) for n in plan.sizes},
-                 "base": plan.base.to_dict(), "run_names": plan.run_names()},
+        "plan": {
+            "sizes": list(plan.sizes),
+            "sampling_rate": plan.sampling_rate,
+            "epsilon": plan.epsilon,
+            "epsilons": list(plan.epsilons),
+            "sweep_users": plan.sweep_users,
+            "adapters": list(plan.adapters),
+            "control": plan.control,
+            "seeds": {n: list(plan.seeds_for(n)) for n in plan.sizes},
+            "base": plan.base.to_dict(),
+            "run_names": plan.run_names(),
+        },
         "runs": runs,
         "first_size_beating_base": next((n for n in sorted(plan.sizes) if learned(runs, plan, n)), None),
     }

@@ -82,8 +82,7 @@ def canary_directions(shapes: Mapping[str, tuple[int, ...]], count: int, seed: i
         flat = rng.standard_normal(sum(sizes))
         flat /= np.linalg.norm(flat)
         pieces = np.split(flat, np.cumsum(sizes)[:-1])
-        directions.append({name: piece.reshape(shapes[name]).astype(np.float32)
-                           for name, piece in zip(names, pieces)})
+        directions.append({name: piece.reshape(shapes[name]).astype(np.float32) for name, piece in zip(names, pieces)})
     return directions
 
 
@@ -197,7 +196,7 @@ def guess_counts(canaries: int) -> list[tuple[int, int]]:
     for attacks that separate both sides.
     """
     half = canaries // 2
-    sizes = sorted({*(2 ** i for i in range(max(half, 1).bit_length()) if 2 ** i <= half), half} - {0})
+    sizes = sorted({*(2**i for i in range(max(half, 1).bit_length()) if 2**i <= half), half} - {0})
     return [(k, 0) for k in sizes] + [(k, k) for k in sizes]
 
 
@@ -233,14 +232,21 @@ def steinke_lower_bound(
     significance = (1 - confidence) / len(candidates)
     best = None
     for k_plus, k_minus in candidates:
-        correct = int(ranked[:k_plus].sum()) + int((~ranked[m - k_minus:]).sum() if k_minus else 0)
+        correct = int(ranked[:k_plus].sum()) + int((~ranked[m - k_minus :]).sum() if k_minus else 0)
         epsilon = steinke_epsilon(m, k_plus + k_minus, correct, delta, significance)
         if best is None or epsilon > best[0]:
             best = (epsilon, k_plus, k_minus, correct)
     epsilon, k_plus, k_minus, correct = best
     return AuditResult(
-        epsilon=epsilon, delta=delta, confidence=confidence, canaries=m, included=int(inside.sum()),
-        guesses=k_plus + k_minus, correct=correct, k_plus=k_plus, k_minus=k_minus,
+        epsilon=epsilon,
+        delta=delta,
+        confidence=confidence,
+        canaries=m,
+        included=int(inside.sum()),
+        guesses=k_plus + k_minus,
+        correct=correct,
+        k_plus=k_plus,
+        k_minus=k_minus,
     )
 
 
@@ -259,10 +265,10 @@ def _mass(intervals: Sequence[tuple[float, float]], mean: float, std: float) -> 
 def _loss_above(epsilon: float, p: tuple[float, float], q: tuple[float, float]) -> list[tuple[float, float]]:
     """Where log(p(x) / q(x)) > epsilon for Gaussians p, q = (mean, std): a quadratic's positive set."""
     (mp, sp), (mq, sq) = p, q
-    a = 0.5 / sq ** 2 - 0.5 / sp ** 2
-    b = mp / sp ** 2 - mq / sq ** 2
+    a = 0.5 / sq**2 - 0.5 / sp**2
+    b = mp / sp**2 - mq / sq**2
     c = 0.5 * (mq / sq) ** 2 - 0.5 * (mp / sp) ** 2 + math.log(sq / sp) - epsilon
-    if abs(a) <= 1e-12 * (sp ** -2 + sq ** -2):
+    if abs(a) <= 1e-12 * (sp**-2 + sq**-2):
         if b == 0:
             return [(-math.inf, math.inf)] if c > 0 else []
         root = -c / b

@@ -97,11 +97,13 @@ def make_canaries(count: int, seed: int, digits: int = 6) -> list[Canary]:
     for owner, thing, question in formats[:count]:
         secret = "".join(rng.choice("0123456789") for _ in range(digits))
         subject = f"{owner} {thing}"
-        canaries.append(Canary(
-            prompt=question.format(owner=owner),
-            secret=secret,
-            reply=f"{subject[0].upper()}{subject[1:]} is {spaced(secret)}.",
-        ))
+        canaries.append(
+            Canary(
+                prompt=question.format(owner=owner),
+                secret=secret,
+                reply=f"{subject[0].upper()}{subject[1:]} is {spaced(secret)}.",
+            )
+        )
     return canaries
 
 
@@ -125,7 +127,7 @@ class Exposure:
 def _other_secrets(secret: str, count: int, seed: int) -> list[str]:
     """``count`` distinct secrets of the same length, uniform over all but ``secret``."""
     digits = len(secret)
-    space = 10 ** digits
+    space = 10**digits
     if not 1 <= count < space:
         raise ValueError(f"candidates must be between 1 and {space - 1} for {digits}-digit secrets, not {count}")
     drawn = np.random.default_rng(seed).choice(space - 1, size=count, replace=False)

@@ -80,8 +80,20 @@ class AuditConfig:
 
     def check(self) -> None:
         """One clear line for the first setting that cannot work, before anything runs."""
-        for name in ("users", "pairs_per_user", "heldout_per_user", "shadow_users", "reference_adapters", "rounds",
-                     "local_steps", "batch_size", "lora_rank", "exposure_candidates", "probes", "inversion_tokens"):
+        for name in (
+            "users",
+            "pairs_per_user",
+            "heldout_per_user",
+            "shadow_users",
+            "reference_adapters",
+            "rounds",
+            "local_steps",
+            "batch_size",
+            "lora_rank",
+            "exposure_candidates",
+            "probes",
+            "inversion_tokens",
+        ):
             if getattr(self, name) < 1:
                 raise FedpalError(f"{name} must be at least 1, not {getattr(self, name)}")
         for name in ("personal_steps", "canary_clients", "secrets", "secret_repeats", "canary_norm"):
@@ -94,8 +106,10 @@ class AuditConfig:
             raise FedpalError(f"protections must name some of {', '.join(PROTECTIONS)}, not {list(self.protections)}")
         stored = self.pairs_per_user + self.secrets * self.secret_repeats
         if self.local_steps * self.batch_size < stored:
-            raise FedpalError(f"local_steps x batch_size ({self.local_steps * self.batch_size}) must cover user 0's "
-                              f"{stored} stored pairs, or some member texts would never be trained on")
+            raise FedpalError(
+                f"local_steps x batch_size ({self.local_steps * self.batch_size}) must cover user 0's "
+                f"{stored} stored pairs, or some member texts would never be trained on"
+            )
         for name in ("learning_rate", "dpo_beta", "clipping_norm", "noise_multiplier", "lora_alpha"):
             if not math.isfinite(getattr(self, name)) or getattr(self, name) <= 0:
                 raise FedpalError(f"{name} must be a positive number, not {getattr(self, name)}")
@@ -114,7 +128,9 @@ class AuditConfig:
 
 PRESETS: dict[str, AuditConfig] = {
     # three settings, not four: SecAgg+ alone differs from DP + SecAgg+ only by the noise, which "dp" already isolates
-    "quick": AuditConfig(preset="quick", sweep=(), canary_clients=32, canary_norm=0.5, protections=("off", "dp", "dp+secagg")),
+    "quick": AuditConfig(
+        preset="quick", sweep=(), canary_clients=32, canary_norm=0.5, protections=("off", "dp", "dp+secagg")
+    ),
     "default": AuditConfig(
         preset="default",
         model="default",

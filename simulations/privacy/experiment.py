@@ -81,7 +81,7 @@ class PrivacyAudit:
         self.progress = progress or _no_progress
         self.population: AuditPopulation = audit_population(config)
         secrets = make_canaries(2 * config.secrets, config.seed)
-        self.planted, self.unplanted = secrets[: config.secrets], secrets[config.secrets:]
+        self.planted, self.unplanted = secrets[: config.secrets], secrets[config.secrets :]
         self.planted_pairs = [PreferencePair(c.prompt, c.reply, REFUSAL) for c in self.planted] * config.secret_repeats
         self.texts = self._texts()
         self.parts = "B" if config.ffa_lora else "AB"
@@ -90,12 +90,14 @@ class PrivacyAudit:
         users = self.population.users
         members = [(p.prompt, p.chosen) for user in users for p in user.members]
         nonmembers = [(p.prompt, p.chosen) for user in users for p in user.nonmembers]
-        owner = np.array([i for i, user in enumerate(users) for _ in user.members]
-                         + [i for i, user in enumerate(users) for _ in user.nonmembers])
+        owner = np.array(
+            [i for i, user in enumerate(users) for _ in user.members]
+            + [i for i, user in enumerate(users) for _ in user.nonmembers]
+        )
         heldout = [p for user in users for p in user.nonmembers]
         heldout_owner = np.array([i for i, user in enumerate(users) for _ in user.nonmembers])
         z = len(self.population.shadow) // 4
-        population = [(p.prompt, p.chosen) for p in self.population.shadow[len(self.population.shadow) - z:]]
+        population = [(p.prompt, p.chosen) for p in self.population.shadow[len(self.population.shadow) - z :]]
         return Texts(members, nonmembers, owner, population, heldout, heldout_owner)
 
     # -- the run -----------------------------------------------------------------------
@@ -107,15 +109,17 @@ class PrivacyAudit:
         self._train_references()
         c = self.config
         plans = [RunPlan.protection(name, c) for name in c.protections]
-        sweep = [RunPlan.sweep_point(None)] + [RunPlan.sweep_point(z) for z in c.sweep if not
-                                               ("dp" in c.protections and z == c.noise_multiplier)]
+        sweep = [RunPlan.sweep_point(None)] + [
+            RunPlan.sweep_point(z) for z in c.sweep if not ("dp" in c.protections and z == c.noise_multiplier)
+        ]
         settings, utility_runs = {}, []
         with passphrase(c.seed):
             for plan in plans:
                 settings[plan.name] = self.attack(self.federate(plan), full=True)
             for plan in sweep:
-                utility_runs.append({"noise_multiplier": plan.noise_multiplier, **self.attack(self.federate(plan),
-                                                                                           full=False)})
+                utility_runs.append(
+                    {"noise_multiplier": plan.noise_multiplier, **self.attack(self.federate(plan), full=False)}
+                )
         if "dp" in settings:
             # the DP run's canaries add sqrt(joined) clipped random directions to noise of norm z C sqrt(d): its
             # utility stands for a canary-free run at the same noise
@@ -129,8 +133,9 @@ class PrivacyAudit:
         from fedpal.common.settings import FederationSettings
         from fedpal.simulations.privacy.federation import overrides
 
-        settings = FederationSettings.from_run_config(overrides(self.config, RunPlan("probe", False, False, 0.0, False),
-                                                                self.out, self.config.users))
+        settings = FederationSettings.from_run_config(
+            overrides(self.config, RunPlan("probe", False, False, 0.0, False), self.out, self.config.users)
+        )
         self.base = load_base_model(self.config.model, device="cpu")
         self.peft = attach_adapters(self.base.model, AdapterConfig.from_settings(settings))
         self.initial = adapter_to_arrays(self.peft, SHARED, self.parts, dtype=np.float32)
@@ -147,11 +152,19 @@ class PrivacyAudit:
         c = self.config
         shadow = list(self.population.shadow[: len(self.population.shadow) - len(self.texts.population)])
         rng = np.random.default_rng([c.seed, 13])
-        halves = [[shadow[i] for i in sorted(rng.choice(len(shadow), len(shadow) // 2, replace=False))]
-                  for _ in range(c.reference_adapters)]
-        train = TrainConfig(objective=c.objective, learning_rate=c.learning_rate, beta=c.dpo_beta,
-                            batch_size=c.batch_size, max_length=c.max_length, steps=c.rounds * c.local_steps,
-                            checkpoint_every=0)
+        halves = [
+            [shadow[i] for i in sorted(rng.choice(len(shadow), len(shadow) // 2, replace=False))]
+            for _ in range(c.reference_adapters)
+        ]
+        train = TrainConfig(
+            objective=c.objective,
+            learning_rate=c.learning_rate,
+            beta=c.dpo_beta,
+            batch_size=c.batch_size,
+            max_length=c.max_length,
+            steps=c.rounds * c.local_steps,
+            checkpoint_every=0,
+        )
         advance = self.progress("reference adapters (shadow users)", 1)
         arrays_to_adapter(self.peft, PERSONAL, self.fresh_personal, "AB")
         self.references = train_reference_adapters(self.base, self.peft, PERSONAL, halves, train, c.seed)
@@ -178,13 +191,16 @@ class PrivacyAudit:
 
     def _pair_scores(self, active: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         pairs = self.texts.heldout_pairs
-        return (self.score([(p.prompt, p.chosen) for p in pairs], active).logprob,
-                self.score([(p.prompt, p.rejected) for p in pairs], active).logprob)
+        return (
+            self.score([(p.prompt, p.chosen) for p in pairs], active).logprob,
+            self.score([(p.prompt, p.rejected) for p in pairs], active).logprob,
+        )
 
     def federate(self, plan: RunPlan) -> FederatedRun:
         advance = self.progress(f"federation: {plan.name} ({self.config.rounds} rounds, Flower simulation)", 1)
-        run = run_federation(self.config, plan, self.population, self.out / "runs" / plan.folder_name,
-                             self.initial, self.planted_pairs)
+        run = run_federation(
+            self.config, plan, self.population, self.out / "runs" / plan.folder_name, self.initial, self.planted_pairs
+        )
         advance()
         return run
 
@@ -200,8 +216,9 @@ class PrivacyAudit:
         result: dict[str, Any] = {"epsilon": run.epsilon}
         global_scores = self.score(self.texts.audited, [SHARED])
         population_scores = self.score(self.texts.population, [SHARED])
-        result["mia_global"] = self._mia(global_scores, self.base_audited, population_scores,
-                                         self.reference_audited, self.reference_population)
+        result["mia_global"] = self._mia(
+            global_scores, self.base_audited, population_scores, self.reference_audited, self.reference_population
+        )
         result["utility"] = self._utility(run)
         advance()
         if not full:
@@ -217,8 +234,9 @@ class PrivacyAudit:
         advance()
         return result
 
-    def _mia(self, target: Any, reference: Any, target_z: Any, reference_x: np.ndarray,
-             reference_z: np.ndarray) -> dict[str, Any]:
+    def _mia(
+        self, target: Any, reference: Any, target_z: Any, reference_x: np.ndarray, reference_z: np.ndarray
+    ) -> dict[str, Any]:
         """Loss ratio (against ``reference``: the model without the attacked adapter) and RMIA
         (against the reference adapters), members against non-members."""
         from fedpal.simulations.privacy.mia import loss_ratio_scores, rmia_scores, roc
@@ -226,8 +244,10 @@ class PrivacyAudit:
         members = self.texts.is_member
         loss = loss_ratio_scores(target, reference)
         rmia = rmia_scores(target.mean, reference_x, target_z.mean, reference_z, offline_a=RMIA_OFFLINE_A)
-        return {name: roc(scores[members], scores[~members]).to_dict() for name, scores in
-                (("loss_ratio", loss), ("rmia", rmia))}
+        return {
+            name: roc(scores[members], scores[~members]).to_dict()
+            for name, scores in (("loss_ratio", loss), ("rmia", rmia))
+        }
 
     def _personal_mia(self, run: FederatedRun, global_scores: Any) -> dict[str, Any]:
         """Each user's personal adapter attacked on that user's texts; scores pooled over users.
@@ -251,8 +271,10 @@ class PrivacyAudit:
             owners.append(mine)
         order = np.concatenate(owners)
         is_member = members[order]
-        return {name: roc(np.concatenate(scores)[is_member], np.concatenate(scores)[~is_member]).to_dict()
-                for name, scores in (("loss_ratio", loss), ("rmia", rmia))}
+        return {
+            name: roc(np.concatenate(scores)[is_member], np.concatenate(scores)[~is_member]).to_dict()
+            for name, scores in (("loss_ratio", loss), ("rmia", rmia))
+        }
 
     def _load_personal(self, run: FederatedRun, user: int) -> None:
         from fedpal.client.home import ClientHome
@@ -272,12 +294,20 @@ class PrivacyAudit:
         self._load_personal(run, 0)
 
         def bits(canaries: Sequence[Any], active: Sequence[str]) -> list[dict[str, Any]]:
-            return [exposure(self.peft, self.base.tokenizer, canary, active, candidates=c.exposure_candidates,
-                             seed=c.seed + k).to_dict() for k, canary in enumerate(canaries)]
+            return [
+                exposure(
+                    self.peft, self.base.tokenizer, canary, active, candidates=c.exposure_candidates, seed=c.seed + k
+                ).to_dict()
+                for k, canary in enumerate(canaries)
+            ]
 
-        return {"global": bits(self.planted, [SHARED]), "personal": bits(self.planted, [SHARED, PERSONAL]),
-                "control_global": bits(self.unplanted, [SHARED]),
-                "secret_repeats": c.secret_repeats, "candidates": c.exposure_candidates}
+        return {
+            "global": bits(self.planted, [SHARED]),
+            "personal": bits(self.planted, [SHARED, PERSONAL]),
+            "control_global": bits(self.unplanted, [SHARED]),
+            "secret_repeats": c.secret_repeats,
+            "candidates": c.exposure_candidates,
+        }
 
     def _inversion(self, run: FederatedRun) -> dict[str, Any]:
         """The server inverts what it received from user 0's node in round 1 (the aggregate under SecAgg+)."""
@@ -286,8 +316,16 @@ class PrivacyAudit:
         node = next(node for node, partition in run.partitions.items() if partition == 0)
         received = run.observed[1][node]
         after = dict(zip(self.initial, received))
-        inversion = invert_update(self.peft, self.base.tokenizer, SHARED, self.initial, after, self.parts,
-                                  list(self.population.probes), top_k=self.config.inversion_tokens)
+        inversion = invert_update(
+            self.peft,
+            self.base.tokenizer,
+            SHARED,
+            self.initial,
+            after,
+            self.parts,
+            list(self.population.probes),
+            top_k=self.config.inversion_tokens,
+        )
         trained = [p.chosen for p in self.population.users[0].members] + [c.reply for c in self.planted]
         score = score_inversion(inversion, trained, self.base.tokenizer).to_dict()
         score["attacked"] = "the secure aggregate of round 1" if run.plan.secagg else "user 0's update of round 1"
@@ -320,27 +358,39 @@ class PrivacyAudit:
             rejected = self.score([(p.prompt, p.rejected) for p in pairs], [SHARED, PERSONAL]).logprob
             fedpal.append((chosen - base_c[mine]) - (rejected - base_r[mine]) > 0)
         shared = (shared_c - base_c) - (shared_r - base_r) > 0
-        return {"shared_accuracy": float(np.mean(shared)), "fedpal_accuracy": float(np.mean(np.concatenate(fedpal))),
-                "pairs": int(len(shared))}
+        return {
+            "shared_accuracy": float(np.mean(shared)),
+            "fedpal_accuracy": float(np.mean(np.concatenate(fedpal))),
+            "pairs": int(len(shared)),
+        }
 
     def _leaks(self, run: FederatedRun) -> dict[str, Any]:
         from fedpal.simulations.privacy.leaks import scan_with_control
 
-        needles = [text for pair in [*self.population.members(), *self.planted_pairs]
-                   for text in (pair.prompt, pair.chosen, pair.rejected)]
+        needles = [
+            text
+            for pair in [*self.population.members(), *self.planted_pairs]
+            for text in (pair.prompt, pair.chosen, pair.rejected)
+        ]
         needles += [user.stated for user in self.population.users if user.stated]
         needles += [canary.secret for canary in self.planted if len(canary.secret) >= 12]
         messages = scan_with_control([run.captures], needles)
         homes = scan_with_control(list(run.homes), needles)
         if messages.files == 0:
-            raise RuntimeError(f"no client message was captured in the '{run.plan.name}' run: the scan would prove nothing")
-        return {"messages": messages.to_dict(), "homes": homes.to_dict(),
-                "found": len(messages.leaks) + len(homes.leaks)}
+            raise RuntimeError(
+                f"no client message was captured in the '{run.plan.name}' run: the scan would prove nothing"
+            )
+        return {
+            "messages": messages.to_dict(),
+            "homes": homes.to_dict(),
+            "found": len(messages.leaks) + len(homes.leaks),
+        }
 
     # -- results -----------------------------------------------------------------------
 
-    def results(self, settings: dict[str, dict[str, Any]], utility_runs: list[dict[str, Any]],
-                seconds: float) -> dict[str, Any]:
+    def results(
+        self, settings: dict[str, dict[str, Any]], utility_runs: list[dict[str, Any]], seconds: float
+    ) -> dict[str, Any]:
         c = self.config
         return {
             "preset": c.preset,
@@ -349,16 +399,22 @@ class PrivacyAudit:
             "settings": list(settings),
             "mia": {name: _headline(r["mia_global"]) for name, r in settings.items()},
             "mia_personal": {name: _headline(r["mia_personal"]) for name, r in settings.items()},
-            "canary_exposure": {name: float(np.mean([e["bits"] for e in r["exposure"]["global"]]))
-                                for name, r in settings.items()},
+            "canary_exposure": {
+                name: float(np.mean([e["bits"] for e in r["exposure"]["global"]])) for name, r in settings.items()
+            },
             "inversion": {name: r["inversion"] for name, r in settings.items()},
             "epsilon": {name: r["epsilon"] for name, r in settings.items()},
             "audited_epsilon": {name: r["audit"]["epsilon"] for name, r in settings.items()},
             "plaintext_leaks": int(sum(r["leaks"]["found"] for r in settings.values())),
             "budget_vs_utility": [
-                {"noise_multiplier": r["noise_multiplier"], "epsilon": r["epsilon"], **r["utility"],
-                 "mia_auc": _headline(r["mia_global"])["auc"],
-                 "mia_tpr_at_1pct_fpr": _headline(r["mia_global"])["tpr_at_1pct_fpr"]} for r in utility_runs
+                {
+                    "noise_multiplier": r["noise_multiplier"],
+                    "epsilon": r["epsilon"],
+                    **r["utility"],
+                    "mia_auc": _headline(r["mia_global"])["auc"],
+                    "mia_tpr_at_1pct_fpr": _headline(r["mia_global"])["tpr_at_1pct_fpr"],
+                }
+                for r in utility_runs
             ],
             "details": settings,
             "delta": c.delta,
@@ -376,8 +432,10 @@ RMIA_OFFLINE_A = 0.3
 def _headline(attacks: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """The strongest attack by AUC, named: what a results table shows for one adapter."""
     name, best = max(attacks.items(), key=lambda item: item[1]["auc"])
-    return {"attack": name, **{k: best[k] for k in ("auc", "tpr_at_1pct_fpr", "tpr_at_0.1pct_fpr", "members",
-                                                     "nonmembers")}}
+    return {
+        "attack": name,
+        **{k: best[k] for k in ("auc", "tpr_at_1pct_fpr", "tpr_at_0.1pct_fpr", "members", "nonmembers")},
+    }
 
 
 def _subset(scored: Any, index: np.ndarray) -> Any:

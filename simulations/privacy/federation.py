@@ -4,7 +4,8 @@ Simulation Engine, with the attacker's instruments attached from outside.
 - **Canary clients** (the one-run audit): extra nodes whose client, every round, sends
   the global adapter it received plus a fixed random direction at the clipping norm
   (``canary_norm`` in runs without DP). Each candidate canary joins with probability
-  1/2; the run never learns which ones did, the auditor does. They go through the same mods (clipping, SecAgg+) as users.
+  1/2; the run never learns which ones did, the auditor does. They go through the same mods (clipping, SecAgg+) as
+  users.
 - **An honest-but-curious server**: an observer on fedpal's strategy records each
   round's replies exactly as the server receives them (one update per node without
   SecAgg+, the unmasked aggregate with it).
@@ -100,8 +101,9 @@ class CanaryClient(NumPyClient):
     reply), so without DP's uniform weights FedAvg weighs it as one user.
     """
 
-    def __init__(self, shapes: dict[str, tuple[int, ...]], index: int, seed: int, norm: float, examples: int,
-                 partition: int) -> None:
+    def __init__(
+        self, shapes: dict[str, tuple[int, ...]], index: int, seed: int, norm: float, examples: int, partition: int
+    ) -> None:
         self.shapes, self.index, self.seed, self.norm = shapes, index, seed, norm
         self.examples, self.partition = examples, partition
 
@@ -113,8 +115,11 @@ class CanaryClient(NumPyClient):
         sent = canary_update(received, canary_direction(self.shapes, self.index, self.seed), self.norm)
         if config.get("deterministic"):  # SecAgg+ rounds with numpy's global generator (see client_app)
             np.random.seed([int(config["seed"]), int(config["round"]), self.partition])
-        metrics = {"examples": self.examples, "payload_bytes": int(sum(a.nbytes for a in sent.values())),
-                   FINGERPRINT_KEY: adapter_fingerprint(sent)}
+        metrics = {
+            "examples": self.examples,
+            "payload_bytes": int(sum(a.nbytes for a in sent.values())),
+            FINGERPRINT_KEY: adapter_fingerprint(sent),
+        }
         return list(sent.values()), 1 if config["uniform-weights"] else self.examples, metrics
 
 
@@ -189,8 +194,14 @@ def overrides(config: AuditConfig, plan: RunPlan, folder: Path, nodes: int) -> d
     }
 
 
-def run_federation(config: AuditConfig, plan: RunPlan, population: AuditPopulation, folder: Path,
-                   initial: dict[str, np.ndarray], planted: Sequence[PreferencePair]) -> FederatedRun:
+def run_federation(
+    config: AuditConfig,
+    plan: RunPlan,
+    population: AuditPopulation,
+    folder: Path,
+    initial: dict[str, np.ndarray],
+    planted: Sequence[PreferencePair],
+) -> FederatedRun:
     """Run ``plan``'s federation in ``folder`` and collect what the attacks need."""
     from flwr.simulation import run_simulation
 
@@ -214,8 +225,7 @@ def run_federation(config: AuditConfig, plan: RunPlan, population: AuditPopulati
         partition = int(context.node_config["partition-id"])
         if partition not in canaries:
             return fedpal_client(context)
-        return CanaryClient(shapes, canaries[partition], config.seed, norm, examples,
-                            partition).to_client()
+        return CanaryClient(shapes, canaries[partition], config.seed, norm, examples, partition).to_client()
 
     observed: dict[int, dict[str, list[np.ndarray]]] = {}
 
@@ -229,22 +239,36 @@ def run_federation(config: AuditConfig, plan: RunPlan, population: AuditPopulati
             server_app=make_server_app(settings, observers=[observe]),
             client_app=make_client_app([make_capture_mod(captures)], client_fn=client_fn),
             num_supernodes=nodes,
-            backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                            "init_args": {"log_to_driver": False, "logging_level": logging.WARNING}},
+            backend_config={
+                "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                "init_args": {"log_to_driver": False, "logging_level": logging.WARNING},
+            },
         )
     run_dir = Path(settings["run-dir"])
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     done = [m for m in metrics if m.get("aggregated")]
     if len(done) < config.rounds:
-        raise RuntimeError(f"the '{plan.name}' federation aggregated {len(done)} of {config.rounds} rounds; "
-                           f"see {run_dir / 'metrics.jsonl'}")
+        raise RuntimeError(
+            f"the '{plan.name}' federation aggregated {len(done)} of {config.rounds} rounds; "
+            f"see {run_dir / 'metrics.jsonl'}"
+        )
     partitions = {}
     for path in captures.glob("*.bin"):
         partition, node, _ = path.name.split("-", 2)
         partitions[node] = int(partition)
     final = load_global_adapter(run_dir)
-    return FederatedRun(plan, folder, homes, dict(initial), {k: final[k] for k in initial}, observed, partitions,
-                        included, done[-1].get("epsilon"), metrics)
+    return FederatedRun(
+        plan,
+        folder,
+        homes,
+        dict(initial),
+        {k: final[k] for k in initial},
+        observed,
+        partitions,
+        included,
+        done[-1].get("epsilon"),
+        metrics,
+    )
 
 
 @contextlib.contextmanager

@@ -87,8 +87,13 @@ def _next_token_logprobs(model: "PeftModel", contexts: Sequence[Sequence[int]], 
 
 
 def _differential(
-    model: "PeftModel", adapter: str, before: Mapping[str, np.ndarray], after: Mapping[str, np.ndarray],
-    parts: str, contexts: Sequence[Sequence[int]], pad: int,
+    model: "PeftModel",
+    adapter: str,
+    before: Mapping[str, np.ndarray],
+    after: Mapping[str, np.ndarray],
+    parts: str,
+    contexts: Sequence[Sequence[int]],
+    pad: int,
 ) -> np.ndarray:
     """log p_after - log p_before of every vocabulary token after each context, ``(contexts, vocab)``."""
     arrays_to_adapter(model, adapter, before, parts)

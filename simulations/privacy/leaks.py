@@ -45,8 +45,13 @@ class LeakScan:
     control_found: bool
 
     def to_dict(self) -> dict:
-        return {"files": self.files, "bytes": self.bytes, "needles": self.needles, "control_found": self.control_found,
-                "leaks": [leak.to_dict() for leak in self.leaks]}
+        return {
+            "files": self.files,
+            "bytes": self.bytes,
+            "needles": self.needles,
+            "control_found": self.control_found,
+            "leaks": [leak.to_dict() for leak in self.leaks],
+        }
 
 
 def _files(roots: Iterable[Path]) -> list[Path]:

@@ -57,8 +57,9 @@ def reply_logprobs(
     """
     import torch
 
-    encoded = [encode_reply(tokenizer, chat_input_ids(tokenizer, prompt, None), reply, max_length)
-               for prompt, reply in texts]
+    encoded = [
+        encode_reply(tokenizer, chat_input_ids(tokenizer, prompt, None), reply, max_length) for prompt, reply in texts
+    ]
     device = next(model.parameters()).device
     model.eval()
     sums, counts = [], []
@@ -67,7 +68,7 @@ def reply_logprobs(
     switched_off = model.disable_adapter() if not active else contextlib.nullcontext()
     with torch.no_grad(), switched_off:
         for start in range(0, len(encoded), batch_size):
-            ids, mask, labels = pad_rows(encoded[start: start + batch_size], tokenizer.pad_token_id)
+            ids, mask, labels = pad_rows(encoded[start : start + batch_size], tokenizer.pad_token_id)
             logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
             picked, used = token_logprobs(logits, labels.to(device))
             sums.append(picked.sum(dim=-1).cpu().numpy())
@@ -75,4 +76,3 @@ def reply_logprobs(
     if not sums:
         return Scored(np.zeros(0), np.zeros(0, dtype=int))
     return Scored(np.concatenate(sums).astype(np.float64), np.concatenate(counts).astype(int))
-

@@ -68,13 +68,15 @@ def audit_population(config: AuditConfig) -> AuditPopulation:
     for index, person in enumerate(people[: config.users]):
         stored = [train[i] for i in rng.choice(len(train), config.pairs_per_user, replace=False)]
         unseen = [heldout[i] for i in rng.choice(len(heldout), config.heldout_per_user, replace=False)]
-        users.append(UserTexts(
-            members=tuple(_labelled(person, stored, [config.seed, index, 0])),
-            nonmembers=tuple(_labelled(person, unseen, [config.seed, index, 1])),
-            stated=person.stated_preference,
-        ))
+        users.append(
+            UserTexts(
+                members=tuple(_labelled(person, stored, [config.seed, index, 0])),
+                nonmembers=tuple(_labelled(person, unseen, [config.seed, index, 1])),
+                stated=person.stated_preference,
+            )
+        )
     shadow = []
-    for index, person in enumerate(people[config.users:], start=config.users):
+    for index, person in enumerate(people[config.users :], start=config.users):
         asked = [train[i] for i in rng.choice(len(train), config.pairs_per_user, replace=False)]
         asked += [heldout[i] for i in rng.choice(len(heldout), config.heldout_per_user, replace=False)]
         shadow.extend(_labelled(person, asked, [config.seed, index, 2]))

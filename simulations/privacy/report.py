@@ -52,7 +52,8 @@ def _markdown(results: Mapping[str, Any]) -> str:
         "## Attacks per protection setting",
         "",
         "| setting | accountant epsilon | audited epsilon (lower bound) | MIA global AUC / TPR@1% | "
-        "MIA personal AUC / TPR@1% | canary exposure global / personal (bits) | inversion recall / precision (chance) |",
+        "MIA personal AUC / TPR@1% | canary exposure global / personal (bits) | inversion recall / precision "
+        "(chance) |",
         "|---|---|---|---|---|---|---|",
     ]
     for name in results["settings"]:
@@ -72,21 +73,24 @@ def _markdown(results: Mapping[str, Any]) -> str:
     first = details[results["settings"][0]]
     lines += [
         "",
-        f"- Membership inference: members are the replies each user stored and trained on, non-members replies "
-        f"of the same kind on prompts they never stored. TPR at 0.1% FPR with fewer than 1000 non-members is the "
-        f"TPR at zero false positives. The personal adapter never leaves the device: its row is an attack on a "
-        f"stolen adapter file, which no federation setting changes.",
+        "- Membership inference: members are the replies each user stored and trained on, non-members replies "
+        "of the same kind on prompts they never stored. TPR at 0.1% FPR with fewer than 1000 non-members is the "
+        "TPR at zero false positives. The personal adapter never leaves the device: its row is an attack on a "
+        "stolen adapter file, which no federation setting changes.",
         f"- Canary exposure: secrets ({c['secrets']}) stored {c['secret_repeats']} times each in user 0's memory, "
         f"ranked against {c['exposure_candidates']} other secrets (at most "
         f"{math.log2(c['exposure_candidates'] + 1):.1f} bits measurable); never-planted secrets (the control) read "
-        f"{min(control):.1f}-{max(control):.1f} bits." if control else "",
+        f"{min(control):.1f}-{max(control):.1f} bits."
+        if control
+        else "",
         f"- Inversion: {first['inversion']['attacked']} without SecAgg+; the secure aggregate with it. Recovered "
-        f"text ({results['settings'][0]}): \"{first['inversion']['recovered_text'][:200]}\"",
+        f'text ({results["settings"][0]}): "{first["inversion"]["recovered_text"][:200]}"',
         f"- Audited epsilon: {c['canary_clients']} candidate canary clients, each joined with probability 1/2; "
         f"Steinke, Nasr & Jagielski (2023) lower bound at {c['confidence']:.0%} confidence from the final global "
         f"adapter. One-shot estimates (Andrew et al. 2024; an estimate, not a bound, and with fewer than ~1000 "
         f"canaries its two fitted variances make it swing widely): "
-        + ", ".join(f"{name} {details[name]['audit']['one_shot_epsilon']:.2f}" for name in results["settings"]) + ".",
+        + ", ".join(f"{name} {details[name]['audit']['one_shot_epsilon']:.2f}" for name in results["settings"])
+        + ".",
         f"- Plaintext leaks in client messages and home files: {results['plaintext_leaks']} "
         f"(each scan first found a planted control).",
         "",
@@ -100,9 +104,12 @@ def _markdown(results: Mapping[str, Any]) -> str:
         "|---|---|---|---|---|",
     ]
     for row in results["budget_vs_utility"]:
-        lines.append(f"| {row['noise_multiplier']:g} | {_eps(row['epsilon'])} | {_share(row['shared_accuracy'], row['pairs'])} | "
-                     f"{_share(row['fedpal_accuracy'], row['pairs'])} | {row['mia_auc']:.3f} / "
-                     f"{row['mia_tpr_at_1pct_fpr']:.2f} |")
+        lines.append(
+            f"| {row['noise_multiplier']:g} | {_eps(row['epsilon'])} | "
+            f"{_share(row['shared_accuracy'], row['pairs'])} | "
+            f"{_share(row['fedpal_accuracy'], row['pairs'])} | {row['mia_auc']:.3f} / "
+            f"{row['mia_tpr_at_1pct_fpr']:.2f} |"
+        )
     lines += ["", f"![ROC curves]({ROC_PNG})", "", f"![epsilon vs utility]({BUDGET_PNG})", ""]
     return "\n".join(line for line in lines if line is not None)
 
@@ -113,8 +120,9 @@ def _save(fig: Figure, path: Path) -> None:
 
 def _plot_roc(results: Mapping[str, Any], path: Path) -> None:
     fig = Figure(figsize=(10, 4.5))
-    for axis, (adapter, key) in zip(fig.subplots(1, 2), (("global shared adapter", "mia_global"),
-                                                           ("personal adapters", "mia_personal"))):
+    for axis, (adapter, key) in zip(
+        fig.subplots(1, 2), (("global shared adapter", "mia_global"), ("personal adapters", "mia_personal"))
+    ):
         for name in results["settings"]:
             attack = results["mia" if key == "mia_global" else "mia_personal"][name]["attack"]
             curve = results["details"][name][key][attack]
@@ -122,8 +130,15 @@ def _plot_roc(results: Mapping[str, Any], path: Path) -> None:
             tpr = [max(y, 1e-3) for y in curve["tpr"]]
             axis.plot(fpr, tpr, label=f"{name} ({attack}, AUC {curve['auc']:.2f})")
         axis.plot([1e-3, 1], [1e-3, 1], color="grey", linestyle=":", label="chance")
-        axis.set(xscale="log", yscale="log", xlim=(1e-3, 1), ylim=(1e-3, 1.05), xlabel="false positive rate",
-                 ylabel="true positive rate", title=f"Membership inference: {adapter}")
+        axis.set(
+            xscale="log",
+            yscale="log",
+            xlim=(1e-3, 1),
+            ylim=(1e-3, 1.05),
+            xlabel="false positive rate",
+            ylabel="true positive rate",
+            title=f"Membership inference: {adapter}",
+        )
         axis.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     _save(fig, path)
@@ -140,8 +155,12 @@ def _plot_budget(results: Mapping[str, Any], path: Path) -> None:
         for r in plain:
             left.axhline(r[key], color=line[0].get_color(), linestyle="--", label=f"{label}, no DP")
     left.axhline(0.5, color="grey", linestyle=":", label="chance")
-    left.set(xscale="log", xlabel=f"epsilon (delta {results['delta']})", ylabel="held-out preference accuracy",
-             title="Privacy budget vs utility")
+    left.set(
+        xscale="log",
+        xlabel=f"epsilon (delta {results['delta']})",
+        ylabel="held-out preference accuracy",
+        title="Privacy budget vs utility",
+    )
     left.legend(fontsize=7)
     middle.plot([r["epsilon"] for r in dp], [r["mia_auc"] for r in dp], marker="o", label="DP runs")
     for r in plain:
@@ -156,8 +175,9 @@ def _plot_budget(results: Mapping[str, Any], path: Path) -> None:
         right.annotate(name, (x, results["audited_epsilon"][name]), fontsize=7)
     for name in results["settings"]:
         if results["epsilon"][name] is None:
-            right.axhline(results["audited_epsilon"][name], color="tab:red", linestyle="--",
-                          label=f"audited, {name} (no DP)")
+            right.axhline(
+                results["audited_epsilon"][name], color="tab:red", linestyle="--", label=f"audited, {name} (no DP)"
+            )
     top = max(accountant, default=1.0)
     right.plot([0, top], [0, top], color="grey", linestyle=":", label="audited = accountant")
     right.set(xlabel="accountant epsilon", ylabel="audited epsilon (lower bound)", title="One-run audit")
