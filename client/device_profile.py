@@ -35,8 +35,6 @@ class DeviceProfile:
     free_bytes: int
     max_length: int
     batch_size: int
-    rank: int
-    threads: int
     reason: str
 
 
@@ -80,16 +78,14 @@ def profile_device(
     sequences_per_example: int = 2,
     max_length: int | None = None,
     batch_size: int | None = None,
-    rank: int | None = None,
     free_bytes: int | None = None,
 ) -> DeviceProfile:
-    """Largest (max_length, batch_size) whose estimated memory fits, and a rank to match.
+    """Largest (max_length, batch_size) whose estimated memory fits.
 
     ``sequences_per_example`` is 2 for DPO (chosen and rejected share a forward pass).
-    Explicit ``max_length``/``batch_size``/``rank`` win over the estimate; ``free_bytes``
+    Explicit ``max_length``/``batch_size`` win over the estimate; ``free_bytes``
     replaces the measurement (for planning another machine, and for tests).
     """
-    import psutil
     import torch
 
     from fedpal.common.models import resolve_device
@@ -122,24 +118,10 @@ def profile_device(
         reason = f"memory: {budget >> 20} MiB planned for training"
         if kind == "cpu":
             reason += f"; cpu caps batch at {CPU_MAX_BATCH} and length at {CPU_MAX_LENGTH} for step time"
-    suggested_rank = rank if rank is not None else _rank_for(budget, kind)
-    threads = psutil.cpu_count(logical=False) or psutil.cpu_count() or 1
     return DeviceProfile(
         device=str(target),
         free_bytes=free,
         max_length=chosen[0],
         batch_size=chosen[1],
-        rank=suggested_rank,
-        threads=int(threads),
         reason=reason,
     )
-
-
-def _rank_for(budget: int, kind: str) -> int:
-    """A larger rank only pays off where there is room for larger batches to feed it."""
-    gib = budget / (1 << 30)
-    if kind == "cuda" and gib >= 16:
-        return 16
-    if gib >= 1:
-        return 8
-    return 4

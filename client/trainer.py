@@ -31,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import logging
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -49,6 +50,8 @@ if TYPE_CHECKING:
     from peft import PeftModel
 
     from fedpal.common.models import BaseModel
+
+log = logging.getLogger("fedpal.client")
 
 OBJECTIVES = ("dpo", "sft", "both")
 CHECKPOINT_VERSION = 1
@@ -220,6 +223,13 @@ class LocalTrainer:
                 batch_size=config.batch_size,
             )
             self.batch_size, self.max_length = profile.batch_size, profile.max_length
+            log.info(
+                "training %d x %d tokens per step on %s (%s)",
+                self.batch_size,
+                self.max_length,
+                profile.device,
+                profile.reason,
+            )
         else:
             self.batch_size, self.max_length = config.batch_size, config.max_length
         self._trims_logits = "logits_to_keep" in inspect.signature(peft_model.get_base_model().forward).parameters

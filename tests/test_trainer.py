@@ -131,11 +131,11 @@ def test_device_profile_fits_memory_and_honours_overrides(tiny_base):
     roomy = profile_device(tiny_base.model, "cpu", free_bytes=64 << 30)
     assert (roomy.max_length, roomy.batch_size) == (CPU_MAX_LENGTH, CPU_MAX_BATCH)  # capped on CPU for step time
     tight = profile_device(tiny_base.model, "cpu", free_bytes=1 << 20)
-    assert (tight.max_length, tight.batch_size, tight.rank) == (128, 1, 4) and "may not fit" in tight.reason
+    assert (tight.max_length, tight.batch_size) == (128, 1) and "may not fit" in tight.reason
     mid = profile_device(tiny_base.model, "cpu", free_bytes=64 << 20)
     assert mid.batch_size * mid.max_length < roomy.batch_size * roomy.max_length
-    forced = profile_device(tiny_base.model, "cpu", free_bytes=1 << 20, batch_size=3, max_length=77, rank=2)
-    assert (forced.batch_size, forced.max_length, forced.rank) == (3, 77, 2)
+    forced = profile_device(tiny_base.model, "cpu", free_bytes=1 << 20, batch_size=3, max_length=77)
+    assert (forced.batch_size, forced.max_length) == (3, 77)
 
 
 # ------------------------------------------------------------------ training
