@@ -46,7 +46,6 @@ if TYPE_CHECKING:
     from fedpal.client.memory import PreferenceMemory
     from fedpal.client.reward import RewardModel
 
-MODES = ("base", "merge", "fusion", "rerank")
 DEFAULT_MODE = "merge"
 """What ``fedpal generate`` and ``chat`` use unless told otherwise."""
 MAX_LOADED_ADAPTERS = 32
@@ -560,32 +559,104 @@ class PersonalizedGenerator:
             prompt, system = place_preferences(
                 prompt, system, self.stated_preferences(home, prompt, passphrase), retrieval_in
             )
-        label = mode + ("+retrieval" if retrieval else "")
-        if mode == "rerank":
-            reply = self.rerank(home, *asked, (prompt, system), options, w_shared, w_personal, passphrase, label)
-            if on_token is not None:
-                on_token(reply.text)
-            return reply
-        if mode == "base":
-            return self.generate(prompt, None, options, system, on_token=on_token, mode=label)
-        if mode == "merge":
-            if not _trained(home, w_shared, w_personal):  # nothing trained, or nothing passed the guard yet
-                return self.generate(
-                    prompt, None, options, system, on_token=on_token, mode=label.replace("merge", "base")
-                )
-            adapter = self.user_adapter(home, w_shared, w_personal)
-            return self.generate(prompt, adapter, options, system, on_token=on_token, mode=label)
-        parts: list[tuple[Adapter, float]] = [(None, w_base)]
-        for name, weight in ((SHARED, w_shared), (PERSONAL, w_personal)):
-            if not weight:
-                continue
-            if not (home.adapter_dir(name) / CONFIG_FILE).is_file():
-                raise FedpalError(
-                    f"fusion gives the {name} adapter weight {weight:g}, but {home.root} has no {name} adapter"
-                )
-            one = (1.0, 0.0) if name == SHARED else (0.0, 1.0)
-            parts.append((self.user_adapter(home, *one), weight))
-        return self.generate(prompt, None, options, system, fusion=parts, on_token=on_token, mode=label)
+        request = ModeRequest(
+            home,
+            prompt,
+            system,
+            asked,
+            options,
+            w_base,
+            w_shared,
+            w_personal,
+            passphrase,
+            on_token,
+            mode + ("+retrieval" if retrieval else ""),
+        )
+        return MODES[mode](self, request)
+
+
+@dataclass(frozen=True)
+class ModeRequest:
+    """One reply to make in a generation mode: the user's home, the prompt as the model sees it
+    (retrieved preferences placed), as the user asked it (``asked``), and the mode's weights."""
+
+    home: ClientHome
+    prompt: str
+    system: str | None
+    asked: tuple[str, str | None]
+    options: DecodeOptions | None
+    w_base: float
+    w_shared: float
+    w_personal: float
+    passphrase: str | None
+    on_token: Callable[[str], None] | None
+    label: str
+    """What the reply's ``mode`` field says (``merge+retrieval``, ...)."""
+
+
+GenerationMode = Callable[[PersonalizedGenerator, ModeRequest], Reply]
+MODES: dict[str, GenerationMode] = {}
+"""Generation modes by name: ``fedpal generate --mode NAME`` and ``generate_for(mode=NAME)``."""
+
+
+def generation_mode(name: str) -> Callable[[GenerationMode], GenerationMode]:
+    """Register a generation mode under ``name`` (a decorator)::
+
+    @generation_mode("shout")
+    def shout(generator, request):
+        reply = MODES["merge"](generator, request)
+        return replace(reply, text=reply.text.upper())
+    """
+
+    def register(mode: GenerationMode) -> GenerationMode:
+        MODES[name] = mode
+        return mode
+
+    return register
+
+
+@generation_mode("base")
+def _base(generator: PersonalizedGenerator, r: ModeRequest) -> Reply:
+    """The base model, no adapter."""
+    return generator.generate(r.prompt, None, r.options, r.system, on_token=r.on_token, mode=r.label)
+
+
+@generation_mode("merge")
+def _merge(generator: PersonalizedGenerator, r: ModeRequest) -> Reply:
+    """The user's adapters merged by weight into one LoRA pair (the base model until one is trained)."""
+    if not _trained(r.home, r.w_shared, r.w_personal):  # nothing trained, or nothing passed the guard yet
+        return generator.generate(
+            r.prompt, None, r.options, r.system, on_token=r.on_token, mode=r.label.replace("merge", "base")
+        )
+    adapter = generator.user_adapter(r.home, r.w_shared, r.w_personal)
+    return generator.generate(r.prompt, adapter, r.options, r.system, on_token=r.on_token, mode=r.label)
+
+
+@generation_mode("fusion")
+def _fusion(generator: PersonalizedGenerator, r: ModeRequest) -> Reply:
+    """The base model's and each adapter's next-token distributions mixed by weight."""
+    parts: list[tuple[Adapter, float]] = [(None, r.w_base)]
+    for name, weight in ((SHARED, r.w_shared), (PERSONAL, r.w_personal)):
+        if not weight:
+            continue
+        if not (r.home.adapter_dir(name) / CONFIG_FILE).is_file():
+            raise FedpalError(
+                f"fusion gives the {name} adapter weight {weight:g}, but {r.home.root} has no {name} adapter"
+            )
+        one = (1.0, 0.0) if name == SHARED else (0.0, 1.0)
+        parts.append((generator.user_adapter(r.home, *one), weight))
+    return generator.generate(r.prompt, None, r.options, r.system, fusion=parts, on_token=r.on_token, mode=r.label)
+
+
+@generation_mode("rerank")
+def _rerank(generator: PersonalizedGenerator, r: ModeRequest) -> Reply:
+    """Reward-guided best-of-n among drafts (see the module docstring)."""
+    reply = generator.rerank(
+        r.home, *r.asked, (r.prompt, r.system), r.options, r.w_shared, r.w_personal, r.passphrase, r.label
+    )
+    if r.on_token is not None:
+        r.on_token(reply.text)
+    return reply
 
 
 def _trained(home: ClientHome, w_shared: float, w_personal: float) -> bool:

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from fedpal.client.home import ClientHome
     from fedpal.client.onnx_export import ExportInfo
 
-Mode = choices("Mode", MODES)
+Mode = choices("Mode", tuple(MODES))
 Placement = choices("Placement", PLACEMENTS)
 Precision = choices("Precision", PRECISIONS)
 Provider = choices("Provider", PROVIDERS)

@@ -22,9 +22,7 @@ from typing import Any
 
 from fedpal.common.errors import FedpalError
 from fedpal.common.generation import PLACEMENTS
-
-STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedavgm")
-"""Flower strategies the server can run (``fedpal.server.strategy`` builds them)."""
+from fedpal.common.strategies import STRATEGIES
 
 RESUME_LOCKED = (
     "model",
@@ -91,7 +89,11 @@ class FederationSettings:
         "a model folder or a hub id already in the local cache.",
     )
     num_server_rounds: int = setting(3, "Federated rounds.")
-    strategy: str = setting("fedavg", "Flower strategy: " + ", ".join(STRATEGIES) + ".")
+    strategy: str = setting(
+        "fedavg",
+        "Flower strategy: fedavg, fedprox, fedadam, fedyogi, fedavgm, or one "
+        "registered with fedpal.common.strategies.flower_strategy.",
+    )
     fraction_train: float = setting(1.0, "Fraction of the connected clients sampled per round, in (0, 1].")
     min_clients: int = setting(3, "Clients a round waits for (and samples at least).")
     population_size: int = setting(0, "Users the accountant counts (0: the clients connected at the start).")

@@ -29,6 +29,7 @@ import numpy as np
 from fedpal.common.adapters import FINGERPRINT_KEY
 from fedpal.common.privacy import PrivacySpent
 from fedpal.common.settings import FederationSettings
+from fedpal.common.strategies import STRATEGIES
 from fedpal.server.validation import UpdateSpec, check_aggregate, check_update, update_norm
 
 log = logging.getLogger("fedpal.server")
@@ -58,7 +59,6 @@ def _no_metrics(metrics: list) -> dict:
 def build_server_strategy(settings: FederationSettings, initial: list[np.ndarray]) -> Any:
     """The selected Flower strategy; it samples clients and applies any server optimizer."""
     from flwr.common import ndarrays_to_parameters
-    from flwr.server import strategy as fl
 
     common = {
         "fraction_fit": settings["fraction-train"],
@@ -70,16 +70,7 @@ def build_server_strategy(settings: FederationSettings, initial: list[np.ndarray
         "accept_failures": True,
         "fit_metrics_aggregation_fn": _no_metrics,
     }
-    name = settings["strategy"]
-    if name == "fedavg":
-        return fl.FedAvg(**common)
-    if name == "fedprox":
-        return fl.FedProx(**common, proximal_mu=settings["proximal-mu"])
-    if name == "fedadam":
-        return fl.FedAdam(**common, eta=settings["server-learning-rate"])
-    if name == "fedyogi":
-        return fl.FedYogi(**common, eta=settings["server-learning-rate"])
-    return fl.FedAvgM(**common, server_learning_rate=1.0, server_momentum=settings["server-momentum"])
+    return STRATEGIES[settings.strategy](settings, common)
 
 
 # Attributes in which Flower's strategies keep state between rounds.

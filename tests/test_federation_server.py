@@ -271,3 +271,34 @@ def test_round_randomness_is_secret_unless_deterministic(tmp_path):
     assert not np.array_equal(noise(first, 3), noise(first, 4))
     same_low_bits = first ^ (1 << 100)
     assert not np.array_equal(noise(first, 3), noise(same_low_bits, 3)), "all 128 bits of the secret matter"
+
+
+def test_a_strategy_added_through_the_registry_runs_under_fedpals_checks():
+    """A researcher's strategy (Flower's FedMedian here) registered by name: the settings accept
+    the name, the server builds it, and fedpal's wrapper still rejects a bad update and aggregates."""
+    from flwr.server.strategy import FedMedian
+
+    from fedpal.common.strategies import STRATEGIES, flower_strategy
+
+    @flower_strategy("fedmedian-test")
+    def fedmedian(settings, common):
+        return FedMedian(**common)
+
+    try:
+        named = _named()
+        initial = list(named.values())
+        spec = UpdateSpec.of(named, max_norm=2.0)
+        strategy = FedpalStrategy(_settings(strategy="fedmedian-test", dp=False), spec, initial)
+        assert isinstance(strategy.inner, FedMedian)
+        steps = [_step(initial, seed, 1.0) for seed in (1, 2, 3)]
+        results = [_result(i + 1, arrays, spec.fingerprint) for i, arrays in enumerate(steps)]
+        results.append(_result(9, [a + 50.0 for a in initial], spec.fingerprint))  # far over max-update-norm
+        params, _ = strategy.aggregate_fit(1, results, [])
+        assert strategy.report.rejected and strategy.report.clients_summed == 3
+        expected = [np.median(np.stack(column), axis=0) for column in zip(*steps)]
+        for got, want in zip(parameters_to_ndarrays(params), expected):
+            np.testing.assert_allclose(got, want, atol=1e-6)  # the median, not the mean
+    finally:
+        del STRATEGIES["fedmedian-test"]
+    with pytest.raises(FedpalError, match="strategy must be one of"):
+        _settings(strategy="fedmedian-test")

@@ -451,3 +451,25 @@ def test_decode_threads_follow_the_cores_and_a_containers_quota(tmp_path):
     assert decode_threads(quota) == cores
     quota.write_text("garbage\n")
     assert decode_threads(quota) == cores
+
+
+def test_a_generation_mode_added_through_the_registry(generator, users):
+    """A mode registered by name answers through ``generate_for`` like the built-in ones."""
+    from fedpal.client.generator import MODES, generation_mode
+
+    @generation_mode("shout-test")
+    def shout(generator, request):
+        reply = MODES["merge"](generator, request)
+        return dataclasses.replace(reply, text=reply.text.upper())
+
+    home = users["ana"][0]
+    options = DecodeOptions(max_new_tokens=6)
+    try:
+        merged = generator.generate_for(home, "hello there", mode="merge", options=options)
+        shouted = generator.generate_for(home, "hello there", mode="shout-test", options=options)
+        assert shouted.text == merged.text.upper() and shouted.tokens == merged.tokens
+        assert shouted.mode == "shout-test"
+    finally:
+        del MODES["shout-test"]
+    with pytest.raises(FedpalError, match="mode must be one of base, merge, fusion, rerank"):
+        generator.generate_for(home, "hello there", mode="shout-test", options=options)
