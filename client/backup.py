@@ -24,7 +24,6 @@ import sqlite3
 import tarfile
 import tempfile
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -33,6 +32,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from fedpal.client.encryption import NONCE_BYTES, OWASP_ARGON2ID, KdfParams, derive_wrapping_key
 from fedpal.client.home import EXPORT_RECORD, ClientHome
+from fedpal.common.files import write_atomic
 from fedpal.common.errors import FedpalError
 
 MAGIC = b"fedpal home backup\n"
@@ -83,7 +83,7 @@ def write_backup(client: ClientHome, out: Path, passphrase: str, kdf: KdfParams 
     nonce = os.urandom(NONCE_BYTES)
     sealed = AESGCM(derive_wrapping_key(passphrase, params)).encrypt(nonce, archive.getvalue(), MAGIC + header)
     data = MAGIC + header + nonce + sealed
-    _write_private(out, data)
+    write_atomic(out, data, 0o600)
     return BackupSummary(str(out), count, has_memory, len(data))
 
 
@@ -171,15 +171,3 @@ def _copy_database(source: Path, target: Path) -> None:
     finally:
         src.close()
         dst.close()
-
-
-def _write_private(out: Path, data: bytes) -> None:
-    tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, out)
-    except OSError as err:
-        tmp.unlink(missing_ok=True)
-        raise FedpalError(f"cannot write {out}: {err.strerror}") from None

@@ -147,8 +147,7 @@ class ClientHome:
 
     def record_export(self, model: str, precision: str, max_rank: int, provider: str, key: str) -> None:
         """Remember the export this user answers with (written whole, replacing any earlier one)."""
-        self.runtime.mkdir(parents=True, exist_ok=True)
+        from fedpal.common.files import write_atomic
+
         record = {"model": model, "precision": precision, "max_rank": max_rank, "provider": provider, "key": key}
-        tmp = self.runtime / (EXPORT_RECORD + ".tmp")
-        tmp.write_text(json.dumps(record, indent=2))
-        tmp.replace(self.runtime / EXPORT_RECORD)
+        write_atomic(self.runtime / EXPORT_RECORD, json.dumps(record, indent=2).encode())

@@ -59,6 +59,7 @@ from fedpal.client.encryption import (
 )
 from fedpal.client.home import ClientHome
 from fedpal.client.retrieval import BM25Ranker, Ranker, RankIndex
+from fedpal.common.files import write_atomic
 from fedpal.common.errors import FedpalError
 from fedpal.common.generation import place_preferences
 from fedpal.common.types import PreferencePair, SFTExample
@@ -825,16 +826,8 @@ class PreferenceMemory:
         """
         records = self.records(strict=not skip_corrupt)
         path = Path(path)
-        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-        try:
-            fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
-            with os.fdopen(fd, "w", encoding="utf-8") as out:
-                for record in records:
-                    out.write(json.dumps(record.to_json(), ensure_ascii=False) + "\n")
-            os.replace(tmp, path)
-        except OSError as err:
-            tmp.unlink(missing_ok=True)
-            raise FedpalError(f"cannot write {path}: {err.strerror}") from None
+        text = "".join(json.dumps(record.to_json(), ensure_ascii=False) + "\n" for record in records)
+        write_atomic(path, text.encode("utf-8"), 0o600)
         return len(records)
 
     # ------------------------------------------------------------------ forgetting

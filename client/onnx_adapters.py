@@ -14,21 +14,19 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from fedpal.client.onnx_export import ExportInfo
-from fedpal.common.adapters import CONFIG_FILE, WEIGHTS_FILE, read_adapter_files
+from fedpal.common.adapters import CONFIG_FILE, WEIGHTS_FILE, LoraName, read_adapter_files
+from fedpal.common.files import atomic_path
 from fedpal.common.errors import FedpalError
 
 ADAPTER_SUFFIX = ".onnx_adapter"
 STAMP_SUFFIX = ".stamp.json"
 CONVERTER_VERSION = 1
-# peft keys: "base_model.model.model.layers.<i>.<self_attn|mlp>.<module>.lora_<A|B>.weight"
-_PEFT_KEY = re.compile(r"layers\.(\d+)\.\w+\.(\w+)\.lora_([AB])(?:\.\w+)?\.weight$")
 
 
 def source_hash(folder: Path) -> str:
@@ -114,10 +112,10 @@ def _adapter_slots(
     scale = alpha / np.sqrt(rank) if config.get("use_rslora") else alpha / rank
     found: dict[tuple[int, str], dict[str, np.ndarray]] = {}
     for key, array in arrays.items():
-        match = _PEFT_KEY.search(key)
-        if not match:
+        lora = LoraName.parse(key)
+        if lora is None:
             raise FedpalError(f"adapter at {folder} has tensor {key}, which is not a LoRA A/B weight")
-        layer, module, part = int(match[1]), match[2], match[3]
+        layer, module, part = lora.layer, lora.module, lora.part
         if module not in export.target_modules:
             raise FedpalError(
                 f"adapter at {folder} targets {module}, which the export (targets {list(export.target_modules)}) "
@@ -157,6 +155,5 @@ def _write_adapter(parameters: dict[str, np.ndarray], out_file: Path) -> None:
     adapter.set_adapter_version(CONVERTER_VERSION)
     adapter.set_model_version(1)
     adapter.set_parameters({name: ort.OrtValue.ortvalue_from_numpy(array) for name, array in parameters.items()})
-    tmp = out_file.with_name(out_file.name + ".tmp")
-    adapter.export_adapter(str(tmp))
-    tmp.replace(out_file)
+    with atomic_path(out_file) as tmp:
+        adapter.export_adapter(str(tmp))

@@ -38,6 +38,7 @@ import numpy as np
 from fedpal.common.adapters import AdapterConfig
 from fedpal.common.config import fedpal_home
 from fedpal.common.errors import FedpalError, first_line
+from fedpal.common.files import staged_folder
 from fedpal.common.models import resolve_model_path
 
 EXPORT_FORMAT = 2
@@ -262,37 +263,48 @@ def export_model(
         template = _template_adapter(model_path, targets, work / "template")
         raw = work / "raw"
         _run_builder(model_path, raw, template, precision, execution_provider, targets, work / "cache")
-        final = work / "final"
-        lora_inputs, lora_dtype, layers = _lift_lora_to_inputs(raw, final)
-        missing = sorted(set(targets) - {i.module for i in lora_inputs})
-        if missing:
-            raise FedpalError(
-                f"the ONNX builder put no LoRA on {missing[0]} for this model; choose other target modules"
-            )
-        for extra in raw.iterdir():
-            if extra.is_file() and not extra.name.startswith("model.onnx"):
-                shutil.copy2(extra, final / extra.name)
-        context = json.loads((final / "genai_config.json").read_text())["model"]["context_length"]
-        info = ExportInfo(
-            path=folder,
-            key=folder.name,
-            base_model=str(model_path),
-            base_fingerprint=base_fingerprint(model_path),
-            precision=precision,
-            execution_provider=execution_provider,
-            target_modules=targets,
-            max_rank=int(max_rank),
-            num_layers=layers,
-            context_length=int(context),
-            lora_dtype=lora_dtype,
-            lora_inputs=tuple(lora_inputs),
-        )
-        # The manifest is written last: a folder without one is never mistaken for an export.
-        (final / MANIFEST).write_text(info.to_json())
-        shutil.rmtree(folder, ignore_errors=True)
-        final.rename(folder)
+        with staged_folder(folder) as final:  # a reader finds the old export or the new one, whole
+            info = _finish_export(raw, final, folder, model_path, precision, execution_provider, targets, max_rank)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    return info
+
+
+def _finish_export(
+    raw: Path,
+    final: Path,
+    folder: Path,
+    model_path: Path,
+    precision: str,
+    execution_provider: str,
+    targets: tuple[str, ...],
+    max_rank: int,
+) -> ExportInfo:
+    """The builder's output in ``raw`` with its LoRA lifted to inputs, into ``final``; the
+    manifest is written last, so a folder without one is never mistaken for an export."""
+    lora_inputs, lora_dtype, layers = _lift_lora_to_inputs(raw, final)
+    missing = sorted(set(targets) - {i.module for i in lora_inputs})
+    if missing:
+        raise FedpalError(f"the ONNX builder put no LoRA on {missing[0]} for this model; choose other target modules")
+    for extra in raw.iterdir():
+        if extra.is_file() and not extra.name.startswith("model.onnx"):
+            shutil.copy2(extra, final / extra.name)
+    context = json.loads((final / "genai_config.json").read_text())["model"]["context_length"]
+    info = ExportInfo(
+        path=folder,
+        key=folder.name,
+        base_model=str(model_path),
+        base_fingerprint=base_fingerprint(model_path),
+        precision=precision,
+        execution_provider=execution_provider,
+        target_modules=targets,
+        max_rank=int(max_rank),
+        num_layers=layers,
+        context_length=int(context),
+        lora_dtype=lora_dtype,
+        lora_inputs=tuple(lora_inputs),
+    )
+    (final / MANIFEST).write_text(info.to_json())
     return info
 
 

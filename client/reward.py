@@ -59,9 +59,9 @@ class RewardModel:
         return ((features - self.mean) / self.scale) @ self.weights
 
     def save(self, path: Path | str) -> Path:
+        from fedpal.common.files import atomic_path
+
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
         meta = {
             "l2": self.l2,
             "pairs": self.pairs,
@@ -69,9 +69,8 @@ class RewardModel:
             "cv_accuracy": self.cv_accuracy,
             "fingerprint": self.fingerprint,
         }
-        with open(tmp, "wb") as handle:
+        with atomic_path(path) as tmp, open(tmp, "wb") as handle:
             np.savez(handle, weights=self.weights, mean=self.mean, scale=self.scale, meta=json.dumps(meta))
-        tmp.replace(path)
         return path
 
     @classmethod

@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING
 
 from fedpal.client.dpo import IGNORE, dpo_loss, encode_reply, pad_rows, sequence_logprobs, token_logprobs
 from fedpal.common.adapters import activate
+from fedpal.common.files import atomic_path
 from fedpal.common.errors import FedpalError
 from fedpal.common.generation import chat_input_ids
 from fedpal.common.types import PreferencePair, SFTExample
@@ -614,9 +615,8 @@ class LocalTrainer:
             "early": judge.state() if judge is not None else None,
             **{k: v for k, v in state.items()},
         }
-        tmp = path.with_suffix(".tmp")
-        torch.save(payload, tmp)
-        tmp.replace(path)
+        with atomic_path(path) as tmp:
+            torch.save(payload, tmp)
 
     def _load_checkpoint(self, adapter, fingerprint, params, optimizer) -> dict | None:
         import torch

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -154,10 +155,28 @@ def _config_of(model: "PeftModel") -> AdapterConfig:
     return config
 
 
-def _adapter_of(param_name: str) -> str:
-    # peft names LoRA weights "...q_proj.lora_A.<adapter>.weight"
-    parts = param_name.split(".")
-    return parts[parts.index(next(p for p in parts if p.startswith("lora_"))) + 1]
+@dataclass(frozen=True)
+class LoraName:
+    """What a peft LoRA weight's name says: ``...layers.<layer>.<block>.<module>.lora_<A|B>[.<adapter>].weight``
+    (a model's parameters carry the adapter's name; a saved adapter's keys do not)."""
+
+    layer: int
+    module: str
+    part: str
+    adapter: str | None
+
+    _PATTERN = re.compile(r"layers\.(\d+)\.\w+\.(\w+)\.lora_([AB])(?:\.(\w+))?\.weight$")
+
+    @classmethod
+    def parse(cls, name: str) -> "LoraName | None":
+        """The parts of ``name``; None when it is not a LoRA A/B weight."""
+        match = cls._PATTERN.search(name)
+        return cls(int(match[1]), match[2], match[3], match[4]) if match else None
+
+
+def _adapter_of(param_name: str) -> str | None:
+    lora = LoraName.parse(param_name)
+    return lora.adapter if lora is not None else None
 
 
 def adapter_state(model: "PeftModel", name: str, parts: str = "AB") -> dict[str, "torch.Tensor"]:

@@ -9,9 +9,12 @@ import shutil
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from fedpal.common.errors import FedpalError
 
 _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2
@@ -51,6 +54,13 @@ def staged_folder(target: Path, keep_existing: bool = False) -> Iterator[Path]:
     finally:
         # after an exchange the staging path holds the old folder
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def set_aside(target: Path) -> Path | None:
+    """The old folder a writer killed between :func:`staged_folder`'s two renames left beside
+    ``target`` (only where the one-step exchange is not available), newest first; None if none."""
+    asides = sorted(target.parent.glob(f".{target.name}-*-old"), key=lambda p: p.stat().st_mtime, reverse=True)
+    return asides[0] if asides else None
 
 
 def _sweep_stale(target: Path) -> None:
@@ -100,21 +110,34 @@ def _flush_folder(folder: Path) -> None:
         os.close(fd)
 
 
-def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Write ``path`` whole or not at all (a temporary file renamed over it), with ``mode`` from the start.
+@contextmanager
+def atomic_path(path: Path | str, mode: int = 0o644) -> Iterator[Path]:
+    """A temporary file name beside ``path`` for a writer that wants a name (``torch.save``, ONNX
+    Runtime's adapter export, ``numpy.savez``); it is renamed over ``path`` when the block ends
+    without error and removed otherwise. ``mode`` is set before the rename.
 
-    A power loss leaves the old file or the new one, never a mix; a private key is never
-    readable by others, not even for a moment.
+    Readers see the old file or the new one, never a mix; the temporary name is unique, so
+    two writers never share it. A failed write is one line (``cannot write PATH: why``).
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        yield tmp
+        os.chmod(tmp, mode)
+        tmp.replace(path)
+    except OSError as err:
+        raise FedpalError(f"cannot write {path}: {err.strerror or err}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_atomic(path: Path | str, data: bytes, mode: int = 0o644) -> None:
+    """Write ``path`` whole or not at all (see :func:`atomic_path`), flushed to disk, with ``mode``
+    from the start: a private key is never readable by others, not even for a moment."""
+    with atomic_path(path, mode) as tmp:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
-        os.chmod(tmp, mode)
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)

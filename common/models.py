@@ -81,9 +81,8 @@ def _download(repo_id: str) -> Path:
     try:
         return Path(snapshot_download(repo_id))
     except Exception as err:  # network, auth and missing-repo errors all end here
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise FedpalError(
-            f"model '{repo_id}' is not a local folder and could not be fetched from the hub: {first}"
+            f"model '{repo_id}' is not a local folder and could not be fetched from the hub: {first_line(err)}"
         ) from None
 
 
@@ -106,8 +105,7 @@ def load_base_model(
         tokenizer = AutoTokenizer.from_pretrained(path)
         loaded = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32)
     except (OSError, ValueError, RuntimeError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise FedpalError(f"could not load model from {path}: {first}") from None
+        raise FedpalError(f"could not load model from {path}: {first_line(err)}") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     loaded.to(target)

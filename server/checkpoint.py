@@ -1,6 +1,6 @@
 """Per-round server checkpoints: global adapter, strategy state, privacy ledger, round.
 
-One folder, replaced atomically each round (written next to it, then renamed), so a
+One folder, replaced atomically each round (``fedpal.common.files.staged_folder``), so a
 server killed at any moment leaves either the previous round's checkpoint or this one,
 never half of each. Flower has no checkpointing for ServerApps; this is written here.
 """
@@ -8,15 +8,13 @@ never half of each. Flower has no checkpointing for ServerApps; this is written 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from fedpal.common.errors import FedpalError
+from fedpal.common.files import set_aside, staged_folder
 
 STATE_FILE = "state.json"
 GLOBAL_FILE = "global.npz"
@@ -35,15 +33,22 @@ class Checkpoint:
     run_settings: dict = field(default_factory=dict)
     rounds_skipped: int = 0
     round_secret: int | None = None
+    global_names: tuple[str, ...] = ()
+    """The global adapter's tensor names (peft's), in the order of ``global_arrays``."""
+
+    def global_adapter(self) -> dict[str, np.ndarray]:
+        """The global adapter, tensors by name."""
+        if len(self.global_names) != len(self.global_arrays):
+            raise FedpalError("this checkpoint does not name its global adapter's tensors (an older fedpal wrote it)")
+        return dict(zip(self.global_names, self.global_arrays))
 
 
 def save_checkpoint(directory: Path | str, checkpoint: Checkpoint) -> Path:
     """Write ``checkpoint`` to ``directory``, replacing the previous one atomically."""
     directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}-", dir=directory.parent))
-    try:
-        np.savez(staging / GLOBAL_FILE, *checkpoint.global_arrays)
+    with staged_folder(directory) as staging:
+        names = checkpoint.global_names or [f"arr_{i}" for i in range(len(checkpoint.global_arrays))]
+        np.savez(staging / GLOBAL_FILE, **dict(zip(names, checkpoint.global_arrays)))
         flat = {f"{key}/{i}": a for key, arrays in checkpoint.strategy_state.items() for i, a in enumerate(arrays)}
         np.savez(staging / STRATEGY_FILE, **flat)
         state = {
@@ -56,14 +61,6 @@ def save_checkpoint(directory: Path | str, checkpoint: Checkpoint) -> Path:
             "strategy_keys": {key: len(arrays) for key, arrays in checkpoint.strategy_state.items()},
         }
         (staging / STATE_FILE).write_text(json.dumps(state, indent=1))
-        old = directory.with_name(f".{directory.name}.old")
-        if directory.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(directory, old)
-        os.replace(staging, directory)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return directory
 
 
@@ -71,8 +68,8 @@ def load_checkpoint(directory: Path | str) -> Checkpoint | None:
     """The checkpoint in ``directory``; None when there is none yet."""
     directory = Path(directory)
     if not (directory / STATE_FILE).is_file():
-        old = directory.with_name(f".{directory.name}.old")
-        if (old / STATE_FILE).is_file():  # killed between the two renames of a save
+        old = set_aside(directory)
+        if old is not None and (old / STATE_FILE).is_file():  # killed between the two renames of a save
             directory = old
         else:
             return None
@@ -81,7 +78,10 @@ def load_checkpoint(directory: Path | str) -> Checkpoint | None:
         if state.get("format") != FORMAT_VERSION:
             raise FedpalError(f"checkpoint {directory} has format {state.get('format')}, expected {FORMAT_VERSION}")
         with np.load(directory / GLOBAL_FILE) as data:
-            global_arrays = [data[f"arr_{i}"] for i in range(len(data.files))]
+            global_names = tuple(data.files)
+            global_arrays = [data[name] for name in global_names]
+        if global_names == tuple(f"arr_{i}" for i in range(len(global_names))):
+            global_names = ()  # written without names (tests, or an older fedpal)
         strategy_state: dict[str, list[np.ndarray]] = {}
         with np.load(directory / STRATEGY_FILE) as data:
             for key, count in state["strategy_keys"].items():
@@ -96,4 +96,5 @@ def load_checkpoint(directory: Path | str) -> Checkpoint | None:
         run_settings=state.get("run_settings", {}),
         rounds_skipped=int(state.get("rounds_skipped", 0)),
         round_secret=int(state["round_secret"]) if state.get("round_secret") else None,
+        global_names=global_names,
     )

@@ -47,7 +47,6 @@ log = logging.getLogger("fedpal.server")
 
 METRICS_FILE = "metrics.jsonl"
 CHECKPOINT_DIR = "checkpoint"
-GLOBAL_ADAPTER_DIR = "global_adapter"
 FINAL_GROUP = "final"
 """The group id of the messages that carry the final global adapter (rounds use their number)."""
 FINAL_ADAPTER_TIMEOUT = 300.0
@@ -309,9 +308,9 @@ def run_federation(
                     run_settings=settings.locked(),
                     rounds_skipped=skipped,
                     round_secret=secret,
+                    global_names=tuple(named),
                 ),
             )
-            _export_adapter(folder, named, strategy.global_arrays)
             last = server_round
             if after_round is not None:
                 after_round(server_round, strategy.global_arrays)
@@ -459,20 +458,12 @@ def _append_metrics(folder: Path, line: dict) -> None:
         handle.write(json.dumps(line) + "\n")
 
 
-def _export_adapter(folder: Path, named: dict[str, np.ndarray], arrays: list[np.ndarray]) -> None:
-    """The global shared adapter as tensors by name, for clients and tools to load."""
-    tmp = folder / f".{GLOBAL_ADAPTER_DIR}.npz"
-    np.savez(tmp, **dict(zip(named, arrays)))
-    tmp.replace(folder / f"{GLOBAL_ADAPTER_DIR}.npz")
-
-
 def load_global_adapter(folder: Path | str) -> dict[str, np.ndarray]:
-    """The global shared adapter a run folder holds, tensors by name."""
-    path = Path(folder) / f"{GLOBAL_ADAPTER_DIR}.npz"
-    if not path.is_file():
-        raise FedpalError(f"{folder} holds no global adapter yet ({path.name} missing)")
-    with np.load(path) as data:
-        return {k: data[k] for k in data.files}
+    """The global shared adapter a run folder holds (its last checkpoint's), tensors by name."""
+    checkpoint = load_checkpoint(Path(folder) / CHECKPOINT_DIR)
+    if checkpoint is None:
+        raise FedpalError(f"{folder} holds no global adapter yet (no checkpoint)")
+    return checkpoint.global_adapter()
 
 
 def make_server_app(overrides: dict | None = None, observers: Sequence[Observer] = ()) -> ServerApp:

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from fedpal.common.adapters import FINGERPRINT_KEY
+from fedpal.common.errors import first_line
 from fedpal.common.privacy import PrivacySpent
 from fedpal.common.settings import FederationSettings
 from fedpal.common.strategies import STRATEGIES
@@ -197,7 +198,7 @@ class FedpalStrategy:
         report.round, report.results = server_round, len(results)
         for failure in failures:
             if isinstance(failure, BaseException):
-                text = str(failure).splitlines()[0][:300] if str(failure) else type(failure).__name__
+                text = first_line(failure)[:300]
             else:
                 text = f"node {failure[0].node_id}: status {failure[1].status.message}"
             if text not in report.failures:  # SecAgg+'s collect stage lists each failed reply twice
