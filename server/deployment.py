@@ -536,7 +536,7 @@ def superlink_command(deployment: Deployment) -> list[str]:
 def run_settings(deployment: Deployment) -> dict[str, str]:
     """The run config ``server start`` submits: the [federation] table, the run folder, and
     ``resume`` when a checkpoint from an earlier start is there."""
-    from fedpal.server.server_app import CHECKPOINT_DIR
+    from fedpal.server.federation import CHECKPOINT_DIR
 
     # run_config_string quotes what is not a number or a boolean
     values = {k: str(v) if isinstance(v, str) else toml_value(v) for k, v in deployment.federation.items()}
@@ -551,7 +551,7 @@ def status(deployment: Deployment) -> dict[str, Any]:
     many rounds the server asked them to train), epsilon spent. A client is *seen* once it
     connected or was asked to train."""
     from fedpal.server.cli import read_metrics
-    from fedpal.server.server_app import METRICS_FILE
+    from fedpal.server.federation import METRICS_FILE
 
     rounds: list[dict] = []
     partial = False

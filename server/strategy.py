@@ -20,7 +20,7 @@ whose sensitivity is not C/n once Adam rescales it.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -72,33 +72,6 @@ def build_server_strategy(settings: FederationSettings, initial: list[np.ndarray
         "fit_metrics_aggregation_fn": _no_metrics,
     }
     return STRATEGIES[settings.strategy](settings, common)
-
-
-# Attributes in which Flower's strategies keep state between rounds.
-_STATE_ATTRS = ("current_weights", "m_t", "v_t", "momentum_vector")
-
-
-def strategy_state(strategy: Any) -> dict[str, list[np.ndarray]]:
-    """The server optimizer's state (FedAdam/FedYogi moments, FedAvgM momentum) for a checkpoint."""
-    from flwr.common import parameters_to_ndarrays
-
-    state = {
-        a: [np.asarray(x) for x in getattr(strategy, a)] for a in _STATE_ATTRS if getattr(strategy, a, None) is not None
-    }
-    if type(strategy).__name__ == "FedAvgM" and strategy.initial_parameters is not None:
-        state["initial_parameters"] = parameters_to_ndarrays(strategy.initial_parameters)
-    return state
-
-
-def restore_strategy_state(strategy: Any, state: Mapping[str, list[np.ndarray]]) -> None:
-    """Put a checkpoint's optimizer state back into a freshly built strategy."""
-    from flwr.common import ndarrays_to_parameters
-
-    for key, arrays in state.items():
-        if key == "initial_parameters":
-            strategy.initial_parameters = ndarrays_to_parameters(list(arrays))
-        elif key in _STATE_ATTRS:
-            setattr(strategy, key, [np.array(a) for a in arrays])
 
 
 @dataclass

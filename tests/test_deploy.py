@@ -322,7 +322,7 @@ def test_keys_policy_and_a_round_on_a_real_deployment(tmp_path, processes):  # n
     from safetensors.numpy import load_file
 
     from fedpal.client.memory import PreferenceMemory
-    from fedpal.server.server_app import load_global_adapter
+    from fedpal.server.federation import load_global_adapter
 
     port = _free_port()
     deploy = tmp_path / "deploy"

@@ -49,7 +49,7 @@ def test_the_readme_block_is_the_one_this_test_runs():
 def test_readme_deployment_walkthrough(tmp_path):
     from safetensors.numpy import load_file
 
-    from fedpal.server.server_app import load_global_adapter
+    from fedpal.server.federation import load_global_adapter
 
     script = _walkthrough().replace("port=9093", f"port={_free_port()}")
     env = {k: v for k, v in os.environ.items() if not k.startswith("FEDPAL_")}

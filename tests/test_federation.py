@@ -129,7 +129,7 @@ def federation(tmp_path_factory):
 def test_dp_secagg_federation_completes_and_moves_the_global_adapter(federation):
     from safetensors.numpy import load_file
 
-    from fedpal.server.server_app import load_global_adapter
+    from fedpal.server.federation import load_global_adapter
 
     metrics = federation["metrics"]
     assert [m["round"] for m in metrics] == [1, 2, 3]
@@ -181,7 +181,7 @@ def test_reported_epsilon_matches_dp_accounting(federation):
 
 
 def test_resume_after_a_stop_gives_the_uninterrupted_result(federation, tmp_path):
-    from fedpal.server.server_app import load_global_adapter
+    from fedpal.server.federation import load_global_adapter
 
     nodes = tmp_path / "nodes"
     shutil.copytree(federation["pristine"], nodes)
@@ -207,7 +207,7 @@ def test_secagg_dropouts_and_the_privacy_budget(tmp_path):
     Then max-epsilon stops the run before the round that would pass it."""
     from safetensors.numpy import load_file
 
-    from fedpal.server.server_app import load_global_adapter
+    from fedpal.server.federation import load_global_adapter
 
     clients = 5
     nodes = _make_homes(tmp_path, clients)

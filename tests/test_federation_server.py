@@ -17,11 +17,8 @@ from flwr.server.compat.grid_client_proxy import GridClientProxy
 from fedpal.common.errors import FedpalError
 from fedpal.common.settings import DEFAULTS, FederationSettings
 from fedpal.server.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from fedpal.server.strategy import (
-    FedpalStrategy,
-    restore_strategy_state,
-    strategy_state,
-)
+from fedpal.server.flower_internals import restore_strategy_state, strategy_state
+from fedpal.server.strategy import FedpalStrategy
 from fedpal.common.adapters import FINGERPRINT_KEY, adapter_fingerprint
 from fedpal.server.validation import UpdateSpec, check_update
 
@@ -254,7 +251,7 @@ def test_server_cli_reports_a_run_and_refuses_unknown_settings(tmp_path):
 def test_round_randomness_is_secret_unless_deterministic(tmp_path):
     """DP noise drawn from a public seed could be subtracted: by default each run draws a
     128-bit secret, keeps it in the server's checkpoint and replays it on resume."""
-    from fedpal.server.server_app import round_secret, seed_round
+    from fedpal.server.federation import round_secret, seed_round
 
     private = _settings()
     first, second = round_secret(private, None), round_secret(private, None)

@@ -172,7 +172,7 @@ def test_settings_read_each_field_as_its_type():
 def test_the_same_app_on_a_two_node_ray_cluster_gives_the_same_results(quick, tmp_path):
     """A Ray cluster of two nodes on this machine (``ray start --head`` plus ``ray start
     --address``); only the Ray address changes, and the results match the single-node run's."""
-    from fedpal.server.server_app import load_global_adapter
+    from fedpal.server.federation import load_global_adapter
 
     single, single_out = quick
     out = tmp_path / "two-nodes"
@@ -207,7 +207,7 @@ def test_a_seeded_round_samples_the_same_users_whatever_node_ids_flower_drew():
 
     from flwr.server.client_proxy import ClientProxy
 
-    from fedpal.server.server_app import OrderedClientManager
+    from fedpal.server.flower_internals import OrderedClientManager
 
     abstract = ("get_properties", "get_parameters", "fit", "evaluate", "reconnect")
     Node = type("Node", (ClientProxy,), {name: lambda *args, **kwargs: None for name in abstract})

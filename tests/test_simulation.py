@@ -13,7 +13,7 @@ import pytest
 from fedpal.common.errors import FedpalError
 from fedpal.simulations.config import PRESETS, load_config
 from fedpal.simulations.report import REQUIRED_KEYS
-from fedpal.server.server_app import load_global_adapter
+from fedpal.server.federation import load_global_adapter
 from fedpal.simulations.experiment.results import BASELINES
 from fedpal.simulations.runner import simulate
 

@@ -28,7 +28,7 @@ from flwr.app import Context, Message
 from flwr.serverapp import Grid, ServerApp
 
 from fedpal.common.errors import FedpalError
-from fedpal.server.server_app import initial_adapter, run_federation
+from fedpal.server.federation import initial_adapter, run_federation
 from fedpal.common.settings import FederationSettings
 from fedpal.simulations.config import SIM_PREFIX, SimulationConfig
 from fedpal.simulations.engine import ProgressLog

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from fedpal.common.errors import FedpalError
-from fedpal.server.server_app import METRICS_FILE
+from fedpal.server.federation import METRICS_FILE
 from fedpal.simulations.engine import Progress, check_ray_address, flwr_run, write_app
 from fedpal.simulations.population.server_app import EVALUATION_FILE
 from fedpal.simulations.population.settings import PopulationConfig

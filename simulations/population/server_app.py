@@ -21,7 +21,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedpal.common.errors import FedpalError
 from fedpal.server.cli import read_metrics
-from fedpal.server.server_app import load_global_adapter, run_federation, send_adapter
+from fedpal.server.federation import load_global_adapter, run_federation, send_adapter
 from fedpal.common.settings import FederationSettings
 from fedpal.simulations.population.node import HELDOUT_EVAL, ROLL_CALL
 from fedpal.simulations.population.settings import PopulationConfig, split_run_config

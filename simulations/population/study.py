@@ -121,7 +121,7 @@ def run_results(config: PopulationConfig, run: PopulationRun) -> dict[str, Any]:
 
 
 def _adapter_numbers(run: PopulationRun) -> int:
-    from fedpal.server.server_app import load_global_adapter
+    from fedpal.server.federation import load_global_adapter
 
     return int(sum(a.size for a in load_global_adapter(run.run_dir).values()))
 

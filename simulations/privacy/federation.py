@@ -206,7 +206,8 @@ def run_federation(
     from flwr.simulation import run_simulation
 
     from fedpal.client.client_app import fedpal_client, make_client_app
-    from fedpal.server.server_app import load_global_adapter, make_server_app
+    from fedpal.server.federation import load_global_adapter
+    from fedpal.server.server_app import make_server_app
 
     shutil.rmtree(folder, ignore_errors=True)
     homes = tuple(folder / "users" / str(i) for i in range(config.users))
