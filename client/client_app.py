@@ -233,9 +233,9 @@ def policy_mod(msg: Message, ctxt: Context, call_next: Callable[[Message, Contex
 def when_secagg(msg: Message, ctxt: Context, call_next: Callable[[Message, Context], Message]) -> Message:
     """Flower's ``secaggplus_mod``, on messages of a round the server runs with SecAgg+."""
     from flwr.client.mod import secaggplus_mod
-    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+    from fedpal.common.flower_internals import SECAGG_CONFIGS_RECORD
 
-    if msg.has_content() and RECORD_KEY_CONFIGS in msg.content.config_records:
+    if msg.has_content() and SECAGG_CONFIGS_RECORD in msg.content.config_records:
         return secaggplus_mod(msg, ctxt, call_next)
     return call_next(msg, ctxt)
 
@@ -249,7 +249,7 @@ def when_clipping(msg: Message, ctxt: Context, call_next: Callable[[Message, Con
     clipping and goes out as it is.
     """
     from flwr.client.mod import fixedclipping_mod
-    from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
+    from fedpal.common.flower_internals import KEY_CLIPPING_NORM
 
     if KEY_CLIPPING_NORM not in _fit_config(msg):
         return call_next(msg, ctxt)

@@ -3,7 +3,7 @@
 The loop is written here instead of using Flower's ``DefaultWorkflow`` because that one
 always starts at round 1 and cannot stop on a privacy budget; each round still runs
 Flower's own fit workflow (plain or ``SecAggPlusWorkflow``) on Flower's ``LegacyContext``
-(``fedpal.server.flower_internals``). Every round ends with a JSON line in
+(``fedpal.common.flower_internals``). Every round ends with a JSON line in
 ``metrics.jsonl`` and a checkpoint; with ``resume = true`` a restarted server continues
 after the last checkpointed round, privacy ledger included. Each round's train config
 tells the clients the epsilon spent so far, and after the last round every connected node
@@ -32,7 +32,7 @@ from fedpal.common.errors import FedpalError
 from fedpal.common.privacy import Accountant, PrivacyBudget, PrivacySpent
 from fedpal.common.settings import FederationSettings
 from fedpal.server.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from fedpal.server.flower_internals import (
+from fedpal.common.flower_internals import (
     fit_workflow,
     legacy_rounds,
     payload_bytes,

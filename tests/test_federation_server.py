@@ -17,7 +17,7 @@ from flwr.server.compat.grid_client_proxy import GridClientProxy
 from fedpal.common.errors import FedpalError
 from fedpal.common.settings import DEFAULTS, FederationSettings
 from fedpal.server.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from fedpal.server.flower_internals import restore_strategy_state, strategy_state
+from fedpal.common.flower_internals import restore_strategy_state, strategy_state
 from fedpal.server.strategy import FedpalStrategy
 from fedpal.common.adapters import FINGERPRINT_KEY, adapter_fingerprint
 from fedpal.server.validation import UpdateSpec, check_update

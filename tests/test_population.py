@@ -207,7 +207,7 @@ def test_a_seeded_round_samples_the_same_users_whatever_node_ids_flower_drew():
 
     from flwr.server.client_proxy import ClientProxy
 
-    from fedpal.server.flower_internals import OrderedClientManager
+    from fedpal.common.flower_internals import OrderedClientManager
 
     abstract = ("get_properties", "get_parameters", "fit", "evaluate", "reconnect")
     Node = type("Node", (ClientProxy,), {name: lambda *args, **kwargs: None for name in abstract})

@@ -128,13 +128,12 @@ def make_capture_mod(folder: Path) -> Callable:
     as ``<partition>-<node id>-<count>-<type>.bin``."""
 
     def capture(msg: Any, ctxt: Any, call_next: Callable) -> Any:
-        from flwr.common.serde import recorddict_to_proto
+        from fedpal.common.flower_internals import payload
 
         out = call_next(msg, ctxt)
         prefix = f"{ctxt.node_config['partition-id']}-{ctxt.node_id}-"
         count = len(list(folder.glob(f"{prefix}*.bin")))
-        payload = recorddict_to_proto(out.content).SerializeToString() if out.has_content() else b""
-        (folder / f"{prefix}{count:04d}-{out.metadata.message_type}.bin").write_bytes(payload)
+        (folder / f"{prefix}{count:04d}-{out.metadata.message_type}.bin").write_bytes(payload(out))
         return out
 
     return capture

@@ -6,8 +6,9 @@ That loop needs a few of Flower's internals: the thread that registers connected
 with a client manager, the record names under which the workflows keep the global
 parameters and the round, the plain fit workflow, the client manager's lock, the
 serializer (to count bytes), and the attributes in which Flower's strategies keep their
-optimizer state (to checkpoint it). They are here, and nowhere else, so that a Flower
-upgrade is checked against one file.
+optimizer state (to checkpoint it). The ClientApp's guards need the names under which
+Flower's SecAgg+ and clipping mods find their settings in a message. They are here, and
+nowhere else, so that a Flower upgrade is checked against one file.
 """
 
 from __future__ import annotations
@@ -20,7 +21,12 @@ from typing import Any
 import numpy as np
 from flwr.app import Context, Message
 from flwr.server.client_manager import SimpleClientManager
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from flwr.serverapp import Grid
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM as KEY_CLIPPING_NORM
+
+SECAGG_CONFIGS_RECORD = RECORD_KEY_CONFIGS
+"""Record name of the SecAgg+ settings in a message (Flower's ``secaggplus_mod`` reads them)."""
 
 
 class OrderedClientManager(SimpleClientManager):
@@ -52,6 +58,13 @@ def payload_bytes(msg: Message) -> int:
     from flwr.common.serde import recorddict_to_proto
 
     return recorddict_to_proto(msg.content).ByteSize() if msg.has_content() else 0
+
+
+def payload(msg: Message) -> bytes:
+    """The message content as it goes on the wire (Flower's protobuf), for audits that read it."""
+    from flwr.common.serde import recorddict_to_proto
+
+    return recorddict_to_proto(msg.content).SerializeToString() if msg.has_content() else b""
 
 
 # Attributes in which Flower's strategies keep state between rounds.
