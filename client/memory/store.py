@@ -24,7 +24,6 @@ Forgetting
 
 from __future__ import annotations
 
-import codecs
 import json
 import math
 import os
@@ -34,62 +33,31 @@ import uuid
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from fedpal.client.encryption import (
     OWASP_ARGON2ID,
-    SCHEMA_VERSION,
     CorruptRecordError,
     KdfParams,
     decrypt_record,
-    derive_wrapping_key,
     encrypt_record,
-    key_matches,
     keyring_available,
-    keyring_delete_key,
-    keyring_load_key,
-    keyring_store_key,
-    new_data_key,
-    seal_key_check,
-    unwrap_data_key,
-    wrap_data_key,
 )
 from fedpal.client.home import ClientHome
+from fedpal.client.memory.keys import MemoryKey, resolve_passphrase
+from fedpal.client.memory import training
+from fedpal.client.memory.jsonl import ImportReport, ParsedRecord, parse_jsonl, records_to_jsonl
+from fedpal.client.memory.records import KIND_FIELDS, CorruptRecordWarning, Record, validated
+from fedpal.client.memory.training import RETRIEVAL_MAX_BYTES, TrainingItem, fit_preferences
 from fedpal.client.retrieval import BM25Ranker, Ranker, RankIndex
 from fedpal.common.files import write_atomic
 from fedpal.common.errors import FedpalError
-from fedpal.common.generation import place_preferences
 from fedpal.common.types import PreferencePair, SFTExample
 
-TrainingItem = TypeVar("TrainingItem", PreferencePair, SFTExample)
-
-PASSPHRASE_ENV = "FEDPAL_PASSPHRASE"
-
-KIND_FIELDS: dict[str, tuple[str, ...]] = {
-    "stated": ("text",),
-    "pair": ("prompt", "chosen", "rejected"),
-    "rating": ("prompt", "response", "score"),
-    "edit": ("prompt", "response", "edited"),
-    "turn": ("role", "text"),
-}
-TURN_ROLES = ("system", "user", "assistant", "tool")
-SFT_MIN_SCORE = 4
-MAX_FIELD_CHARS = 100_000
-"""Longest text field of a record (prompt, reply, stated preference...): about 25k tokens, far
-more than a small model reads, so only a mistake (a pasted file) is refused."""
-MAX_TAG_CHARS = 1_000
-MAX_TAGS = 100
-RETRIEVAL_MAX_BYTES = 1_000
-"""Most UTF-8 bytes of stated preferences that retrieval adds to a request (about 250 tokens
-of English; a byte-level tokenizer never makes more tokens than bytes), so the user's
-request and the reply always keep room in the model's context."""
-PREFERENCE_MAX_BYTES = 400
-"""A longer stated preference is cut (at a word) when retrieval adds it."""
 _PAD_TO = 128
-_MAX_ID_CHARS = 200
 
 _SCHEMA = (
     "CREATE TABLE meta (name TEXT PRIMARY KEY, value TEXT NOT NULL)",
@@ -100,173 +68,10 @@ _SCHEMA = (
 )
 
 
-class CorruptRecordWarning(UserWarning):
-    """Some records failed authentication and were left out of a read."""
-
-
-@dataclass(frozen=True)
-class Record:
-    """One decrypted memory record. ``fields`` holds the kind's fields (see ``KIND_FIELDS``)."""
-
-    id: str
-    kind: str
-    created: float
-    tags: list[str] = field(default_factory=list)
-    fields: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def document(self) -> str:
-        """The text a ranker sees: every text field and the tags."""
-        parts = [value for name, value in self.fields.items() if isinstance(value, str) and name != "role"]
-        return "\n".join(parts + list(self.tags))
-
-    def to_json(self) -> dict[str, Any]:
-        """The JSONL form used by export, import and ``--json`` (flat: kind, fields, tags, id, created)."""
-        return {"kind": self.kind, **self.fields, "tags": list(self.tags), "id": self.id, "created": self.created}
-
-
-def _check_text(name: str, value: Any, limit: int = MAX_FIELD_CHARS) -> str:
-    if not isinstance(value, str):
-        raise ValueError(f"'{name}' must be a string, got {type(value).__name__}")
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        raise ValueError(f"'{name}' is not valid Unicode text (lone surrogate)") from None
-    if len(value) > limit:
-        raise ValueError(f"'{name}' is {len(value):,} characters long; the limit is {limit:,}")
-    return value
-
-
-def _validated(kind: Any, fields: dict[str, Any], tags: Any) -> tuple[str, dict[str, Any], list[str]]:
-    """Check one record; raise ValueError with a reason a user can act on."""
-    if kind not in KIND_FIELDS:
-        raise ValueError(f"unknown kind {kind!r}; expected one of {', '.join(KIND_FIELDS)}")
-    names = KIND_FIELDS[kind]
-    missing = [name for name in names if name not in fields]
-    if missing:
-        raise ValueError(f"a {kind} record needs {', '.join(repr(m) for m in missing)}")
-    unknown = sorted(set(fields) - set(names))
-    if unknown:
-        raise ValueError(f"unknown field(s) for a {kind} record: {', '.join(repr(u) for u in unknown)}")
-    clean: dict[str, Any] = {}
-    for name in names:
-        value = fields[name]
-        if name == "score":
-            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 5:
-                raise ValueError(f"'score' must be an integer from 1 to 5, got {value!r}")
-            clean[name] = value
-        else:
-            clean[name] = _check_text(name, value)
-    if kind == "turn" and clean["role"] not in TURN_ROLES:
-        raise ValueError(f"'role' must be one of {', '.join(TURN_ROLES)}, got {clean['role']!r}")
-    if isinstance(tags, str) or not isinstance(tags, (list, tuple)):
-        raise ValueError("'tags' must be a list of strings")
-    if len(tags) > MAX_TAGS:
-        raise ValueError(f"a record has at most {MAX_TAGS} tags, not {len(tags)}")
-    clean_tags = [_check_text("tags", tag, MAX_TAG_CHARS) for tag in tags]
-    if any(tag == "" for tag in clean_tags):
-        raise ValueError("tags must not be empty strings")
-    return kind, clean, clean_tags
-
-
-def check_record(kind: Any, fields: dict[str, Any], tags: Any = ()) -> None:
-    """Raise a ``FedpalError`` saying what is wrong with this record (kind, fields, tags, sizes)."""
-    try:
-        _validated(kind, fields, list(tags) if isinstance(tags, tuple) else tags)
-    except ValueError as err:
-        raise FedpalError(str(err)) from None
-
-
-def content_problem(kind: str, fields: dict[str, Any]) -> str | None:
-    """Why a well-formed record would teach nothing (None if it is fine).
-
-    The memory API stores such records (a program may log whatever happened), but a person
-    adding or importing one has made a mistake worth hearing about: an empty stated
-    preference, a pair whose two replies are the same, an edit that changed nothing.
-    """
-    if kind == "stated" and not fields["text"].strip():
-        return "the stated preference is empty"
-    if kind == "turn" and not fields["text"].strip():
-        return "the turn's text is empty"
-    if "prompt" in fields and not fields["prompt"].strip():
-        return f"the {kind}'s prompt is empty"
-    if kind == "pair" and fields["chosen"] == fields["rejected"]:
-        return "chosen and rejected are the same reply: a pair needs two different ones"
-    if kind == "edit" and fields["edited"] == fields["response"]:
-        return "the edited reply is the same as the response: nothing was corrected"
-    return None
-
-
-def fit_preferences(
-    texts: Iterable[str], max_bytes: int = RETRIEVAL_MAX_BYTES, each_bytes: int = PREFERENCE_MAX_BYTES
-) -> list[str]:
-    """``texts`` in order, each cut to ``each_bytes`` and all together at most ``max_bytes`` of UTF-8.
-
-    A preference that no longer fits is left out and the next (shorter) one tried, so the
-    most relevant preferences that fit are the ones the model sees.
-    """
-    kept: list[str] = []
-    left = max_bytes
-    for text in texts:
-        text = _cut_utf8(" ".join(text.split()), each_bytes)
-        size = len(text.encode("utf-8")) + (1 if kept else 0)
-        if text and size <= left:
-            kept.append(text)
-            left -= size
-    return kept
-
-
-def _cut_utf8(text: str, limit: int) -> str:
-    """``text`` if it fits in ``limit`` UTF-8 bytes, else its longest whole-word start that does, plus "…"."""
-    if len(text.encode("utf-8")) <= limit:
-        return text
-    room = limit - len("…".encode("utf-8"))
-    head = text.encode("utf-8")[:room].decode("utf-8", errors="ignore")
-    if " " in head.strip():
-        head = head.rstrip()[: head.rstrip().rfind(" ")]
-    return head.rstrip() + "…"
-
-
 def _epoch(value: float | datetime | None) -> float | None:
     if value is None or isinstance(value, (int, float)):
         return value
     return value.timestamp()
-
-
-def _resolve_passphrase(passphrase: str | None, path: Path) -> str:
-    if passphrase is None:
-        passphrase = os.environ.get(PASSPHRASE_ENV)
-    if passphrase is None:
-        raise FedpalError(
-            f"the preference memory at {path} needs a passphrase: set {PASSPHRASE_ENV}, give --passphrase-file FILE, "
-            "or run in a terminal to type it"
-        )
-    if passphrase == "":
-        raise FedpalError("the memory passphrase must not be empty")
-    return passphrase
-
-
-@dataclass(frozen=True)
-class ParsedRecord:
-    """One checked line of a JSONL file, ready to store (``record_id``/``created`` None: new ones)."""
-
-    line: int
-    record_id: str | None
-    kind: str
-    created: float | None
-    fields: dict[str, Any]
-    tags: list[str]
-
-
-@dataclass(frozen=True)
-class ImportReport:
-    """What an import did: records added, records skipped because their id was already stored,
-    and how many of the added ones carried an id (came from an export, so may be records
-    forgotten here since)."""
-
-    added: int
-    duplicates: int
-    with_ids: int
 
 
 @dataclass
@@ -294,22 +99,12 @@ class PreferenceMemory:
         self,
         conn: sqlite3.Connection,
         path: Path,
-        store_id: str,
-        key_source: str,
-        key: bytes,
-        key_id: str,
-        wrapping_key: bytes | None,
-        kdf: KdfParams | None,
+        key: MemoryKey,
         ranker: Ranker,
     ):
         self._conn: sqlite3.Connection | None = conn
         self.path = path
-        self._store_id = store_id
-        self._key_source = key_source
-        self._key = key
-        self._key_id = key_id
-        self._wrapping_key = wrapping_key
-        self._kdf = kdf
+        self._key: MemoryKey | None = key
         self.ranker = ranker
         self._writes = 0
         self._snapshot: _Snapshot | None = None
@@ -339,7 +134,7 @@ class PreferenceMemory:
         ranker = ranker or BM25Ranker()
         existed = path.exists() and path.stat().st_size > 0
         if not existed and not use_keyring:
-            _resolve_passphrase(passphrase, path)
+            resolve_passphrase(passphrase, path)
         if not existed and use_keyring and not keyring_available():
             raise FedpalError("no OS keyring is available here; use a passphrase (FEDPAL_PASSPHRASE) instead")
         ClientHome.at(path.parent)  # created only now: a refused open leaves no empty folder behind
@@ -416,27 +211,13 @@ class PreferenceMemory:
         ranker: Ranker,
     ) -> "PreferenceMemory | None":
         """Create tables and key in one transaction; None if another process got there first."""
-        store_id = uuid.uuid4().hex
-        key_id = uuid.uuid4().hex
-        data_key = new_data_key()
-        meta = {"schema_version": str(SCHEMA_VERSION), "store_id": store_id, "key_id": key_id}
-        wrapping_key = params = None
-        if use_keyring:
-            meta["key_source"] = "keyring"
-            meta["key_check"] = seal_key_check(data_key, f"{store_id}:{key_id}").hex()
-        else:
-            params = kdf.with_new_salt()
-            wrapping_key = derive_wrapping_key(_resolve_passphrase(passphrase, path), params)
-            meta["key_source"] = "passphrase"
-            meta["kdf"] = params.to_json()
-            meta["wrapped_key"] = wrap_data_key(wrapping_key, data_key, store_id, params).hex()
+        key, meta = MemoryKey.create(path, passphrase, use_keyring, kdf)
         conn.execute("BEGIN IMMEDIATE")
         try:
             if cls._read_meta(conn) is not None:
                 conn.execute("ROLLBACK")
                 return None
-            if use_keyring:
-                keyring_store_key(f"{store_id}:{key_id}", data_key)
+            key.keep()
             for statement in _SCHEMA:
                 conn.execute(statement)
             conn.executemany("INSERT INTO meta (name, value) VALUES (?, ?)", sorted(meta.items()))
@@ -445,31 +226,13 @@ class PreferenceMemory:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             raise
-        return cls(conn, path, store_id, meta["key_source"], data_key, key_id, wrapping_key, params, ranker)
+        return cls(conn, path, key, ranker)
 
     @classmethod
     def _unlock(
         cls, conn: sqlite3.Connection, path: Path, meta: dict[str, str], passphrase: str | None, ranker: Ranker
     ) -> "PreferenceMemory":
-        version = int(meta.get("schema_version", "0"))
-        if version != SCHEMA_VERSION:
-            raise FedpalError(f"{path} uses memory schema {version}; this fedpal reads schema {SCHEMA_VERSION}")
-        store_id, key_id = meta["store_id"], meta["key_id"]
-        if meta["key_source"] == "keyring":
-            data_key = cls._keyring_key(meta)
-            return cls(conn, path, store_id, "keyring", data_key, key_id, None, None, ranker)
-        params = KdfParams.from_json(meta["kdf"])
-        wrapping_key = derive_wrapping_key(_resolve_passphrase(passphrase, path), params)
-        data_key = unwrap_data_key(wrapping_key, bytes.fromhex(meta["wrapped_key"]), store_id, params)
-        return cls(conn, path, store_id, "passphrase", data_key, key_id, wrapping_key, params, ranker)
-
-    @staticmethod
-    def _keyring_key(meta: dict[str, str]) -> bytes:
-        label = f"{meta['store_id']}:{meta['key_id']}"
-        data_key = keyring_load_key(label)
-        if not key_matches(data_key, label, bytes.fromhex(meta["key_check"])):
-            raise FedpalError("the key in the OS keyring does not open this memory")
-        return data_key
+        return cls(conn, path, MemoryKey.unlock(path, meta, passphrase), ranker)
 
     # ------------------------------------------------------------------ transactions
 
@@ -480,17 +243,12 @@ class PreferenceMemory:
 
     def _sync_key(self) -> None:
         """Pick up a data key replaced by another process's ``forget(everything=True)``."""
-        meta = dict(self._db().execute("SELECT name, value FROM meta").fetchall())
-        if meta["key_id"] == self._key_id:
-            return
-        if self._key_source == "keyring":
-            self._key = self._keyring_key(meta)
-        else:
-            assert self._wrapping_key is not None and self._kdf is not None
-            self._key = unwrap_data_key(
-                self._wrapping_key, bytes.fromhex(meta["wrapped_key"]), self._store_id, self._kdf
-            )
-        self._key_id = meta["key_id"]
+        self._key = self._memory_key().current(dict(self._db().execute("SELECT name, value FROM meta").fetchall()))
+
+    def _memory_key(self) -> MemoryKey:
+        if self._key is None:
+            raise FedpalError("this preference memory is closed")
+        return self._key
 
     @contextmanager
     def _transaction(self, write: bool) -> Iterator[sqlite3.Connection]:
@@ -521,17 +279,17 @@ class PreferenceMemory:
     def _seal(self, record_id: str, kind: str, fields: dict[str, Any], tags: list[str]) -> bytes:
         payload = json.dumps({"fields": fields, "tags": tags}, ensure_ascii=False).encode("utf-8")
         payload += b" " * (-len(payload) % _PAD_TO)
-        return encrypt_record(self._key, record_id, kind, payload)
+        return encrypt_record(self._memory_key().key, record_id, kind, payload)
 
     def _open_row(self, record_id: str, kind: str, created: float, sealed: bytes) -> Record:
-        payload = json.loads(decrypt_record(self._key, record_id, kind, sealed))
+        payload = json.loads(decrypt_record(self._memory_key().key, record_id, kind, sealed))
         return Record(record_id, kind, created, payload["tags"], payload["fields"])
 
     # ------------------------------------------------------------------ adding
 
     def _add(self, kind: str, fields: dict[str, Any], tags: Iterable[str]) -> str:
         try:
-            kind, fields, clean_tags = _validated(kind, fields, tags if isinstance(tags, str) else list(tags))
+            kind, fields, clean_tags = validated(kind, fields, tags if isinstance(tags, str) else list(tags))
         except ValueError as err:
             raise FedpalError(str(err)) from None
         record_id = uuid.uuid4().hex
@@ -577,7 +335,7 @@ class PreferenceMemory:
         corrupt: list[str] = []
         opened: dict[tuple, Record] = {}
         with self._transaction(write=False) as tx:
-            key_id = self._key_id
+            key_id = self._memory_key().key_id
             rows = tx.execute("SELECT id, kind, created, sealed FROM records ORDER BY created, seq").fetchall()
         known = {} if force or key_id != self._opened_key_id else self._opened
         for row in rows:
@@ -663,118 +421,19 @@ class PreferenceMemory:
         With retrieval on, the generator shows the model exactly this context; an adapter
         trained on bare prompts would answer in a context it never learned in.
         """
-        placed: dict[str, tuple[str, str | None]] = {}
-        for item in items:
-            if item.prompt not in placed:
-                placed[item.prompt] = place_preferences(item.prompt, None, self.stated_preferences(item.prompt), where)
-        return [replace(item, prompt=placed[item.prompt][0], system=placed[item.prompt][1]) for item in items]
+        return training.in_context(items, self.stated_preferences, where)
 
     def preference_pairs(self) -> list[PreferencePair]:
-        """DPO pairs: explicit pairs, edits (edited over original), and ratings of one prompt ranked pairwise.
-
-        A rating-derived pair's ``source_id`` is ``"<higher id>><lower id>"``.
-        """
-        pairs: list[PreferencePair] = []
-        ratings: dict[str, list[Record]] = {}
-        for r in self.records():
-            f = r.fields
-            if r.kind == "pair" and f["chosen"] != f["rejected"]:
-                pairs.append(PreferencePair(f["prompt"], f["chosen"], f["rejected"], r.id))
-            elif r.kind == "edit" and f["edited"] != f["response"]:
-                pairs.append(PreferencePair(f["prompt"], f["edited"], f["response"], r.id))
-            elif r.kind == "rating":
-                ratings.setdefault(f["prompt"], []).append(r)
-        for prompt, rated in ratings.items():
-            for i, a in enumerate(rated):
-                for b in rated[i + 1 :]:
-                    hi, lo = (a, b) if a.fields["score"] > b.fields["score"] else (b, a)
-                    if hi.fields["score"] != lo.fields["score"] and hi.fields["response"] != lo.fields["response"]:
-                        pairs.append(
-                            PreferencePair(prompt, hi.fields["response"], lo.fields["response"], f"{hi.id}>{lo.id}")
-                        )
-        return pairs
+        """DPO pairs from the records (see :func:`fedpal.client.memory.training.preference_pairs`)."""
+        return training.preference_pairs(self.records())
 
     def sft_examples(self) -> list[SFTExample]:
-        """SFT targets: chosen answers, edited answers, and responses rated 4 or 5 (duplicates dropped).
-
-        Turns are left out: they are the model's own outputs and carry no judgement.
-        """
-        examples: list[SFTExample] = []
-        seen: set[tuple[str, str]] = set()
-        for r in self.records():
-            f = r.fields
-            if r.kind == "pair":
-                target = f["chosen"]
-            elif r.kind == "edit":
-                target = f["edited"]
-            elif r.kind == "rating" and f["score"] >= SFT_MIN_SCORE:
-                target = f["response"]
-            else:
-                continue
-            if (f["prompt"], target) not in seen:
-                seen.add((f["prompt"], target))
-                examples.append(SFTExample(f["prompt"], target, r.id))
-        return examples
+        """SFT examples from the records (see :func:`fedpal.client.memory.training.sft_examples`)."""
+        return training.sft_examples(self.records())
 
     # ------------------------------------------------------------------ import / export
 
-    @staticmethod
-    def _parse_line(raw: bytes, seen_ids: set[str]) -> tuple[str | None, str, float | None, dict, list]:
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as err:
-            raise ValueError(f"not UTF-8 ({err.reason} at byte {err.start})") from None
-        try:
-            obj = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"not valid JSON ({err.msg} at column {err.colno})") from None
-        if not isinstance(obj, dict):
-            raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
-        if "kind" not in obj:
-            raise ValueError("missing 'kind'")
-        obj = dict(obj)
-        kind = obj.pop("kind")
-        tags = obj.pop("tags", [])
-        record_id = obj.pop("id", None)
-        created = obj.pop("created", None)
-        if record_id is not None:
-            if not isinstance(record_id, str) or not record_id or len(record_id) > _MAX_ID_CHARS:
-                raise ValueError(f"'id' must be a non-empty string of at most {_MAX_ID_CHARS} characters")
-            _check_text("id", record_id)
-            if record_id in seen_ids:
-                raise ValueError(f"id {record_id!r} appears twice in this file")
-            seen_ids.add(record_id)
-        if created is not None and (
-            isinstance(created, bool) or not isinstance(created, (int, float)) or not math.isfinite(created)
-        ):
-            raise ValueError("'created' must be a finite number (epoch seconds)")
-        kind, fields, tags = _validated(kind, obj, tags)
-        return record_id, kind, None if created is None else float(created), fields, tags
-
-    @classmethod
-    def parse_jsonl(cls, path: Path | str) -> list[ParsedRecord]:
-        """Read and check every line of a JSONL file without touching any memory.
-
-        Blank lines are skipped and a UTF-8 byte order mark (as some editors write) is
-        allowed; any bad line raises a ``FedpalError`` naming its number.
-        """
-        path = Path(path)
-        try:
-            data = path.read_bytes()
-        except OSError as err:
-            raise FedpalError(f"cannot read {path}: {err.strerror}") from None
-        if data.startswith(codecs.BOM_UTF8):
-            data = data[len(codecs.BOM_UTF8) :]
-        parsed = []
-        seen_ids: set[str] = set()
-        for number, raw in enumerate(data.split(b"\n"), start=1):
-            if not raw.strip():
-                continue
-            try:
-                parsed.append(ParsedRecord(number, *cls._parse_line(raw.rstrip(b"\r"), seen_ids)))
-            except ValueError as err:
-                raise FedpalError(f"{path}:{number}: {err} (nothing was imported)") from None
-        return parsed
+    parse_jsonl = staticmethod(parse_jsonl)
 
     def import_jsonl(self, path: Path | str) -> int:
         """Add the records of a JSONL file in one transaction; returns how many were new.
@@ -826,8 +485,7 @@ class PreferenceMemory:
         """
         records = self.records(strict=not skip_corrupt)
         path = Path(path)
-        text = "".join(json.dumps(record.to_json(), ensure_ascii=False) + "\n" for record in records)
-        write_atomic(path, text.encode("utf-8"), 0o600)
+        write_atomic(path, records_to_jsonl(records).encode("utf-8"), 0o600)
         return len(records)
 
     # ------------------------------------------------------------------ forgetting
@@ -893,22 +551,13 @@ class PreferenceMemory:
         return len(doomed)
 
     def _forget_everything(self) -> int:
-        new_key, new_key_id = new_data_key(), uuid.uuid4().hex
-        new_label = f"{self._store_id}:{new_key_id}"
+        old = self._memory_key()
+        new, updates = old.replaced()
         with self._transaction(write=True) as conn:
-            old_label = f"{self._store_id}:{self._key_id}"
             count = conn.execute("DELETE FROM records").rowcount
-            updates = {"key_id": new_key_id}
-            if self._key_source == "keyring":
-                keyring_store_key(new_label, new_key)
-                updates["key_check"] = seal_key_check(new_key, new_label).hex()
-            else:
-                assert self._wrapping_key is not None and self._kdf is not None
-                updates["wrapped_key"] = wrap_data_key(self._wrapping_key, new_key, self._store_id, self._kdf).hex()
             conn.executemany("UPDATE meta SET value = ? WHERE name = ?", [(v, k) for k, v in updates.items()])
-        self._key, self._key_id = new_key, new_key_id
-        if self._key_source == "keyring":
-            keyring_delete_key(old_label)
+        self._key = new
+        old.drop()
         self._db().execute("VACUUM")
         self._checkpoint()
         return count
@@ -927,8 +576,7 @@ class PreferenceMemory:
         if self._conn is not None:
             self._conn.close()
             self._conn = None
-        self._key = b""
-        self._wrapping_key = None
+        self._key = None
         self._snapshot = None
         self._opened = {}
 
@@ -939,12 +587,7 @@ class PreferenceMemory:
         self.close()
 
     def __repr__(self) -> str:
-        return f"PreferenceMemory({str(self.path)!r}, key in {self._key_source})"
-
-
-def records_as_json(records: Sequence[Record]) -> str:
-    """A JSON array of records in their JSONL form (what ``--json`` prints)."""
-    return json.dumps([r.to_json() for r in records], ensure_ascii=False, indent=2)
+        return f"PreferenceMemory({str(self.path)!r}, key in {self._key.source if self._key else 'closed memory'})"
 
 
 BUSY_TIMEOUT_S = 30.0
