@@ -10,8 +10,12 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fedpal.common.errors import FedpalError
+
+if TYPE_CHECKING:
+    from fedpal.common.adapters import AdapterConfig
 
 EXPORT_RECORD = "export.json"
 HOME_ENV = "FEDPAL_USER_HOME"
@@ -134,6 +138,34 @@ class ClientHome:
                 except ValueError:
                     raise FedpalError(f"corrupt adapter config {config}") from None
         return tuple(sorted(targets)) or None
+
+    def saved_adapter_config(self) -> "AdapterConfig | None":
+        """The LoRA settings of an adapter already in this home (new ones must match them), or None."""
+        from fedpal.common.adapters import ADAPTER_NAMES, FEDPAL_FILE, AdapterConfig
+
+        for name in ADAPTER_NAMES:
+            path = self.adapter_dir(name) / FEDPAL_FILE
+            if path.is_file():
+                try:
+                    return AdapterConfig.from_dict(json.loads(path.read_text()))
+                except (ValueError, TypeError) as err:
+                    raise FedpalError(f"corrupt adapter settings {path}: {err}") from None
+        return None
+
+    def adapter_config(self, rank: int | None = None) -> "AdapterConfig":
+        """The LoRA settings this home trains with: its saved adapters', else new ones of ``rank``;
+        a ``rank`` other than the saved adapters' is refused (they are merged with each other)."""
+        from fedpal.common.adapters import AdapterConfig
+
+        saved = self.saved_adapter_config()
+        if saved is None:
+            return AdapterConfig.for_rank(rank)
+        if rank is not None and saved.rank != rank:
+            raise FedpalError(
+                f"--rank {rank} cannot apply: the adapters in {self.root} have rank {saved.rank} and "
+                f"new ones must match them (leave --rank out, or move {self.adapters} away to start over)"
+            )
+        return saved
 
     def export_record(self) -> dict | None:
         """Which ONNX export this user answers with (``fedpal export`` records it), or None."""

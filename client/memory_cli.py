@@ -25,6 +25,7 @@ import typer
 
 from fedpal.client.cli_common import PASSPHRASE_FILE, check_output_file, choices, home_option, plain, read_passphrase
 from fedpal.client.home import ClientHome
+from fedpal.client.memory.records import KIND_FIELDS
 from fedpal.common.errors import FedpalError
 
 if TYPE_CHECKING:
@@ -35,13 +36,7 @@ app = typer.Typer(help="The encrypted preference memory of one user.", no_args_i
 HOME = home_option("The client's home folder (holds memory.sqlite).")
 KEYRING = typer.Option(False, "--keyring", help="When creating the memory, keep its key in the OS keyring.")
 AS_JSON = typer.Option(False, "--json", help="Print a JSON array of records.")
-ADD_USAGE = {
-    "stated": ("TEXT",),
-    "pair": ("PROMPT", "CHOSEN", "REJECTED"),
-    "rating": ("PROMPT", "RESPONSE", "SCORE"),
-    "edit": ("PROMPT", "RESPONSE", "EDITED"),
-    "turn": ("ROLE", "TEXT"),
-}
+ADD_USAGE = {kind: tuple(name.upper() for name in names) for kind, names in KIND_FIELDS.items()}
 Kind = choices("Kind", tuple(ADD_USAGE))
 PROGRESS_FROM = 1000
 """Imports of at least this many records show a progress bar (in a terminal)."""
@@ -151,19 +146,6 @@ def _when(value: str | None, option: str) -> float | None:
         raise FedpalError(f"{option} must be epoch seconds or an ISO date/time like 2026-11-22T14:00, not {value!r}")
 
 
-def _summary(record: "Record", width: int = 70) -> str:
-    f = record.fields
-    text = {
-        "stated": lambda: f["text"],
-        "pair": lambda: f"{f['prompt']} => {f['chosen']}  (not: {f['rejected']})",
-        "rating": lambda: f"[{f['score']}/5] {f['prompt']} => {f['response']}",
-        "edit": lambda: f"{f['prompt']} => {f['edited']}  (was: {f['response']})",
-        "turn": lambda: f"{f['role']}: {f['text']}",
-    }[record.kind]()
-    text = " ".join(text.split())
-    return text if len(text) <= width else text[: width - 1] + "…"
-
-
 def _print_records(records: list["Record"], as_json: bool) -> None:
     from fedpal.client.memory import records_as_json
 
@@ -173,7 +155,7 @@ def _print_records(records: list["Record"], as_json: bool) -> None:
     for r in records:
         when = datetime.fromtimestamp(r.created).strftime("%Y-%m-%d %H:%M")
         tags = f"  [{', '.join(r.tags)}]" if r.tags else ""
-        typer.echo(f"{r.id}  {r.kind:<6}  {when}  {_summary(r)}{tags}")
+        typer.echo(f"{r.id}  {r.kind:<6}  {when}  {r.summary()}{tags}")
 
 
 def _echo_json(data: dict) -> None:
@@ -261,7 +243,7 @@ def add(
 
     Example: fedpal memory add pair "What is BM25?" "A ranking function." "A vitamin." --home ~/fedpal-me
     """
-    from fedpal.client.memory import KIND_FIELDS, PREFERENCE_MAX_BYTES, check_record, content_problem
+    from fedpal.client.memory import PREFERENCE_MAX_BYTES, check_record, content_problem
 
     kind = plain(kind)
     if len(values) != len(ADD_USAGE[kind]):

@@ -88,7 +88,7 @@ def train(
     from fedpal.client.home import ClientHome
     from fedpal.client.memory import PreferenceMemory
     from fedpal.client.personalize import Personalizer, TrainingData
-    from fedpal.common.adapters import PERSONAL, SHARED, AdapterConfig, attach_adapters, load_adapter
+    from fedpal.common.adapters import PERSONAL, SHARED, attach_adapters, load_adapter
     from fedpal.common.errors import FedpalError
     from fedpal.common.models import load_base_model, resolve_device
 
@@ -106,12 +106,7 @@ def train(
     )
     config.validate()
     client = ClientHome.existing(home).writable()
-    saved = _saved_adapter_config(client)
-    if rank is not None and saved is not None and saved.rank != rank:
-        raise FedpalError(
-            f"--rank {rank} cannot apply: the adapters in {client.root} have rank {saved.rank} and "
-            f"new ones must match them (leave --rank out, or move {client.adapters} away to start over)"
-        )
+    adapter_config = client.adapter_config(rank)
     resolve_device(device)
     source = PreferenceMemory.key_source(client.root)
     if source is None:
@@ -135,7 +130,6 @@ def train(
         data = replace(data, examples=())
 
     base = load_base_model(model, device=device)
-    adapter_config = saved or AdapterConfig(**({"rank": rank, "alpha": 2.0 * rank} if rank else {}))
     peft_model = attach_adapters(base.model, adapter_config)
     for name in (SHARED, PERSONAL):
         if (client.adapter_dir(name) / "adapter_config.json").is_file():
@@ -198,18 +192,3 @@ def _cut_sequences(tokenizer, data, limit: int) -> int:
         too_long(p.prompt, p.system, reply) for p in data.pairs + data.heldout for reply in (p.chosen, p.rejected)
     )
     return cut + sum(too_long(e.prompt, e.system, e.response) for e in data.examples)
-
-
-def _saved_adapter_config(client):
-    """The LoRA settings of an adapter already in the home folder: new ones must match them."""
-    from fedpal.common.adapters import ADAPTER_NAMES, FEDPAL_FILE, AdapterConfig
-    from fedpal.common.errors import FedpalError
-
-    for name in ADAPTER_NAMES:
-        path = client.adapter_dir(name) / FEDPAL_FILE
-        if path.is_file():
-            try:
-                return AdapterConfig.from_dict(json.loads(path.read_text()))
-            except (ValueError, TypeError) as err:
-                raise FedpalError(f"corrupt adapter settings {path}: {err}") from None
-    return None

@@ -54,6 +54,12 @@ class AdapterConfig:
     """LoRA only in the last ``top_layers`` decoder layers (0: all). Backpropagation then stops
     below them, so a training step costs less, and DP noise covers fewer coordinates."""
 
+    @classmethod
+    def for_rank(cls, rank: int | None) -> "AdapterConfig":
+        """New adapters of ``rank`` (None: the default), with alpha = 2 x rank: the scale the
+        defaults were measured at (rank 8, alpha 16), kept when only the rank changes."""
+        return cls() if rank is None else cls(rank=rank, alpha=2.0 * rank)
+
     def lora_config(self, num_layers: int | None = None) -> "LoraConfig":
         """peft's config; ``num_layers`` (the model's decoder layers) is needed when ``top_layers`` is set."""
         from peft import LoraConfig

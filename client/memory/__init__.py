@@ -9,7 +9,9 @@
 - ``jsonl``: the JSONL form used by import and export.
 """
 
-from fedpal.client.memory.keys import PASSPHRASE_ENV
+from importlib import import_module
+from typing import Any
+
 from fedpal.client.memory.records import (
     KIND_FIELDS,
     CorruptRecordWarning,
@@ -18,8 +20,17 @@ from fedpal.client.memory.records import (
     content_problem,
     records_as_json,
 )
-from fedpal.client.memory.store import PreferenceMemory
-from fedpal.client.memory.training import PREFERENCE_MAX_BYTES
+
+_LAZY = {"PreferenceMemory": "store", "PASSPHRASE_ENV": "keys", "PREFERENCE_MAX_BYTES": "training"}
+"""Loaded on first use: the store pulls in SQLite, the cipher and the ranker, which a command
+that only names record kinds (``fedpal memory --help``) should not pay for."""
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(import_module(f"{__name__}.{_LAZY[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "KIND_FIELDS",

@@ -49,6 +49,19 @@ class Record:
         parts = [value for name, value in self.fields.items() if isinstance(value, str) and name != "role"]
         return "\n".join(parts + list(self.tags))
 
+    def summary(self, width: int = 70) -> str:
+        """One line saying what the record holds (``fedpal memory list``), cut to ``width``."""
+        f = self.fields
+        text = {
+            "stated": lambda: f["text"],
+            "pair": lambda: f"{f['prompt']} => {f['chosen']}  (not: {f['rejected']})",
+            "rating": lambda: f"[{f['score']}/5] {f['prompt']} => {f['response']}",
+            "edit": lambda: f"{f['prompt']} => {f['edited']}  (was: {f['response']})",
+            "turn": lambda: f"{f['role']}: {f['text']}",
+        }[self.kind]()
+        text = " ".join(text.split())
+        return text if len(text) <= width else text[: width - 1] + "…"
+
     def to_json(self) -> dict[str, Any]:
         """The JSONL form used by export, import and ``--json`` (flat: kind, fields, tags, id, created)."""
         return {"kind": self.kind, **self.fields, "tags": list(self.tags), "id": self.id, "created": self.created}
