@@ -37,7 +37,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from fedpal.client.dpo import IGNORE, dpo_loss, encode_reply, pad_rows, sequence_logprobs, token_logprobs
 from fedpal.common.adapters import activate
@@ -191,6 +191,29 @@ class HeldoutScore:
         preference = float(-F.logsigmoid(margins).mean())
         loss = {"dpo": preference, "sft": chosen_nll, "both": preference + sft_weight * chosen_nll}[objective]
         return cls(loss, preference, float(wins.mean()), float(margins.mean()))
+
+
+@dataclass
+class TrainingState:
+    """Where a run stands after its last finished step: what a checkpoint saves with the
+    weights and the optimizer, and a resumed run continues from."""
+
+    step: int = 0
+    loss_first: float = math.nan
+    margin_first: float = 0.0
+    loss_last: float = math.nan
+    margin_last: float = 0.0
+
+    def record(self, loss: float, margin: float) -> None:
+        """One more step finished with this ``loss`` and reward ``margin``."""
+        if self.step == 0:
+            self.loss_first, self.margin_first = loss, margin
+        self.step += 1
+        self.loss_last, self.margin_last = loss, margin
+
+    @classmethod
+    def from_payload(cls, payload: dict[str, Any]) -> "TrainingState":
+        return cls(**{f.name: payload[f.name] for f in fields(cls)})
 
 
 class LocalTrainer:
@@ -399,23 +422,18 @@ class LocalTrainer:
         optimizer = torch.optim.AdamW([p for _, p in params], lr=cfg.learning_rate, weight_decay=0.0)
         scaler = torch.amp.GradScaler("cuda", enabled=self.autocast_dtype == torch.float16)
 
-        state = {"step": 0, "loss_first": math.nan, "margin_first": 0.0}
+        state = TrainingState()
         resumed = self._load_checkpoint(adapter, fingerprint, params, optimizer)
         if resumed is not None:
-            state.update({k: v for k, v in resumed.items() if k != "early"})
+            state = TrainingState.from_payload(resumed)
             for good, (_, p) in zip(last_good, params):
                 good.copy_(p.detach())
             if judge is not None:
                 judge.restore(resumed["early"])
         elif judge is not None:
             judge.evaluate(0, params)
-        resumed_from = state["step"]
-        loss_last, margin_last, stopped, note = (
-            state.get("loss_last", math.nan),
-            state.get("margin_last", 0.0),
-            "steps",
-            "",
-        )
+        resumed_from = state.step
+        stopped, note = "steps", ""
 
         rng_devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=rng_devices), _progress_bar(progress) as bar:
@@ -423,51 +441,30 @@ class LocalTrainer:
                 torch.manual_seed(cfg.seed)
             else:
                 _set_rng(resumed["rng"], self.device)
-            task = bar.add_task(f"train {adapter} ({cfg.objective})", total=cfg.steps, completed=state["step"], loss="")
+            task = bar.add_task(f"train {adapter} ({cfg.objective})", total=cfg.steps, completed=state.step, loss="")
             self.model.train()
-            while state["step"] < cfg.steps:
-                step = state["step"]
+            while state.step < cfg.steps:
+                step = state.step
                 loss, margin = self._loss(step, encoded_pairs, encoded_sft, params, anchors, ref_chosen, ref_rejected)
-                if not torch.isfinite(loss):
-                    stopped, note = "nan", f"loss became non-finite at step {step + 1}; kept the weights of step {step}"
-                    break
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.unscale_(optimizer)
-                grad_norm = torch.nn.utils.clip_grad_norm_([p for _, p in params], cfg.max_grad_norm)
-                if not torch.isfinite(grad_norm) and scaler.is_enabled():
-                    scaler.update()  # fp16 overflow: the scaler skips this step and lowers its scale
-                    continue
-                if not torch.isfinite(grad_norm):
-                    stopped, note = (
-                        "nan",
-                        f"gradient became non-finite at step {step + 1}; kept the weights of step {step}",
-                    )
-                    break
-                scaler.step(optimizer)
-                scaler.update()
-                if not all(torch.isfinite(p).all() for _, p in params):
-                    stopped, note = (
-                        "nan",
-                        f"weights became non-finite at step {step + 1}; kept the weights of step {step}",
-                    )
+                broken = self._update(loss, params, optimizer, scaler)
+                if broken == "overflow":
+                    continue  # fp16 overflow: the scaler skipped this step and lowered its scale
+                if broken is not None:
+                    stopped = "nan"
+                    note = f"{broken} became non-finite at step {step + 1}; kept the weights of step {step}"
                     break
                 for good, (_, p) in zip(last_good, params):
                     good.copy_(p.detach())
-                state["step"] = step + 1
-                loss_last, margin_last = float(loss.detach()), margin
-                if step == 0:
-                    state["loss_first"], state["margin_first"] = loss_last, margin
-                state["loss_last"], state["margin_last"] = loss_last, margin_last
-                bar.update(task, completed=state["step"], loss=f"loss {loss_last:.4f}")
+                state.record(float(loss.detach()), margin)
+                bar.update(task, completed=state.step, loss=f"loss {state.loss_last:.4f}")
                 exhausted = False
-                if judge is not None and (state["step"] % cfg.eval_every == 0 or state["step"] == cfg.steps):
-                    exhausted = judge.evaluate(state["step"], params)
+                if judge is not None and (state.step % cfg.eval_every == 0 or state.step == cfg.steps):
+                    exhausted = judge.evaluate(state.step, params)
                     self.model.train()
-                if self._due_for_checkpoint(state["step"]):
+                if self._due_for_checkpoint(state.step):
                     self._save_checkpoint(adapter, fingerprint, params, optimizer, state, judge)
                 if callback is not None:
-                    callback(state["step"], loss_last)
+                    callback(state.step, state.loss_last)
                 if exhausted:
                     stopped = "early"
                     note = (
@@ -478,9 +475,9 @@ class LocalTrainer:
                 if (
                     cfg.time_budget_s is not None
                     and time.perf_counter() - start >= cfg.time_budget_s
-                    and state["step"] < cfg.steps
+                    and state.step < cfg.steps
                 ):
-                    stopped, note = "time", f"time budget of {cfg.time_budget_s:g}s reached after {state['step']} steps"
+                    stopped, note = "time", f"time budget of {cfg.time_budget_s:g}s reached after {state.step} steps"
                     break
         self.model.eval()
         with torch.no_grad():
@@ -498,20 +495,42 @@ class LocalTrainer:
             objective=cfg.objective,
             pairs=len(pairs),
             examples=len(examples),
-            steps=state["step"],
-            loss_first=state["loss_first"],
-            loss_last=loss_last,
+            steps=state.step,
+            loss_first=state.loss_first,
+            loss_last=state.loss_last,
             seconds=round(time.perf_counter() - start, 3),
             device=str(self.device),
             stopped=stopped,
-            reward_margin_first=state["margin_first"],
-            reward_margin_last=margin_last,
+            reward_margin_first=state.margin_first,
+            reward_margin_last=state.margin_last,
             resumed_from=resumed_from,
             batch_size=self.batch_size,
             max_length=self.max_length,
             note=note,
             **scores,
         )
+
+    def _update(self, loss: "torch.Tensor", params: list, optimizer: Any, scaler: Any) -> str | None:
+        """One optimizer step on ``loss``; what became non-finite (loss, gradient, weights), if
+        anything, or ``overflow`` when fp16 scaling skipped the step."""
+        import torch
+
+        if not torch.isfinite(loss):
+            return "loss"
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_([p for _, p in params], self.config.max_grad_norm)
+        if not torch.isfinite(grad_norm):
+            if scaler.is_enabled():
+                scaler.update()
+                return "overflow"
+            return "gradient"
+        scaler.step(optimizer)
+        scaler.update()
+        if not all(torch.isfinite(p).all() for _, p in params):
+            return "weights"
+        return None
 
     def fall_back(self, result: TrainResult) -> TrainResult | None:
         """Put the last run's previous held-out improvement into the adapter (None: there is none).
@@ -613,12 +632,13 @@ class LocalTrainer:
             "optimizer": optimizer.state_dict(),
             "rng": _get_rng(self.device),
             "early": judge.state() if judge is not None else None,
-            **{k: v for k, v in state.items()},
+            **asdict(state),
         }
         with atomic_path(path) as tmp:
             torch.save(payload, tmp)
 
     def _load_checkpoint(self, adapter, fingerprint, params, optimizer) -> dict | None:
+        """The checkpoint's payload (weights and optimizer already restored), if it is this run's."""
         import torch
 
         path = self._checkpoint_path(adapter)
@@ -634,9 +654,7 @@ class LocalTrainer:
             for name, param in params:
                 param.copy_(payload["adapter_state"][name].to(param.device))
         optimizer.load_state_dict(payload["optimizer"])
-        return {
-            k: payload[k] for k in ("step", "loss_first", "margin_first", "loss_last", "margin_last", "rng", "early")
-        }
+        return payload
 
     def _clear_checkpoint(self, adapter: str) -> None:
         path = self._checkpoint_path(adapter)
