@@ -19,7 +19,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import shutil
 import sqlite3
 import tarfile
 import tempfile
@@ -32,7 +31,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from fedpal.client.encryption import NONCE_BYTES, OWASP_ARGON2ID, KdfParams, derive_wrapping_key
 from fedpal.client.home import EXPORT_RECORD, ClientHome
-from fedpal.common.files import write_atomic
+from fedpal.common.files import staged_folder, write_atomic
 from fedpal.common.errors import FedpalError
 
 MAGIC = b"fedpal home backup\n"
@@ -105,18 +104,11 @@ def restore_backup(backup: Path, target: ClientHome, passphrase: str) -> BackupS
         members = tar.getmembers()
         for member in members:
             _check_member(member, backup)
-        target.root.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{target.root.name}-restore-", dir=target.root.parent))
-        try:
+        with staged_folder(target.root) as staging:  # the (empty) target is replaced only by a checked home
             # The members were checked above; the "data" filter (Python >= 3.11.4) refuses links and modes too.
             tar.extractall(staging, members=members, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
             if (staging / _MEMORY).is_file():
                 _check_memory_opens(staging, passphrase)
-            if target.root.exists():
-                target.root.rmdir()
-            staging.rename(target.root)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
     files = sum(1 for m in members if m.isfile())
     return BackupSummary(str(backup), files, any(m.name == _MEMORY for m in members), backup.stat().st_size)
 

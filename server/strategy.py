@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
+from flwr.server.strategy import Strategy
 
 from fedpal.common.adapters import FINGERPRINT_KEY
 from fedpal.common.errors import first_line
@@ -99,11 +100,9 @@ before any check (with SecAgg+ every entry is the unmasked aggregate). Privacy a
 play an honest-but-curious server with one; the federation itself needs none."""
 
 
-class FedpalStrategy:
-    """Wraps the selected strategy: validation, DP noise placement, per-round report.
-
-    Duck-types ``flwr.server.strategy.Strategy`` (the workflows call only its methods).
-    """
+class FedpalStrategy(Strategy):
+    """A Flower ``Strategy`` wrapping the selected one: update validation, DP noise placement,
+    a per-round report."""
 
     def __init__(
         self,
