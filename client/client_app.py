@@ -122,16 +122,8 @@ class FedpalClient(NumPyClient):
 
         partition = int(self.context.node_config.get("partition-id", 0))
         node_seed = settings.seed * 1_000_003 + server_round * 7919 + partition
-        train = TrainConfig(
-            objective=settings.objective,
-            learning_rate=settings.learning_rate,
-            beta=settings.dpo_beta,
-            batch_size=settings.batch_size,
-            max_length=settings.max_length,
-            proximal_mu=float(config.get("proximal_mu", 0.0)),  # Flower's FedProx adds it to the round's config
-            checkpoint_every=0,
-            threads=settings.client_threads,
-        )
+        # Flower's FedProx adds proximal_mu to the round's config
+        train = TrainConfig.for_federation(settings, proximal_mu=float(config.get("proximal_mu", 0.0)))
         personalizer = Personalizer(
             base, peft, home, train, guard=GuardConfig() if checked else None, checkpoints=False
         )

@@ -51,6 +51,7 @@ if TYPE_CHECKING:
     from peft import PeftModel
 
     from fedpal.common.models import BaseModel
+    from fedpal.common.settings import FederationSettings
 
 log = logging.getLogger("fedpal.client")
 
@@ -97,6 +98,20 @@ class TrainConfig:
     threads: int | None = None
     eval_every: int = 4
     patience: int = 3
+
+    @classmethod
+    def for_federation(cls, settings: FederationSettings, **changes: Any) -> "TrainConfig":
+        """How a federation's client trains, from the federation's settings (``changes`` on top)."""
+        return cls(
+            objective=settings.objective,
+            learning_rate=settings.learning_rate,
+            beta=settings.dpo_beta,
+            batch_size=settings.batch_size,
+            max_length=settings.max_length,
+            checkpoint_every=0,
+            threads=settings.client_threads,
+            **changes,
+        )
 
     def validate(self) -> None:
         """Raise a one-line ``FedpalError`` naming the first bad setting."""

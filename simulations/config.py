@@ -48,6 +48,10 @@ class SimulationConfig:
     training than a few steps every round. The local-only baseline trains as many steps
     as a client has trained in all by then (``local_steps`` per round plus
     ``personal_steps``).
+
+    ``node_cpus`` / ``node_gpus``: what Flower's Simulation Engine reserves for each user's
+    virtual SuperNode (Ray runs cores / ``node_cpus`` of them at once); ``node_cpus`` is also
+    the threads a node trains and decodes with.
     """
 
     preset: str = "custom"
@@ -223,12 +227,9 @@ class SimulationConfig:
 
     def federation_config(self) -> dict[str, Any]:
         """The Simulation Engine's settings for ``flwr run --federation-config``."""
-        return {
-            "num-supernodes": self.users,
-            "backend": "ray",
-            "client-resources-num-cpus": self.node_cpus,
-            "client-resources-num-gpus": self.node_gpus,
-        }
+        from fedpal.simulations.engine import engine_config
+
+        return engine_config(self.users, self.node_cpus, self.node_gpus)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)

@@ -87,6 +87,17 @@ def write_app(folder: Path, name: str, components: dict[str, str], run_config: d
     return folder
 
 
+def engine_config(users: int, node_cpus: int, node_gpus: float) -> dict[str, Any]:
+    """The Simulation Engine's settings for ``flwr run --federation-config``: one virtual SuperNode
+    per user, each with ``node_cpus`` CPUs and ``node_gpus`` GPUs (Flower's client resources)."""
+    return {
+        "num-supernodes": users,
+        "backend": "ray",
+        "client-resources-num-cpus": node_cpus,
+        "client-resources-num-gpus": node_gpus,
+    }
+
+
 class SimulationSuperLink:
     """``flower-superlink --simulation`` on a free local port, with its own FLWR_HOME and database."""
 

@@ -142,15 +142,7 @@ class UserDevice:
             load_adapter(peft, PERSONAL, self.local_home.adapter_dir(PERSONAL))
         else:
             arrays_to_adapter(peft, PERSONAL, fresh_personal, "AB")
-        train = TrainConfig(
-            objective=c.objective,
-            learning_rate=c.learning_rate,
-            beta=c.dpo_beta,
-            batch_size=c.batch_size,
-            max_length=c.max_length,
-            checkpoint_every=0,
-            threads=c.node_cpus,
-        )
+        train = TrainConfig.for_federation(settings)  # as the federated clients train
         Personalizer(base, peft, self.local_home, train, checkpoints=False).train(
             PERSONAL,
             data,

@@ -188,12 +188,9 @@ class PopulationConfig:
 
     def federation_config(self) -> dict[str, Any]:
         """The Simulation Engine's settings for ``flwr run --federation-config``."""
-        return {
-            "num-supernodes": self.users,
-            "backend": "ray",
-            "client-resources-num-cpus": self.node_cpus,
-            "client-resources-num-gpus": self.node_gpus,
-        }
+        from fedpal.simulations.engine import engine_config
+
+        return engine_config(self.users, self.node_cpus, self.node_gpus)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
