@@ -238,7 +238,7 @@ class SimulationConfig:
 
 
 SIM_PREFIX = "sim-"
-"""Run-config keys of a simulation's own settings (fedpal's are ``fedpal.server.strategy.DEFAULTS``)."""
+"""Run-config keys of a simulation's own settings (fedpal's are ``fedpal.common.settings.FederationSettings``)."""
 
 
 def federation_checks(build: Callable[[], FederationSettings]) -> None:
