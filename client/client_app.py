@@ -121,7 +121,7 @@ class FedpalClient(NumPyClient):
             arrays_to_adapter(peft, PERSONAL, fresh_personal, "AB")
 
         partition = int(self.context.node_config.get("partition-id", 0))
-        node_seed = settings.seed * 1_000_003 + server_round * 7919 + partition
+        node_seed = training_seed(settings.seed, server_round, partition)
         # Flower's FedProx adds proximal_mu to the round's config
         train = TrainConfig.for_federation(settings, proximal_mu=float(config.get("proximal_mu", 0.0)))
         personalizer = Personalizer(
@@ -182,6 +182,11 @@ class FedpalClient(NumPyClient):
         install_global(peft, home, parameters, settings)
         record_round(home.root, "final", int(config["round"]), spent=PrivacySpent.from_config(config))
         return 0.0, 0, {}
+
+
+def training_seed(seed: int, server_round: int, partition: int) -> int:
+    """The seed of one node's local training in one round (its personal adapter uses the next one)."""
+    return seed * 1_000_003 + server_round * 7919 + partition
 
 
 def install_global(

@@ -347,10 +347,17 @@ def send_final_adapter(
 
 
 def send_adapter(
-    grid: Grid, nodes: Sequence[int], arrays: list[np.ndarray], config: dict, group: str, timeout: float
+    grid: Grid,
+    nodes: Sequence[int],
+    arrays: list[np.ndarray],
+    config: dict,
+    group: str,
+    timeout: float,
+    on_reply: Callable[[Message], None] | None = None,
 ) -> list[Message]:
     """An adapter and ``config`` to each of ``nodes`` in Flower's "evaluate" message; the replies
-    that came back within ``timeout`` seconds (a node that failed answers with an error)."""
+    that came back within ``timeout`` seconds (a node that failed answers with an error).
+    ``on_reply`` sees each reply as it arrives (progress; it may raise to stop waiting)."""
     from flwr.common import EvaluateIns, MessageType, ndarrays_to_parameters
     from flwr.compat.common import recorddict_compat as compat
 
@@ -358,7 +365,18 @@ def send_adapter(
     messages = [
         Message(content=content, dst_node_id=node, message_type=MessageType.EVALUATE, group_id=group) for node in nodes
     ]
-    return list(grid.send_and_receive(messages, timeout=timeout))
+    waiting = set(grid.push_messages(messages))
+    deadline = time.monotonic() + timeout
+    replies: list[Message] = []
+    while waiting and time.monotonic() < deadline:
+        for reply in grid.pull_messages(waiting):
+            waiting.discard(reply.metadata.reply_to_message_id)
+            replies.append(reply)
+            if on_reply is not None:
+                on_reply(reply)
+        if waiting:
+            time.sleep(1.0)
+    return replies
 
 
 def _why_not_aggregated(report: Any, settings: FederationSettings) -> str:

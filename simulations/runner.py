@@ -33,7 +33,7 @@ from fedpal.client.memory import PASSPHRASE_ENV
 from fedpal.common.errors import FedpalError
 from fedpal.simulations.config import SimulationConfig
 from fedpal.simulations.engine import ProgressLog, check_ray_address, flwr_run, write_app
-from fedpal.simulations.experiment.node import simulation_passphrase
+from fedpal.simulations.experiment.node import simulation_export, simulation_passphrase
 from fedpal.simulations.experiment.server_app import CANDIDATES_FILE, PROGRESS_FILE
 from fedpal.simulations.prompts import sample_prompts
 from fedpal.simulations.styles import STYLES_BY_NAME, candidate_generation_prompts, synthetic_reply
@@ -54,12 +54,8 @@ def prepare_candidates(config: SimulationConfig, out: Path, progress: Progress =
     """Candidate replies per training prompt, one per style (cached in ``candidates.json``): from
     the base model through the ONNX export (``candidate_source = model``) or from templates."""
     from fedpal.client.generator import DecodeOptions, PersonalizedGenerator
-    from fedpal.client.onnx_export import DEFAULT_MAX_RANK, export_model
-    from fedpal.common.adapters import AdapterConfig
 
-    targets = AdapterConfig.from_settings(config.federation(out)).target_modules
-    # made here, once: the nodes find it in the cache instead of racing to build it
-    export = export_model(config.model, config.precision, targets, max_rank=max(DEFAULT_MAX_RANK, 2 * config.lora_rank))
+    export = simulation_export(config)  # made here, once: the nodes find it in the cache instead of racing to build it
     train_prompts = sample_prompts("train", config.train_prompts, config.seed)
     cache = out / CANDIDATES_FILE
     key = {

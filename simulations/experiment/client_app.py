@@ -10,7 +10,7 @@ from flwr.app import Context
 
 from fedpal.client.client_app import make_client_app
 from fedpal.simulations.experiment.node import ExperimentClient
-from fedpal.simulations.population.client_app import roll_call_mod
+from fedpal.simulations.roll_call import roll_call_mod
 
 
 def experiment_client(context: Context) -> Any:

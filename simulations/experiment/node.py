@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from fedpal.client.client_app import FedpalClient, install_global, node_home, node_model
+from fedpal.client.client_app import FedpalClient, install_global, node_home, node_model, training_seed
 from fedpal.client.home import ClientHome
 from fedpal.client.memory import PASSPHRASE_ENV
 from fedpal.common.settings import FederationSettings
@@ -64,6 +64,21 @@ def heldout_prompts(config: SimulationConfig) -> tuple[str, ...]:
     return tuple(sample_prompts("heldout", config.heldout_prompts, config.seed))
 
 
+def simulation_export(config: SimulationConfig) -> Any:
+    """The ONNX export a simulation's users answer with (built by the launcher before the run;
+    the nodes find it in the cache). Checked once per process and config."""
+    return _simulation_export(config)
+
+
+@lru_cache(maxsize=2)
+def _simulation_export(config: SimulationConfig) -> Any:
+    from fedpal.client.onnx_export import DEFAULT_MAX_RANK, export_model
+    from fedpal.common.adapters import AdapterConfig
+
+    targets = AdapterConfig.from_settings(config.federation(Path("."))).target_modules  # the run's folder plays no part
+    return export_model(config.model, config.precision, targets, max_rank=max(DEFAULT_MAX_RANK, 2 * config.lora_rank))
+
+
 def simulation_passphrase(config: SimulationConfig) -> str:
     """The passphrase of the simulated users' memories (public: these users are not people)."""
     return f"fedpal-simulation-{config.seed}"
@@ -92,7 +107,7 @@ class UserDevice:
         """Fresh memories holding the user's stated preference, and the export they answer with."""
         from fedpal.client.memory import PreferenceMemory
 
-        export = self.export()
+        export = simulation_export(self.config)
         for home in (self.home, self.local_home):
             with PreferenceMemory.open(home.root) as memory:
                 memory.forget(everything=True)
@@ -146,25 +161,16 @@ class UserDevice:
         Personalizer(base, peft, self.local_home, train, checkpoints=False).train(
             PERSONAL,
             data,
-            seed=c.seed * 1_000_003 + round_index * 7919 + self.index,
+            seed=training_seed(c.seed, round_index, self.index),  # what the federated client's shared run uses
             steps=local_only_steps(c, round_index),
             progress=False,
         )
-
-    def export(self) -> Any:
-        """The ONNX export the launcher made before the run (found in the cache, not rebuilt)."""
-        from fedpal.client.onnx_export import DEFAULT_MAX_RANK, export_model
-        from fedpal.common.adapters import AdapterConfig
-
-        c = self.config
-        targets = AdapterConfig.from_settings(c.federation(Path("."))).target_modules
-        return export_model(c.model, c.precision, targets, max_rank=max(DEFAULT_MAX_RANK, 2 * c.lora_rank))
 
     def generator(self) -> Any:
         """One ONNX Runtime generator per process and export (a node's process serves many users)."""
         from fedpal.client.generator import PersonalizedGenerator
 
-        export = self.export()
+        export = simulation_export(self.config)
         if export.key not in _GENERATORS:
             _GENERATORS.clear()
             _GENERATORS[export.key] = PersonalizedGenerator(export, threads=self.config.node_cpus)

@@ -28,13 +28,13 @@ from flwr.app import Context, Message
 from flwr.serverapp import Grid, ServerApp
 
 from fedpal.common.errors import FedpalError
-from fedpal.server.federation import initial_adapter, run_federation
+from fedpal.server.federation import initial_adapter, run_federation, send_adapter
 from fedpal.common.settings import FederationSettings
 from fedpal.simulations.config import SIM_PREFIX, SimulationConfig
 from fedpal.simulations.engine import ProgressLog
 from fedpal.simulations.experiment.node import BETWEEN_ROUNDS, heldout_prompts, population
 from fedpal.simulations.experiment.results import CURVE_METHODS, ExperimentResults, methods_of
-from fedpal.simulations.population.server_app import roll_call
+from fedpal.simulations.roll_call import roll_call
 
 log = logging.getLogger("fedpal.simulations")
 
@@ -127,30 +127,20 @@ class Experiment:
     def ask_every_node(self, arrays: list[np.ndarray], config: dict, advance: Any) -> list[dict[str, Any]]:
         """Send the message to every node; their answers in user order (one failure fails the run:
         the experiment needs every user)."""
-        from flwr.common import EvaluateIns, MessageType, ndarrays_to_parameters
         from flwr.compat.common import recorddict_compat as compat
 
-        content = compat.evaluateins_to_recorddict(EvaluateIns(ndarrays_to_parameters(arrays), config), keep_input=True)
-        messages = [
-            Message(content=content, dst_node_id=node, message_type=MessageType.EVALUATE, group_id=BETWEEN_GROUP)
-            for node in self.nodes
-        ]
-        waiting = set(self.grid.push_messages(messages))
-        deadline = time.monotonic() + BETWEEN_TIMEOUT
         answers: list[dict[str, Any]] = []
-        while waiting and time.monotonic() < deadline:
-            for reply in self.grid.pull_messages(waiting):
-                waiting.discard(reply.metadata.reply_to_message_id)
-                if reply.has_error():
-                    raise FedpalError(
-                        f"user node {reply.metadata.src_node_id} failed between rounds: {reply.error.reason}"
-                    )
-                answers.append(dict(compat.recorddict_to_evaluateres(reply.content).metrics))
-                advance()
-            if waiting:
-                time.sleep(1.0)
-        if waiting:
-            raise FedpalError(f"{len(waiting)} user nodes did not answer within {BETWEEN_TIMEOUT:.0f} s")
+
+        def answered(reply: Message) -> None:
+            if reply.has_error():
+                raise FedpalError(f"user node {reply.metadata.src_node_id} failed between rounds: {reply.error.reason}")
+            answers.append(dict(compat.recorddict_to_evaluateres(reply.content).metrics))
+            advance()
+
+        send_adapter(self.grid, list(self.nodes), arrays, config, BETWEEN_GROUP, BETWEEN_TIMEOUT, answered)
+        if len(answers) < len(self.nodes):
+            missing = len(self.nodes) - len(answers)
+            raise FedpalError(f"{missing} user nodes did not answer within {BETWEEN_TIMEOUT:.0f} s")
         return sorted(answers, key=lambda a: int(a["user"]))
 
     def collect(self, answers: list[dict[str, Any]], methods: list[str]) -> dict[str, list[list[str]]]:

@@ -31,8 +31,6 @@ from fedpal.simulations.population.settings import PopulationConfig, split_run_c
 
 HELDOUT_EVAL = "heldout-eval"
 """Config key of the server's "score the global adapter on your held-out pairs" message."""
-ROLL_CALL = "roll-call"
-"""Record name of the server's "which user are you?" query, and of the node's answer."""
 
 
 @lru_cache(maxsize=2)

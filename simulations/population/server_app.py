@@ -16,14 +16,14 @@ import logging
 import time
 
 import numpy as np
-from flwr.app import Context, Message
+from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from fedpal.common.errors import FedpalError
 from fedpal.server.cli import read_metrics
 from fedpal.server.federation import load_global_adapter, run_federation, send_adapter
 from fedpal.common.settings import FederationSettings
-from fedpal.simulations.population.node import HELDOUT_EVAL, ROLL_CALL
+from fedpal.simulations.population.node import HELDOUT_EVAL
+from fedpal.simulations.roll_call import roll_call
 from fedpal.simulations.population.settings import PopulationConfig, split_run_config
 
 log = logging.getLogger("fedpal.simulations")
@@ -31,30 +31,6 @@ log = logging.getLogger("fedpal.simulations")
 EVALUATION_FILE = "evaluation.json"
 EVAL_GROUP = "heldout"
 EVAL_TIMEOUT = 3600.0
-ROLL_CALL_TIMEOUT = 600.0
-
-
-def roll_call(grid: Grid) -> dict[int, int]:
-    """Each node's partition id (its simulated user), asked once before the first round."""
-    from flwr.app import ConfigRecord, RecordDict
-
-    nodes = sorted(grid.get_node_ids())
-    messages = [
-        Message(
-            RecordDict({ROLL_CALL: ConfigRecord({"ask": True})}),
-            dst_node_id=node,
-            message_type="query",
-            group_id=ROLL_CALL,
-        )
-        for node in nodes
-    ]
-    answers = {}
-    for reply in grid.send_and_receive(messages, timeout=ROLL_CALL_TIMEOUT):
-        if not reply.has_error():
-            answers[int(reply.metadata.src_node_id)] = int(reply.content.config_records[ROLL_CALL]["partition-id"])
-    if len(answers) < len(nodes):
-        raise FedpalError(f"only {len(answers)} of {len(nodes)} nodes answered the roll call")
-    return answers
 
 
 def score_global_adapter(
