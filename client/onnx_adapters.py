@@ -20,13 +20,15 @@ from pathlib import Path
 import numpy as np
 
 from fedpal.client.onnx_export import ExportInfo
+from fedpal.client.onnx_graph import LoraInput
 from fedpal.common.adapters import CONFIG_FILE, WEIGHTS_FILE, LoraName, read_adapter_files
 from fedpal.common.files import atomic_path
 from fedpal.common.errors import FedpalError
 
 ADAPTER_SUFFIX = ".onnx_adapter"
 STAMP_SUFFIX = ".stamp.json"
-CONVERTER_VERSION = 1
+CONVERTER_VERSION = 2
+"""2: packed Q/K/V inputs (export format 3)."""
 
 
 def source_hash(folder: Path) -> str:
@@ -77,11 +79,7 @@ def merged_parameters(export: ExportInfo, sources: Sequence[tuple[Path | str, fl
         rank, slots = _adapter_slots(export, Path(folder))
         total_rank += rank
         for spec in export.lora_inputs:
-            a, b = slots.get((spec.layer, spec.module), (None, None))
-            if spec.part == "A":
-                parts[spec.name].append(a if a is not None else np.zeros((spec.rows, rank), np.float32))
-            else:
-                parts[spec.name].append(weight * b if b is not None else np.zeros((rank, spec.cols), np.float32))
+            parts[spec.name].append(_input_part(spec, rank, weight, slots))
     if total_rank > export.max_rank:
         raise FedpalError(
             f"the combined adapter rank {total_rank} is larger than this export allows ({export.max_rank}); "
@@ -92,6 +90,21 @@ def merged_parameters(export: ExportInfo, sources: Sequence[tuple[Path | str, fl
         name: np.ascontiguousarray(np.concatenate(arrays, axis=axis[name]).astype(dtype))
         for name, arrays in parts.items()
     }
+
+
+def _input_part(spec: LoraInput, rank: int, weight: float, slots: dict) -> np.ndarray:
+    """One adapter's share of one graph input: its A (or weighted B) for each module the input
+    carries, zeros where the adapter has none; a packed input's B is block-diagonal."""
+    modules = spec.modules()
+    pairs = [slots.get((spec.layer, module), (None, None)) for module in modules]
+    if spec.part == "A":
+        return np.concatenate([a if a is not None else np.zeros((spec.rows, rank), np.float32) for a, _ in pairs], 1)
+    out = np.zeros((rank * len(modules), spec.cols), np.float32)
+    for j, (_, b) in enumerate(pairs):
+        if b is not None:
+            start = spec.block(modules[j])[0]
+            out[j * rank : (j + 1) * rank, start : start + b.shape[1]] = weight * b
+    return out
 
 
 def _adapter_slots(
@@ -126,7 +139,7 @@ def _adapter_slots(
             raise FedpalError(
                 f"adapter at {folder} has {key}, which this export has no input for: it is for another base model"
             )
-        want = (rank, spec.rows) if part == "A" else (spec.cols, rank)
+        want = (rank, spec.rows) if part == "A" else (spec.block(module)[1], rank)
         if array.shape != want:
             raise FedpalError(
                 f"adapter at {folder} does not fit this export: {key} has shape {tuple(array.shape)}, expected {want} "

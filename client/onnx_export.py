@@ -25,7 +25,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -33,39 +32,27 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
 
+from fedpal.client.onnx_graph import LoraInput, rewrite_export
 from fedpal.common.adapters import AdapterConfig
 from fedpal.common.config import fedpal_home
 from fedpal.common.errors import FedpalError, first_line
 from fedpal.common.files import staged_folder
 from fedpal.common.models import resolve_model_path
 
-EXPORT_FORMAT = 2
+EXPORT_FORMAT = 3
+"""3: Q/K/V packed into one projection with one LoRA pair (``fedpal.client.onnx_graph``)."""
 MANIFEST = "fedpal_export.json"
 PRECISIONS = ("int4", "int8", "fp32")
 DEFAULT_PRECISION = "int8"
 """Measured on the default model (README): int8 keeps a trained style (bulleted replies 1.00 vs
 0.96 in fp32) where int4 rounding undoes part of it (0.79), at 0.8x int4's tokens per second."""
+QUANT_BLOCK_SIZE = {"int4": 32, "int8": 32}
+"""Weights per quantization scale (the builder's ``block_size``), by precision."""
 PROVIDERS = ("cpu", "cuda")
 DEFAULT_MAX_RANK = 64
-RANK_DIM = "lora_rank"
 TEMPLATE_RANK = 8
-# Builder names: "model.layers.<i>.<attn|mlp>.<module>.lora_<A|B>.MatMul.weight".
-_LORA_INIT = re.compile(r"^model\.layers\.(\d+)\.(?:attn|mlp)\.(\w+)\.lora_([AB])\.MatMul\.weight$")
 _ATTN = {"q_proj", "k_proj", "v_proj", "o_proj"}
-
-
-@dataclass(frozen=True)
-class LoraInput:
-    """One LoRA weight the exported graph takes as input: ``A`` is [in, r], ``B`` is [r, out]."""
-
-    name: str
-    layer: int
-    module: str
-    part: str
-    rows: int
-    cols: int
 
 
 @dataclass(frozen=True)
@@ -87,11 +74,12 @@ class ExportInfo:
     format: int = EXPORT_FORMAT
 
     def lora_input(self, layer: int, module: str, part: str) -> LoraInput | None:
-        """The graph input for one (layer, module, A/B), or None if the export has no such LoRA."""
+        """The graph input carrying one adapter (layer, module, A/B), packed or not; None if the
+        export has no such LoRA."""
         return self._by_slot().get((layer, module, part))
 
     def _by_slot(self) -> dict[tuple[int, str, str], LoraInput]:
-        return {(i.layer, i.module, i.part): i for i in self.lora_inputs}
+        return {(i.layer, m, i.part): i for i in self.lora_inputs for m in i.modules()}
 
     def to_json(self) -> str:
         data = asdict(self)
@@ -126,6 +114,7 @@ def export_key(
         "provider": execution_provider,
         "max_rank": int(max_rank),
         "format": EXPORT_FORMAT,
+        "block_size": QUANT_BLOCK_SIZE.get(precision),
     }
     digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
     return f"{Path(model_path).name}-{precision}-{execution_provider}-r{max_rank}-{digest}"
@@ -282,8 +271,8 @@ def _finish_export(
 ) -> ExportInfo:
     """The builder's output in ``raw`` with its LoRA lifted to inputs, into ``final``; the
     manifest is written last, so a folder without one is never mistaken for an export."""
-    lora_inputs, lora_dtype, layers = _lift_lora_to_inputs(raw, final)
-    missing = sorted(set(targets) - {i.module for i in lora_inputs})
+    lora_inputs, lora_dtype, layers = rewrite_export(raw, final, targets)
+    missing = sorted(set(targets) - {m for i in lora_inputs for m in i.modules()})
     if missing:
         raise FedpalError(f"the ONNX builder put no LoRA on {missing[0]} for this model; choose other target modules")
     for extra in raw.iterdir():
@@ -333,9 +322,10 @@ def _run_builder(
     # hidden_states: the last layer's output (after the final norm) beside the logits, read by
     # the reward model (``fedpal.client.reward``) from the same session that generates
     options = [f"adapter_path={adapter}", "include_hidden_states=true"]
-    if precision in ("int4", "int8"):
+    if precision in QUANT_BLOCK_SIZE:
         # LoRA MatMuls stay float over the quantized base: their weights become run-time inputs.
         options.append("nodes_to_exclude=" + ",".join(_lora_node_names(model_path, targets)))
+        options.append(f"block_size={QUANT_BLOCK_SIZE[precision]}")
     command = [
         sys.executable,
         "-m",
@@ -367,46 +357,3 @@ def _lora_node_names(model_path: Path, targets: tuple[str, ...]) -> list[str]:
             group = "attn" if module in _ATTN else "mlp"
             names += [f"/model/layers.{layer}/{group}/{module}/lora_{part}/MatMul" for part in "AB"]
     return names
-
-
-def _lift_lora_to_inputs(raw: Path, out: Path) -> tuple[list[LoraInput], str, int]:
-    """Turn the baked template LoRA initializers into graph inputs with a symbolic rank.
-
-    Hand-written because neither the builder nor ONNX Runtime offers it: the builder only
-    bakes an adapter in. Each input keeps a zero-rank default initializer so the graph still
-    runs, as the base model, when no adapter is active.
-    """
-    import onnx_ir as ir
-
-    model = ir.load(raw / "model.onnx")
-    graph = model.graph
-    lifted: list[LoraInput] = []
-    dtypes = set()
-    for name, value in list(graph.initializers.items()):
-        match = _LORA_INIT.match(name)
-        if not match:
-            continue
-        layer, module, part = int(match[1]), match[2], match[3]
-        rows, cols = (int(d) for d in value.shape)
-        consumers = [use.node.op_type for use in value.uses()]
-        if consumers != ["MatMul"]:
-            raise FedpalError(f"LoRA weight {name} was not left as a float MatMul ({consumers}); cannot lift it")
-        dtypes.add(value.dtype)
-        if part == "A":
-            shape, empty = ir.Shape([rows, RANK_DIM]), (rows, 0)
-        else:
-            shape, empty = ir.Shape([RANK_DIM, cols]), (0, cols)
-        np_dtype = value.const_value.numpy().dtype
-        value.const_value = ir.tensor(np.zeros(empty, dtype=np_dtype), name=name)
-        value.shape = shape
-        graph.inputs.append(value)
-        lifted.append(LoraInput(name, layer, module, part, rows if part == "A" else 0, cols if part == "B" else 0))
-    if not lifted:
-        raise FedpalError(f"the ONNX builder emitted no LoRA weights in {raw}; cannot make adapters hot-swappable")
-    if len(dtypes) != 1:
-        raise FedpalError(f"LoRA weights in {raw} have mixed dtypes {sorted(map(str, dtypes))}")
-    out.mkdir(parents=True, exist_ok=True)
-    ir.save(model, out / "model.onnx", external_data="model.onnx.data")
-    lifted.sort(key=lambda i: (i.layer, i.module, i.part))
-    dtype = np.dtype(dtypes.pop().numpy()).name
-    return lifted, dtype, 1 + max(i.layer for i in lifted)
