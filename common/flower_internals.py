@@ -112,6 +112,9 @@ def legacy_rounds(
     thread, stop, registered = start_update_client_manager_thread(grid, legacy.client_manager)
     try:
         registered.wait()
+        # The thread first registers nodes after a 5 s sleep; the client manager's wrapped
+        # ``num_available`` registers the connected ones now, so round 1 does not wait for it.
+        legacy.client_manager.num_available()
         yield legacy
     finally:
         stop.set()
