@@ -311,9 +311,17 @@ class _Engines:
         }
 
 
+def _say(message: str) -> None:
+    """Progress on stderr: a full run takes minutes."""
+    from rich.console import Console
+
+    Console(stderr=True).log(message)
+
+
 def _measure(scratch: Path, s: DecodeSettings) -> tuple[list[list[str]], dict, list[str]]:
     from fedpal.common.models import DEFAULT
 
+    _say(f"loading {s.model}, its exports ({', '.join(s.precisions)}, fp32, plain) and adapters")
     e = _Engines(scratch, s)
     opts, n = e.options, s.new_tokens
     contenders = [_torch_contender(e.peft_model, e.base.tokenizer, n, t) for t in sorted({e.threads, 1})]
@@ -340,6 +348,7 @@ def _measure(scratch: Path, s: DecodeSettings) -> tuple[list[list[str]], dict, l
         contenders.append(llama)
     for contender in contenders:  # warm-up: buffers, adapter loads, lazy kernels
         contender.run(e.timing_ids[0])
+    _say(f"timing {len(contenders)} engines, {s.repeats} interleaved repeats")
     rates = interleaved({c.name: c.timed(e.timing_ids) for c in contenders}, s.repeats)
     timings = {c.name: Timing(rates[c.name], Spread.of(c.first[1:])) for c in contenders}
 
@@ -353,8 +362,10 @@ def _measure(scratch: Path, s: DecodeSettings) -> tuple[list[list[str]], dict, l
     ]
     for contender in by_rank:
         contender.run(e.timing_ids[0])
+    _say(f"timing adapter ranks {', '.join(map(str, s.ranks))}")
     rank_rates = interleaved({c.name: c.timed(e.timing_ids) for c in by_rank}, s.repeats)
     merge_s, rerank_s = _rerank_cost(gen, e.homes[s.ranks[0]], opts, max(2, s.repeats // 2))
+    _say(f"agreement with fp32 on {s.fidelity_prompts} prompts")
     fidelity = _fidelity(e, s, llama is not None)
     return _table(s, contenders, timings, rank_rates, llama, (merge_s, rerank_s), fidelity)
 
@@ -407,20 +418,24 @@ def _fidelity(e: _Engines, s: DecodeSettings, llama: bool) -> dict[str, float]:
 
 
 def _llama_agreement(gguf: Path, replies, threads: int) -> float:
-    """:func:`agreement` for llama.cpp: one pass over prompt and reply, logits kept for every position."""
+    """:func:`agreement` for llama.cpp, fed one token at a time and read at the last position
+    (``llm.scores`` keeps logits only with ``logits_all``)."""
     import llama_cpp
 
     llm = llama_cpp.Llama(model_path=str(gguf), n_threads=threads, n_ctx=2048, logits_all=True, verbose=False)
-    hits = total = 0
-    for prompt, reply in replies:
-        if not reply:
-            continue
+
+    def start(prompt: list[int]) -> Callable[[int | None], np.ndarray]:
         llm.reset()
-        llm.eval(prompt + reply[:-1])
-        predicted = np.argmax(llm.scores[len(prompt) - 1 : len(prompt) - 1 + len(reply)], axis=1)
-        hits += int(np.sum(predicted == np.asarray(reply)))
-        total += len(reply)
-    return hits / total if total else float("nan")
+        llm.eval(prompt)
+
+        def step(token: int | None) -> np.ndarray:
+            if token is not None:
+                llm.eval([token])
+            return np.asarray(llm.scores[llm.n_tokens - 1])
+
+        return step
+
+    return agreement(start, replies)
 
 
 def _table(s, contenders, timings, rank_rates, llama, replies, fidelity):
