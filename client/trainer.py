@@ -6,8 +6,11 @@ shared adapter when the personal one is trained. The reference is reached by swi
 adapters off, not by a second copy of the model, and its log-probabilities are computed
 once per pair before the first step and cached: after that a DPO step costs one forward
 and one backward, where a trainer that re-runs the reference each step pays an extra
-forward. TRL's ``DPOTrainer`` does not fit this: it knows one adapter, and its
-reference with peft is "all adapters off", which is wrong for the personal adapter.
+forward. In every pass a pair's chosen and rejected replies share one copy of their
+prompt (``fedpal.client.dpo.pack_sequences``), and the LM head and ``log_softmax`` run only
+where a reply token is predicted. TRL's ``DPOTrainer`` does not fit this: it knows one
+adapter, and its reference with peft is "all adapters off", which is wrong for the
+personal adapter.
 
 Given held-out pairs (the user's own, on prompts the run never trains on), training
 stops on them rather than on a step count: the objective being trained (DPO loss, plus
@@ -39,7 +42,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fedpal.client.dpo import IGNORE, dpo_loss, encode_reply, pad_rows, sequence_logprobs, token_logprobs
+from fedpal.client.dpo import IGNORE, Encoded, dpo_loss, encode_reply, pack_sequences, packed_logprobs
 from fedpal.common.adapters import activate
 from fedpal.common.files import atomic_path
 from fedpal.common.errors import FedpalError
@@ -66,7 +69,6 @@ NO_EXAMPLES = (
     "(`fedpal memory add pair PROMPT CHOSEN REJECTED` gives both)"
 )
 
-Encoded = tuple[list[int], list[int]]
 EARLIER_KEPT = 3
 """Earlier held-out improvements a run keeps to fall back on (``LocalTrainer.fall_back``)."""
 
@@ -272,6 +274,11 @@ class LocalTrainer:
         else:
             self.batch_size, self.max_length = config.batch_size, config.max_length
         self._trims_logits = "logits_to_keep" in inspect.signature(peft_model.get_base_model().forward).parameters
+        # a pair's replies share their prompt's row through a custom 4D attention mask, which
+        # sdpa takes as booleans and eager as additive floats; other kernels get one row per reply
+        attention = getattr(peft_model.get_base_model().config, "_attn_implementation", None)
+        self._shares_prompts = attention in ("sdpa", "eager")
+        self._additive_mask = attention == "eager"
         self.autocast_dtype = None
         if self.device.type == "cuda":
             self.autocast_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -299,30 +306,32 @@ class LocalTrainer:
             for ex in examples
         ]
 
-    def _collate(self, rows: Sequence[Encoded]) -> tuple["torch.Tensor", "torch.Tensor", "torch.Tensor"]:
-        """Right-padded ids, attention mask and labels (``IGNORE`` on padding), on the model's device."""
-        ids, mask, labels = pad_rows(list(rows), self.tokenizer.pad_token_id)
-        return ids.to(self.device), mask.to(self.device), labels.to(self.device)
+    def _logprobs(self, groups: Sequence[Sequence[Encoded]]) -> tuple["torch.Tensor", "torch.Tensor"]:
+        """Summed reply log-probability of each sequence in ``groups`` and its scored-token count.
 
-    def _logits(self, rows: Sequence[Encoded]) -> tuple["torch.Tensor", "torch.Tensor"]:
-        """Logits of the positions that predict reply tokens, and the labels aligned with them.
-
-        The LM head (49k-wide on SmolLM2) is applied only from the last prompt token of
-        the shortest prompt on (``logits_to_keep``), not to every prompt position.
+        One forward pass; a group's sequences (a pair's chosen and rejected) share one copy
+        of their prompt when the model's attention takes a custom mask (``pack_sequences``).
+        The LM head (49k-wide on SmolLM2) runs only from the first position that predicts a
+        reply token on (``logits_to_keep``), and ``log_softmax`` only where a reply token is
+        predicted.
         """
         import torch
 
-        ids, mask, labels = self._collate(rows)
-        kwargs = {}
+        batch = pack_sequences(groups, self.tokenizer.pad_token_id, share_prompts=self._shares_prompts).to(self.device)
+        kwargs: dict[str, Any] = {"attention_mask": batch.attention}
+        if batch.positions is not None:
+            kwargs["position_ids"] = batch.positions
+            if self._additive_mask:
+                dtype = next(self.model.parameters()).dtype
+                blocked = torch.zeros(batch.attention.shape, dtype=dtype, device=self.device)
+                kwargs["attention_mask"] = blocked.masked_fill(~batch.attention, torch.finfo(dtype).min)
+        offset = 0
         if self._trims_logits:
-            labelled = (labels != IGNORE).any(dim=0).nonzero()
-            first = int(labelled[0]) if len(labelled) else 1
-            keep = ids.shape[1] - max(first - 1, 0)
-            kwargs["logits_to_keep"] = keep
-            labels = labels[:, ids.shape[1] - keep :]
+            offset = batch.first_source
+            kwargs["logits_to_keep"] = batch.ids.shape[1] - offset
         with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
-            logits = self.model(input_ids=ids, attention_mask=mask, **kwargs).logits
-        return logits, labels
+            logits = self.model(input_ids=batch.ids, **kwargs).logits
+        return packed_logprobs(logits, batch, offset)
 
     # ------------------------------------------------------------- reference
     def _pair_logprobs(self, encoded: Sequence[tuple[Encoded, Encoded]]) -> tuple["torch.Tensor", "torch.Tensor"]:
@@ -332,11 +341,9 @@ class LocalTrainer:
         chosen, rejected = [], []
         with torch.no_grad():
             for start in range(0, len(encoded), self.batch_size):
-                chunk = encoded[start : start + self.batch_size]
-                logits, labels = self._logits([c for c, _ in chunk] + [r for _, r in chunk])
-                logps = sequence_logprobs(logits, labels)
-                chosen.append(logps[: len(chunk)])
-                rejected.append(logps[len(chunk) :])
+                logps, _ = self._logprobs(encoded[start : start + self.batch_size])
+                chosen.append(logps[0::2])
+                rejected.append(logps[1::2])
         return torch.cat(chosen), torch.cat(rejected)
 
     def _reference_logprobs(
@@ -575,22 +582,21 @@ class LocalTrainer:
         cfg = self.config
         pair_idx = _batch_indices(len(encoded_pairs), self.batch_size, cfg.seed, step)
         sft_idx = _batch_indices(len(encoded_sft), self.batch_size, cfg.seed + 1, step)
-        chosen = [encoded_pairs[i][0] for i in pair_idx]
-        rejected = [encoded_pairs[i][1] for i in pair_idx]
-        extra = [encoded_sft[i] for i in sft_idx]
-        logits, labels = self._logits(chosen + rejected + extra)
+        # sequences in order: chosen 0, rejected 0, chosen 1, ..., then the SFT examples
+        groups = [encoded_pairs[i] for i in pair_idx] + [(encoded_sft[i],) for i in sft_idx]
+        logps, counts = self._logprobs(groups)
         b = len(pair_idx)
         loss = torch.zeros((), device=self.device)
         margin = 0.0
         if b:
-            logps = sequence_logprobs(logits[: 2 * b], labels[: 2 * b])
-            out = dpo_loss(logps[:b], logps[b:], ref_chosen[pair_idx], ref_rejected[pair_idx], cfg.beta)
+            out = dpo_loss(
+                logps[0 : 2 * b : 2], logps[1 : 2 * b : 2], ref_chosen[pair_idx], ref_rejected[pair_idx], cfg.beta
+            )
             loss = out.losses.mean()
             margin = float(out.margins.mean())
         if cfg.objective != "dpo":
-            rows = list(range(b)) + list(range(2 * b, 2 * b + len(extra)))
-            picked, mask = token_logprobs(logits[rows], labels[rows])
-            nll = -picked.sum() / mask.sum().clamp(min=1)
+            rows = [2 * i for i in range(b)] + list(range(2 * b, len(logps)))
+            nll = -logps[rows].sum() / counts[rows].sum().clamp(min=1)
             loss = loss + (cfg.sft_weight * nll if cfg.objective == "both" else nll)
         if anchors:
             prox = sum(((p - a) ** 2).sum() for (_, p), a in zip(params, anchors))
