@@ -92,7 +92,8 @@ def _clock(stream) -> tuple[int, float, float]:
     return count, first if first is not None else total, total
 
 
-def _og_stream(model, ids: list[int], new_tokens: int, adapters=None, name: str | None = None):
+def _greedy_generator(model, ids: list[int], new_tokens: int, adapters=None, name: str | None = None):
+    """An ORT GenAI greedy generator with ``ids`` appended and adapter ``name`` active (if any)."""
     import onnxruntime_genai as og
 
     params = og.GeneratorParams(model)
@@ -101,6 +102,11 @@ def _og_stream(model, ids: list[int], new_tokens: int, adapters=None, name: str 
     if adapters is not None:
         generator.set_active_adapter(adapters, name)
     generator.append_tokens(np.asarray([ids], dtype=np.int32))
+    return generator
+
+
+def _og_stream(model, ids: list[int], new_tokens: int, adapters=None, name: str | None = None):
+    generator = _greedy_generator(model, ids, new_tokens, adapters, name)
     while not generator.is_done():
         generator.generate_next_token()
         yield int(generator.get_next_tokens()[0])
@@ -229,15 +235,8 @@ def agreement(next_logits: Callable[[list[int]], Callable[[int | None], np.ndarr
 
 
 def _teacher(model, adapters=None, name: str | None = None, budget: int = 256):
-    import onnxruntime_genai as og
-
     def start(prompt: list[int]) -> Callable[[int | None], np.ndarray]:
-        params = og.GeneratorParams(model)
-        params.set_search_options(max_length=len(prompt) + budget, do_sample=False, batch_size=1)
-        generator = og.Generator(model, params)
-        if adapters is not None:
-            generator.set_active_adapter(adapters, name)
-        generator.append_tokens(np.asarray([prompt], dtype=np.int32))
+        generator = _greedy_generator(model, prompt, budget, adapters, name)
 
         def step(token: int | None) -> np.ndarray:
             if token is not None:
