@@ -101,7 +101,7 @@ class Part:
 
 @dataclass(frozen=True)
 class Sizes:
-    """How big a run is (``quick``: a smoke test meant to fit in about a minute and a half on two cores)."""
+    """How big a run is (``quick``: a smoke test, one simulation of 3 SuperNodes, about a minute on two cores)."""
 
     transport: Part
     secagg: Part
@@ -109,7 +109,7 @@ class Sizes:
     @classmethod
     def of(cls, quick: bool) -> "Sizes":
         if quick:
-            return cls(Part("tiny", (3,), rounds=2, passes=1), Part("tiny", (3, 5), rounds=2, passes=1))
+            return cls(Part("tiny", (3,), rounds=2, passes=1), Part("tiny", (3,), rounds=2, passes=1))
         # 20 clients need 20 Ray actors with their own model: the default model (~1.5 GB a
         # trained actor) would not fit this machine 20 times, so SecAgg+ runs on the tiny one
         return cls(Part("default", (5,), rounds=2, passes=2), Part("tiny", (5, 10, 20), rounds=3, passes=2))

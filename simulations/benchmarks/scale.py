@@ -16,7 +16,8 @@ not part of a round: the benchmark asks only a few users to score (the presets a
 and reports its time in a column of its own, like the start-up before round 1 (SuperLink,
 Ray, the roll call of every node). The one-minute load average before each size is kept.
 
-``--quick``: the quick preset at 10 and 20 users, 2 rounds (a smoke test, ~1.5 min).
+``--quick``: the quick preset at 10 users, 2 rounds (a smoke test, ~40 s: one run, so no growth row;
+:func:`growth` is the same arithmetic at any size).
 """
 
 from __future__ import annotations
@@ -32,8 +33,9 @@ PRESETS = ("p100", "p300", "p1000")
 """The population presets measured, smallest first."""
 ROUNDS = 5
 """Rounds per run: round 1 plus four repeats (the presets run 3; rounds do not change a round's work)."""
-QUICK_USERS = (10, 20)
-"""``--quick``: the quick preset at these sizes (its own 2 rounds and half the users per round)."""
+QUICK_USERS = (10,)
+"""``--quick``: the quick preset at these sizes (its own 2 rounds and half the users per round); one size
+keeps the smoke test to one ``flwr run`` (each costs ~25 s of start-up on 2 cores)."""
 SCORED_USERS = 3
 """Users who score the final adapter at the end of each run (every population run scores; 2 is the least)."""
 
