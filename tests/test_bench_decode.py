@@ -71,10 +71,17 @@ def test_bench_decode_quick_times_every_engine_and_checks_the_targets(tmp_path):
     names = " | ".join(rates)
     for engine in ("PyTorch eager", "plain ORT GenAI int4", "fedpal ONNX int4 + personal adapter", "fusion", "rank-16"):
         assert engine in names, engine
+    wider = "plain ORT GenAI int4 export, block 64 (no adapter slots)"  # the block-size lever, with its quality
+    assert wider in rates and wider in report["figures"]["agreement_with_fp32"]
     for spread in rates.values():
         assert spread["n"] == report["settings"]["repeats"] and 0 < spread["min"] <= spread["median"] <= spread["max"]
+    after_first = report["figures"]["tokens_per_s_after_first"]
+    assert set(after_first) == {name for name in rates if "rank-" not in name}
+    for spread in after_first.values():  # the first timed repeat is left out, as for the first-token time
+        assert spread["n"] == report["settings"]["repeats"] - 1 and 0 < spread["min"] <= spread["max"]
     assert all(0 <= share <= 1 for share in report["figures"]["agreement_with_fp32"].values())
     checks = report["figures"]["checks"]
     assert checks["adapter_vs_pytorch"] > 0 and -1 < checks["slots_cost_vs_plain"] < 1
+    assert checks["adapter_vs_pytorch_after_first"] > 0
     assert "adapter_vs_llama_cpp" not in checks  # the tiny model has no GGUF: llama.cpp says so in its row
     assert "| llama.cpp | no GGUF for this model |" in (out / "decode.md").read_text()
